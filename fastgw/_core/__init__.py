@@ -1,0 +1,30 @@
+"""Compiled hot path of fastgw (Cython). Sans-IO: nothing here touches a socket, the loop or a policy.
+
+There is no slow pure-Python fallback: `import fastgw` fails loudly when an extension is not built.
+"""
+import importlib
+import os
+
+# Every compiled module a working install must have.
+MODULES = ("http", "sse", "tokens", "bucket", "jsonpeek")
+
+
+def check_built() -> None:
+    here = os.path.dirname(__file__)
+    # In a source checkout, check the modules whose .pyx is present (a module under construction has
+    # none yet); in an installed wheel no .pyx ships, so every module is required.
+    sources = {n for n in MODULES if os.path.exists(os.path.join(here, n + ".pyx"))}
+    required = sources or set(MODULES)
+    missing = []
+    for name in sorted(required):
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ImportError as exc:
+            missing.append(f"fastgw._core.{name} ({exc})")
+    if missing:
+        raise ImportError(
+            "fastgw's compiled modules are not built: "
+            + "; ".join(missing)
+            + ". Build them with `pip install -e .` (or `python setup.py build_ext --inplace`) "
+            "from the repository root; Cython and a C compiler are needed."
+        )
