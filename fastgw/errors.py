@@ -1,0 +1,49 @@
+"""The one place that renders OpenAI-style error responses.
+
+Everything that refuses a request raises `GatewayError` (or a subclass) carrying data, never text with a stack
+trace; the connection code renders it with `render_error`. The JSON shape is OpenAI's:
+{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}.
+"""
+from __future__ import annotations
+
+import orjson
+
+REASONS = {
+    100: b"Continue", 200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
+    404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout", 411: b"Length Required",
+    413: b"Content Too Large", 417: b"Expectation Failed", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 501: b"Not Implemented",
+    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+}
+
+# The OpenAI error `type` that goes with each status when the raiser does not name one.
+_DEFAULT_TYPE = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error",
+    413: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
+}
+
+
+class GatewayError(Exception):
+    """A refusal with an HTTP status and an OpenAI-style body. `headers` are extra response header lines."""
+
+    def __init__(self, status: int, message: str, type: str | None = None, code: str | None = None,
+                 param: str | None = None, headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _DEFAULT_TYPE.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        self.code = code
+        self.param = param
+        self.headers = headers
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+def reason(status: int) -> bytes:
+    return REASONS.get(status, b"Unknown")
