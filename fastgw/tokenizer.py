@@ -213,14 +213,14 @@ def cache_clear() -> None:
         _hits = _misses = 0
 
 
-def _value_text(value) -> str | None:
+def _value_text(key: str, value) -> str | None:
     """The text of one message field: strings as is, content-part arrays as their text parts joined,
     other structures (tool_calls, ...) as compact JSON; None when there is nothing to count."""
     if value is None:
         return None
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+    if key == "content" and isinstance(value, list) and all(isinstance(p, dict) for p in value):
         # content parts: only text parts are text tokens (images are billed by their own formula)
         return "".join(p["text"] for p in value if isinstance(p.get("text"), str))
     return orjson.dumps(value).decode()
@@ -239,7 +239,7 @@ def count_chat(messages: list[dict], model: str) -> int:
     for message in messages:
         total += TOKENS_PER_MESSAGE
         for key, value in message.items():
-            text = _value_text(value)
+            text = _value_text(key, value)
             if text is not None:
                 total += _count_cached(text, encoding)
             if key == "name":
