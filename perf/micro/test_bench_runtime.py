@@ -1,0 +1,42 @@
+"""Micro-benchmarks of the per-request runtime services: metrics update and access-log write.
+
+Run: pytest perf/micro/test_bench_runtime.py --benchmark-enable
+"""
+from fastgw.accesslog import AccessLog
+from fastgw.metrics import Stats
+
+
+def test_stats_request(benchmark, tmp_path):
+    s = Stats(str(tmp_path), "0")
+    benchmark(s.request, "gpt-4o-mini", "openai", "team-a", 200, 0.42, 0.08, 18e-6, 120, 14, 0.00012)
+
+
+def test_stats_request_no_ttft(benchmark, tmp_path):
+    s = Stats(str(tmp_path), "0")
+    benchmark(s.request, "gpt-4o-mini", "openai", "team-a", 200, 0.42, None, 18e-6, 120, 14, 0.00012)
+
+
+def test_accesslog_write(benchmark, tmp_path):
+    log = AccessLog(str(tmp_path / "a.log"))
+    record = {"ts": 1732380000.123, "method": "POST", "path": "/v1/chat/completions", "status": 200,
+              "model": "gpt-4o-mini", "upstream": "openai", "consumer": "team-a", "duration_ms": 420.1,
+              "ttft_ms": 80.2, "prompt_tokens": 120, "completion_tokens": 14, "cost": 0.00012,
+              "request_id": "3f2a9c1e5b7d4a60"}
+
+    def write():
+        log.write(record)
+        if len(log._pending) > 10000:
+            log.flush()
+
+    benchmark(write)
+    log.close()
+
+
+def test_stats_render_8_workers(benchmark, tmp_path):
+    workers = [Stats(str(tmp_path), str(i)) for i in range(8)]
+    for i, s in enumerate(workers):
+        for m in range(10):
+            for c in range(10):
+                s.request(f"model-{m}", "up", f"consumer-{c}", 200, 0.3, 0.1, 2e-5, 10, 5, 0.001)
+        s.flush()
+    benchmark(workers[0].render)

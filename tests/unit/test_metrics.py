@@ -1,0 +1,164 @@
+import os
+import random
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastgw.metrics import DURATION_BUCKETS, OVERFLOW, OVERHEAD_BUCKETS_US, Stats
+
+
+def parse(text: bytes) -> dict:
+    """{sample name: {frozenset(labels): value}} from Prometheus text."""
+    out: dict = {}
+    for fam in text_string_to_metric_families(text.decode()):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def L(**kw):
+    return frozenset(kw.items())
+
+
+def req(stats, model="gpt-4o", upstream="openai", consumer="alice", status=200, latency=0.3, ttft=0.1,
+        overhead=20e-6, prompt=10, completion=5, cost=0.001):
+    stats.request(model, upstream, consumer, status, latency, ttft, overhead, prompt, completion, cost)
+
+
+def test_two_workers_sum(tmp_path):
+    w1, w2 = Stats(str(tmp_path), "0"), Stats(str(tmp_path), "1")
+    for _ in range(3):
+        req(w1)
+    req(w2)
+    req(w2, status=429, ttft=None, prompt=0, completion=0, cost=0.0)
+    req(w2, model="llama", upstream="local", consumer="bob", latency=2.0, ttft=0.7, prompt=7, completion=1,
+        cost=0.5)
+    w1.rejected("bob", "gpt-4o", "rate_limit")
+    w2.rejected("bob", "gpt-4o", "rate_limit")
+    w2.rejected("eve", "gpt-4o", "auth")
+    w1.upstream_error("openai", "timeout")
+    w1.set_gauge("open_connections", 4)
+    w2.set_gauge("open_connections", 3)
+    w2.flush()  # w1 flushes itself in render
+    m = parse(w1.render())
+
+    assert m["fastgw_requests_total"] == {
+        L(model="gpt-4o", upstream="openai", consumer="alice", status="200"): 4,
+        L(model="gpt-4o", upstream="openai", consumer="alice", status="429"): 1,
+        L(model="llama", upstream="local", consumer="bob", status="200"): 1,
+    }
+    a = L(model="gpt-4o", upstream="openai", consumer="alice")
+    b = L(model="llama", upstream="local", consumer="bob")
+    assert m["fastgw_prompt_tokens_total"] == {a: 40, b: 7}
+    assert m["fastgw_completion_tokens_total"] == {a: 20, b: 1}
+    assert m["fastgw_cost_usd_total"][a] == pytest.approx(0.004)
+    assert m["fastgw_cost_usd_total"][b] == pytest.approx(0.5)
+    assert m["fastgw_rejections_total"] == {L(consumer="bob", model="gpt-4o", reason="rate_limit"): 2,
+                                            L(consumer="eve", model="gpt-4o", reason="auth"): 1}
+    assert m["fastgw_upstream_errors_total"] == {L(upstream="openai", kind="timeout"): 1}
+    assert m["fastgw_open_connections"] == {frozenset(): 7}
+
+    dur = m["fastgw_request_duration_seconds_count"]
+    assert dur == {L(model="gpt-4o", upstream="openai"): 5, L(model="llama", upstream="local"): 1}
+    assert m["fastgw_request_duration_seconds_sum"][L(model="gpt-4o", upstream="openai")] == pytest.approx(1.5)
+    buckets = m["fastgw_request_duration_seconds_bucket"]
+    assert buckets[L(model="gpt-4o", upstream="openai", le="0.25")] == 0
+    assert buckets[L(model="gpt-4o", upstream="openai", le="0.5")] == 5
+    assert buckets[L(model="llama", upstream="local", le="1.0")] == 0
+    assert buckets[L(model="llama", upstream="local", le="2.5")] == 1
+    assert buckets[L(model="llama", upstream="local", le="+Inf")] == 1
+    # ttft: None is not observed
+    assert m["fastgw_time_to_first_token_seconds_count"] == {L(model="gpt-4o"): 4, L(model="llama"): 1}
+    assert m["fastgw_overhead_microseconds_count"] == {frozenset(): 6}
+    assert m["fastgw_overhead_microseconds_sum"][frozenset()] == pytest.approx(120)
+
+
+def test_histogram_matches_reference_on_random_values(tmp_path):
+    rng = random.Random(7)
+    s = Stats(str(tmp_path), "w")
+    values = [rng.choice([rng.uniform(0, 400), b]) for b in DURATION_BUCKETS for _ in range(20)]
+    for v in values:
+        req(s, latency=v, overhead=v * 1e-4)
+    m = parse(s.render())
+    got = m["fastgw_request_duration_seconds_bucket"]
+    for b in DURATION_BUCKETS:
+        label = L(model="gpt-4o", upstream="openai", le=repr(float(b)))
+        assert got[label] == sum(1 for v in values if v <= b)  # Prometheus "le" is inclusive
+    over = m["fastgw_overhead_microseconds_bucket"]
+    for b in OVERHEAD_BUCKETS_US:
+        assert over[L(le=repr(float(b)))] == sum(1 for v in values if v * 1e-4 * 1e6 <= b)
+
+
+def test_exited_worker_counters_kept_gauges_dropped(tmp_path):
+    live = Stats(str(tmp_path), "0")
+    req(live)
+    live.set_gauge("open_connections", 2)
+    pid = os.fork()
+    if pid == 0:  # a worker that serves, flushes at exit and dies; its replacement reuses index 1
+        try:
+            dead = Stats(str(tmp_path), "1")
+            for _ in range(5):
+                req(dead)
+            dead.set_gauge("open_connections", 100)
+            dead.flush()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    successor = Stats(str(tmp_path), "1")
+    req(successor)
+    successor.set_gauge("open_connections", 1)
+    successor.flush()
+    m = parse(live.render())
+    assert m["fastgw_requests_total"] == {L(model="gpt-4o", upstream="openai", consumer="alice", status="200"): 7}
+    assert m["fastgw_open_connections"] == {frozenset(): 3}
+
+
+def test_counters_monotonic_across_scrapes(tmp_path):
+    s = Stats(str(tmp_path), "0")
+    previous = 0
+    for i in range(4):
+        for _ in range(i + 1):
+            req(s)
+        value = sum(parse(s.render())["fastgw_requests_total"].values())
+        assert value > previous
+        previous = value
+    assert previous == 10
+
+
+def test_series_cap_overflows(tmp_path):
+    s = Stats(str(tmp_path), "0", max_series=3)
+    for i in range(10):
+        req(s, consumer=f"c{i}")
+        s.rejected(f"c{i}", "m", "budget")
+    m = parse(s.render())
+    reqs = m["fastgw_requests_total"]
+    assert len(reqs) == 4  # three real series and the overflow one
+    assert reqs[L(model=OVERFLOW, upstream=OVERFLOW, consumer=OVERFLOW, status=OVERFLOW)] == 7
+    assert sum(reqs.values()) == 10
+    assert sum(m["fastgw_prompt_tokens_total"].values()) == 100
+    assert m["fastgw_rejections_total"][L(consumer=OVERFLOW, model=OVERFLOW, reason=OVERFLOW)] == 7
+
+
+def test_label_values_are_escaped(tmp_path):
+    s = Stats(str(tmp_path), "0")
+    req(s, consumer='we"ird\\name\nx')
+    m = parse(s.render())
+    assert L(model="gpt-4o", upstream="openai", consumer='we"ird\\name\nx', status="200") in m["fastgw_requests_total"]
+
+
+def test_empty_directory_renders_valid_text(tmp_path):
+    text = Stats(str(tmp_path), "0").render()
+    names = {f.name for f in text_string_to_metric_families(text.decode())}
+    assert {"fastgw_requests", "fastgw_request_duration_seconds", "fastgw_overhead_microseconds"} <= names
+
+
+def test_flush_is_atomic_replace(tmp_path):
+    s = Stats(str(tmp_path), "0")
+    req(s)
+    s.flush()
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and not files[0].endswith(".tmp")
+    # a stray unrelated or broken file does not break the scrape
+    (tmp_path / "fastgw-metrics-broken-1.json").write_bytes(b"{not json")
+    (tmp_path / "other.txt").write_text("x")
+    assert sum(parse(s.render())["fastgw_requests_total"].values()) == 1
