@@ -77,6 +77,11 @@ left their towers. Many lights still burn today, now small and efficient, checke
 for maintenance, while several of the old towers have become museums, holiday cottages or nesting sites \
 for sea birds.
 
+One more point from the archive deserves a line on the panel. Fog was feared more than darkness, because a \
+beam that carried twenty miles on a clear night might vanish within a few hundred yards. Bells, guns, sirens \
+and at last compressed air horns were tried in turn, each with its own code, and sailors learned to judge \
+distance by how faint the sound seemed.
+
 Please keep the summary under two hundred words, mention the change from fires to lenses, the problem of \
 building on exposed rocks, and the daily life of the keepers, and end with one sentence about automation."""
 

@@ -1,0 +1,88 @@
+"""The named benchmark scenarios, all in one place.
+
+A scenario is what the load goes through (`via`: nothing, nginx, or fastgw) and what it sends (`payload`).
+Gateway scenarios are judged against references measured in the same run: `direct` of the same payload (the
+mock's ceiling: gateway RPS / direct RPS) and `nginx` of the same payload (the compiled-proxy yardstick:
+fastgw CPU per request / nginx CPU per request). The driver adds those references automatically.
+"""
+import os
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(os.path.dirname(HERE), "configs")
+WRK_SCRIPT = os.path.join(HERE, "wrk.lua")
+
+
+@dataclass(frozen=True)
+class Payload:
+    body: str          # request body file POSTed by wrk
+    stream: bool       # sets `x-mock-stream: 1` so a body-blind mock (nginx) replies with SSE
+    path: str = "/v1/chat/completions"
+
+
+PAYLOADS = {
+    # the seed's load: non-streaming chat, ~1,000 prompt tokens (969 o200k tokens, 4.9 KB of English prose)
+    "chat": Payload(os.path.join(HERE, "chat_request.json"), stream=False),
+    # the same request with "stream": true; the mocks answer 100 content chunks + usage chunk + [DONE]
+    "stream": Payload(os.path.join(HERE, "stream_request.json"), stream=True),
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    via: str                     # "direct" | "nginx" | "fastgw"
+    payload: str                 # key of PAYLOADS
+    what: str                    # one line for the results table
+    config: str | None = None    # fastgw TOML template under perf/configs/ (None: `serve --upstream`)
+    api_key: str | None = None   # bearer key wrk sends
+    unavailable: str | None = None  # why it cannot run yet
+
+    @property
+    def is_gateway(self):
+        return self.via != "direct"
+
+
+def _policies_unavailable():
+    path = os.path.join(CONFIGS, "policies.toml")
+    return None if os.path.exists(path) else "waits for the policy format (perf/configs/policies.toml)"
+
+
+SCENARIOS = {s.name: s for s in [
+    Scenario("direct", "direct", "chat", "wrk straight at the mock: the ceiling"),
+    Scenario("direct-stream", "direct", "stream", "wrk straight at the mock, SSE reply: the ceiling"),
+    Scenario("nginx", "nginx", "chat", "nginx proxy_pass, keep-alive upstream: the yardstick"),
+    Scenario("nginx-stream", "nginx", "stream", "nginx relaying the 100-chunk SSE reply"),
+    Scenario("proxy", "fastgw", "chat", "fastgw, non-streaming chat, proxy only (the seed's test)"),
+    Scenario("stream", "fastgw", "stream", "fastgw relaying the 100-chunk SSE reply"),
+    Scenario("policies", "fastgw", "chat",
+             "fastgw with key auth + token rate limit + metrics + access log",
+             config="policies.toml", api_key="sk-perf-0001", unavailable=_policies_unavailable()),
+    Scenario("cache-hit", "fastgw", "chat", "fastgw answering from its response cache",
+             unavailable="no response cache in fastgw yet"),
+]}
+
+DEFAULT = ["direct", "nginx", "proxy", "stream"]
+
+
+def reference(scenario, via):
+    """The scenario that `scenario` is compared with: same payload, through `via` ("direct" or "nginx")."""
+    for s in SCENARIOS.values():
+        if s.via == via and s.payload == scenario.payload:
+            return s
+    return None
+
+
+def with_references(names):
+    """The requested scenarios plus their direct/nginx references, references first, order kept."""
+    wanted = [SCENARIOS[n] for n in names]
+    refs = []
+    for s in wanted:
+        for via in ("direct", "nginx"):
+            r = reference(s, via)
+            if r is not None and r.via != s.via and r not in refs and r not in wanted:
+                if via == "nginx" and s.via != "fastgw":
+                    continue
+                refs.append(r)
+    order = {"direct": 0, "nginx": 1, "fastgw": 2}
+    return sorted(refs + wanted, key=lambda s: order[s.via])
