@@ -34,17 +34,23 @@ cdef class _Message:
     cdef readonly int error_status
     cdef readonly str error_message
     cdef bint conn_close, conn_keepalive
-    cdef int host_count, te_count, expect_other
+    cdef int host_count, te_count
+    # bit 1: an Expect other than 100-continue (417); bit 2: an unknown transfer coding (501)
+    cdef int flags
     cdef bint expect_100
 
     cdef int _grow(self, char** p, Py_ssize_t* cap, Py_ssize_t need) except -1
-    cdef void _append(self, const char* data, Py_ssize_t n)
+    cdef int _alloc_headers(self, Py_ssize_t max_head, Py_ssize_t max_hdrs) except -1
+    cdef int _append(self, const char* data, Py_ssize_t n) except -1
     cdef int _fail(self, int status, str message)
+    cdef void _reset_head(self)
     cdef int _scan_head(self, bint skip_leading_crlf)
+    cdef int _take_head(self) except -1
     cdef int _parse_fields(self, Py_ssize_t pos)
     cdef int _special(self, Py_ssize_t ns, Py_ssize_t nl, Py_ssize_t vs, Py_ssize_t vl)
-    cdef int _dechunk(self, long long limit, long long done)
-    cdef void _reset_head(self)
+    cdef int _framing(self)
+    cdef int _dechunk(self, long long limit, long long done) except -2
+    cdef bint _conn_listed(self, const unsigned char* n, Py_ssize_t l)
 
 
 cdef class RequestParser(_Message):
@@ -52,6 +58,8 @@ cdef class RequestParser(_Message):
     cdef Py_ssize_t method_len, target_off, target_len
     cdef readonly bint expect_continue
     cdef readonly object body
+    cdef void _reset_head(self)
+    cdef int _parse_request_line(self)
     cpdef void feed(self, data)
     cpdef int next_event(self)
     cpdef void start_next(self)
@@ -64,5 +72,8 @@ cdef class ResponseParser(_Message):
     cdef int framing
     cdef readonly int status
     cdef Py_ssize_t reason_off, reason_len
+    cdef void _reset_head(self)
+    cdef int _parse_status_line(self)
+    cdef int _upstream_fail(self)
     cpdef void feed(self, data)
     cpdef int next_event(self)
