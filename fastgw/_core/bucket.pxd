@@ -1,0 +1,19 @@
+# Declarations of fastgw._core.bucket for other Cython modules (cimport). See bucket.pyx for the docs.
+from libc.stdint cimport uint64_t, int64_t, uint32_t
+
+cdef class BucketArena:
+    cdef char* base
+    cdef char* slots          # fgw_slot[mask + 1], see bucket.pyx
+    cdef Py_ssize_t size
+    cdef uint64_t mask
+    cdef uint32_t me
+    cdef readonly str path
+
+    cdef void _unmap(self) noexcept
+    cdef void* _find(self, uint64_t key, double init_tokens, int64_t init_stamp) except NULL
+    cpdef tuple take(self, uint64_t key, double capacity, double refill_per_s, double amount, int64_t now_ns=*)
+    cpdef double give_back(self, uint64_t key, double capacity, double refill_per_s, double amount,
+                           int64_t now_ns=*) except? -1e300
+    cpdef double peek(self, uint64_t key, double capacity, double refill_per_s, int64_t now_ns=*) except? -1e300
+    cpdef tuple charge(self, uint64_t key, int64_t period, double limit, double amount, bint check=*)
+    cpdef double used(self, uint64_t key, int64_t period)
