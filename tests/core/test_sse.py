@@ -1,0 +1,394 @@
+"""fastgw._core.sse.SSERelay against a plain-Python twin on generated OpenAI-like streams.
+
+The twin splits the whole stream with the event-stream rules (lines end with CRLF, LF or CR; an empty line
+ends an event; `data` lines joined with LF), json.loads each data payload and picks usage / [DONE] / text.
+The relay must forward the same bytes (concatenated), count the same events and report the same usage and
+text whether the stream is fed whole, byte by byte or in random pieces.
+"""
+import json
+import random
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastgw._core.sse import SSERelay
+
+# --------------------------------------------------------------------------------------------- the twin
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+def _count(v):
+    ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**18
+    return v if ok else -1
+
+
+def twin(stream: bytes, strip: bool) -> dict:
+    r = {"events": 0, "done": False, "usage_seen": False, "prompt": -1, "completion": -1, "total": -1}
+    text, fwd = [], []
+    pos = block_start = 0
+    data = []
+
+    def dispatch():
+        if not data:
+            return False
+        r["events"] += 1
+        payload = b"\n".join(data)
+        if payload == b"[DONE]":
+            r["done"] = True
+            return False
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for ch in choices:
+                delta = ch.get("delta") if isinstance(ch, dict) else None
+                content = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(content, str):
+                    text.append(content)
+        if obj.get("type") == "response.output_text.delta" and isinstance(obj.get("delta"), str):
+            text.append(obj["delta"])
+        usage = obj.get("usage")
+        top = isinstance(usage, dict)
+        if not top:
+            resp = obj.get("response")
+            usage = resp.get("usage") if isinstance(resp, dict) else None
+        if isinstance(usage, dict):
+            p1, p2 = _count(usage.get("prompt_tokens")), _count(usage.get("input_tokens"))
+            c1, c2 = _count(usage.get("completion_tokens")), _count(usage.get("output_tokens"))
+            r["prompt"] = p1 if p1 >= 0 else p2
+            r["completion"] = c1 if c1 >= 0 else c2
+            total = _count(usage.get("total_tokens"))
+            if total < 0 and r["prompt"] >= 0 and r["completion"] >= 0:
+                total = r["prompt"] + r["completion"]
+            r["total"] = total
+            r["usage_seen"] = True
+        return strip and top and choices == []
+
+    while True:
+        m = _EOL.search(stream, pos)
+        if not m:
+            break
+        line, pos = stream[pos:m.start()], m.end()
+        if line == b"":
+            if not dispatch():
+                fwd.append(stream[block_start:pos])
+            block_start, data = pos, []
+        elif line.startswith(b"data:"):
+            v = line[5:]
+            data.append(v[1:] if v.startswith(b" ") else v)
+        elif line == b"data":
+            data.append(b"")
+    fwd.append(stream[block_start:])  # an incomplete last event is forwarded, not counted
+    r["forwarded"] = b"".join(fwd)
+    r["text"] = "".join(text)
+    return r
+
+
+def run(stream: bytes, pieces, strip: bool, collect: bool = True) -> dict:
+    relay = SSERelay(strip_usage_chunk=strip, collect_text=collect)
+    out = []
+    for piece in pieces:
+        got = relay.feed(piece)
+        if not strip:
+            assert got is piece  # a plain relay forwards the chunk object itself
+        out.append(got)
+    tail = relay.finish()
+    if not strip:
+        assert tail == b""
+    out.append(tail)
+    return {
+        "events": relay.events, "done": relay.done, "usage_seen": relay.usage_seen,
+        "prompt": relay.prompt_tokens, "completion": relay.completion_tokens, "total": relay.total_tokens,
+        "forwarded": b"".join(out), "text": relay.text() if collect else "",
+    }
+
+
+def splits(stream: bytes, cuts) -> list:
+    cuts = sorted({c % (len(stream) + 1) for c in cuts})
+    bounds = [0, *cuts, len(stream)]
+    return [stream[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+TRICKY = [
+    'the "usage": field', '"usage":{"prompt_tokens":5}', '{"usage": {"total_tokens": 7}}', "data: [DONE]\n\n",
+    "\\", '\\"', "\r\n\r\n", "\n\n", "\r", '"choices":[]', "[DONE]", "é日本🙂", "\u2028", "\x00\x1f", "usage",
+]
+content = st.one_of(st.text(max_size=24), st.sampled_from(TRICKY))
+nat = st.integers(min_value=0, max_value=10**6)
+
+
+@st.composite
+def ordered(draw, items):
+    """A dict with its keys in a drawn order (JSON keys may come in any order)."""
+    keys = draw(st.permutations(list(items)))
+    return {k: items[k] for k in keys}
+
+
+@st.composite
+def chat_chunk(draw):
+    delta = draw(st.sampled_from(["content", "role", "none", "tool"]))
+    if delta == "content":
+        d = {"content": draw(content)}
+    elif delta == "role":
+        d = {"role": "assistant", "content": ""}
+    elif delta == "none":
+        d = {"content": None}
+    else:
+        d = {"tool_calls": [{"index": 0, "function": {"arguments": draw(content)}}]}
+    choices = [draw(ordered({"index": i, "delta": d, "finish_reason": None})) for i in range(draw(st.integers(1, 2)))]
+    obj = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+           "choices": choices}
+    if draw(st.booleans()):
+        obj["usage"] = None
+    return draw(ordered(obj))
+
+
+@st.composite
+def usage_chunk(draw):
+    p, c = draw(nat), draw(nat)
+    usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+             "prompt_tokens_details": {"cached_tokens": 0, "note": draw(content)}}
+    if draw(st.booleans()):
+        del usage["total_tokens"]
+    return draw(ordered({"id": "chatcmpl-1", "choices": [], "usage": draw(ordered(usage)), "model": "m"}))
+
+
+@st.composite
+def responses_event(draw):
+    kind = draw(st.sampled_from(["delta", "created", "completed"]))
+    if kind == "delta":
+        return draw(ordered({"type": "response.output_text.delta", "item_id": "m1", "output_index": 0,
+                             "delta": draw(content)}))
+    if kind == "created":
+        return {"type": "response.created", "response": {"id": "r1", "usage": None}}
+    i, o = draw(nat), draw(nat)
+    usage = draw(ordered({"input_tokens": i, "output_tokens": o, "total_tokens": i + o,
+                          "input_tokens_details": {"cached_tokens": 0}}))
+    return {"type": "response.completed", "response": draw(ordered({"id": "r1", "status": "completed",
+                                                                     "usage": usage}))}
+
+
+@st.composite
+def stream(draw):
+    eol = draw(st.sampled_from(["\n", "\r\n", "\r", "mixed"]))
+    ascii_only = draw(st.booleans())
+    sep = draw(st.sampled_from([(",", ":"), (", ", ": "), "indent"]))
+    colon = draw(st.sampled_from(["data: ", "data:"]))
+    out = []
+
+    def line(s):
+        out.append(s + (draw(st.sampled_from(["\n", "\r\n", "\r"])) if eol == "mixed" else eol))
+
+    def event(obj):
+        if sep == "indent":  # multi-line data: newlines only between JSON tokens
+            text = json.dumps(obj, indent=1, ensure_ascii=ascii_only)
+        else:
+            text = json.dumps(obj, separators=sep, ensure_ascii=ascii_only)
+        if draw(st.integers(0, 9)) == 0:
+            line("event: message")
+        for part in text.split("\n"):
+            line(colon + part)
+        line("")
+
+    objs = draw(st.lists(st.one_of(chat_chunk(), responses_event()), max_size=8))
+    if draw(st.booleans()):
+        objs.insert(draw(st.integers(0, len(objs))), draw(usage_chunk()))
+    for obj in objs:
+        if draw(st.integers(0, 5)) == 0:
+            line(": keep-alive")
+            line("")
+        event(obj)
+    if draw(st.booleans()):
+        line(colon + "[DONE]")
+        line("")
+    raw = "".join(out)
+    if draw(st.integers(0, 5)) == 0:  # cut off mid-event
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    return raw.encode("utf-8", "surrogatepass")
+
+
+SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(stream(), st.booleans(), st.lists(st.integers(min_value=0), max_size=12))
+def test_matches_twin(data, strip, cuts):
+    expected = twin(data, strip)
+    assert run(data, [data] if data else [], strip) == expected
+    assert run(data, splits(data, cuts), strip) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(stream(), st.booleans())
+def test_byte_by_byte(data, strip):
+    expected = twin(data, strip)
+    assert run(data, [data[i:i + 1] for i in range(len(data))], strip) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=300), st.booleans(), st.lists(st.integers(min_value=0), max_size=8))
+def test_arbitrary_bytes(data, strip, cuts):
+    # garbage must neither crash nor desynchronise the relay; counts still follow the twin
+    expected = twin(data, strip)
+    assert run(data, splits(data, cuts), strip) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([b"data: ", b"data:", b"data", b"\r", b"\n", b"\r\n", b": x", b"[DONE]",
+                                 b'{"choices":[],"usage":{"prompt_tokens":1}}', b"id: 1", b"{}"]), max_size=40),
+       st.booleans(), st.lists(st.integers(min_value=0), max_size=8))
+def test_line_ending_soup(parts, strip, cuts):
+    data = b"".join(parts)
+    expected = twin(data, strip)
+    assert run(data, splits(data, cuts), strip) == expected
+    assert run(data, [data[i:i + 1] for i in range(len(data))], strip) == expected
+
+
+# ------------------------------------------------------------------------------------ fixed examples
+
+OPENAI = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":null}\n\n'
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+    b'"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}],"usage":null}\n\n'
+    b': keep-alive\n\n'
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+    b'"choices":[{"index":0,"delta":{"content":" the \\"usage\\": {\\"prompt_tokens\\": 99} field"},'
+    b'"finish_reason":"stop"}],"usage":null}\n\n'
+)
+USAGE = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+    b'"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21,'
+    b'"prompt_tokens_details":{"cached_tokens":0}}}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+
+
+def test_openai_stream():
+    s = OPENAI + USAGE + DONE
+    relay = SSERelay(collect_text=True)
+    assert relay.feed(s) is s
+    assert relay.finish() == b""
+    assert (relay.events, relay.done, relay.usage_seen) == (5, True, True)
+    assert (relay.prompt_tokens, relay.completion_tokens, relay.total_tokens) == (9, 12, 21)
+    assert relay.text() == 'Hi the "usage": {"prompt_tokens": 99} field'
+
+
+def test_usage_in_content_is_not_usage():
+    relay = SSERelay()
+    relay.feed(OPENAI + DONE)
+    assert not relay.usage_seen
+    assert (relay.prompt_tokens, relay.completion_tokens, relay.total_tokens) == (-1, -1, -1)
+
+
+def test_strip_removes_only_the_usage_chunk():
+    s = OPENAI + USAGE + DONE
+    for pieces in ([s], [s[i:i + 1] for i in range(len(s))], splits(s, range(7, len(s), 61))):
+        relay = SSERelay(strip_usage_chunk=True)
+        out = b"".join(relay.feed(p) for p in pieces) + relay.finish()
+        assert out == OPENAI + DONE
+        assert relay.prompt_tokens == 9 and relay.done
+
+
+def test_strip_forwards_complete_events_promptly():
+    relay = SSERelay(strip_usage_chunk=True)
+    first, rest = OPENAI[:300], OPENAI[300:]
+    event_end = OPENAI.index(b"\n\n") + 2
+    assert relay.feed(first) == OPENAI[:event_end]  # the complete event goes now, the partial one waits
+    assert relay.feed(rest) == OPENAI[event_end:]
+    # a whole chunk of complete events, nothing held: the chunk object itself
+    assert relay.feed(DONE) is DONE
+    assert relay.finish() == b""
+
+
+def test_strip_keeps_usage_when_choices_not_empty():
+    ev = b'data: {"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+    relay = SSERelay(strip_usage_chunk=True)
+    assert relay.feed(ev) == ev
+    assert (relay.prompt_tokens, relay.completion_tokens, relay.total_tokens) == (1, 2, 3)
+
+
+def test_crlf_split_after_stripped_event():
+    s = (OPENAI + USAGE + DONE).replace(b"\n", b"\r\n")
+    cut = s.index(b"[DONE]") - len(b"data: ") - 1  # between the CR and LF that end the usage event
+    assert s[cut - 1:cut + 1] == b"\r\n"
+    relay = SSERelay(strip_usage_chunk=True)
+    out = relay.feed(s[:cut]) + relay.feed(s[cut:]) + relay.finish()
+    assert out == (OPENAI + DONE).replace(b"\n", b"\r\n")
+
+
+def test_finish_returns_held_incomplete_event():
+    relay = SSERelay(strip_usage_chunk=True)
+    assert relay.feed(b"data: {\"choices\":[]") == b""
+    assert relay.finish() == b"data: {\"choices\":[]"
+    assert relay.events == 0
+
+
+def test_responses_api_usage_and_text():
+    s = (b'event: response.created\ndata: {"type":"response.created","response":{"id":"r","usage":null}}\n\n'
+         b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hel"}\n\n'
+         b'event: response.output_text.delta\ndata: {"delta":"lo \\u00e9","type":"response.output_text.delta"}\n\n'
+         b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"r","usage":'
+         b'{"input_tokens":5,"input_tokens_details":{"cached_tokens":0},"output_tokens":2,"total_tokens":7}}}\n\n')
+    relay = SSERelay(collect_text=True)
+    relay.feed(s)
+    assert (relay.prompt_tokens, relay.completion_tokens, relay.total_tokens) == (5, 2, 7)
+    assert relay.text() == "Hello é"
+    assert relay.events == 4 and not relay.done
+
+
+def test_whitespace_and_key_order():
+    s = b'data:  { "usage" : { "total_tokens" : 30 , "completion_tokens" : 20, "prompt_tokens":10 } , "choices" : [ ] }\r\n\r\n'
+    relay = SSERelay(strip_usage_chunk=True)
+    assert relay.feed(s) == b""
+    assert (relay.prompt_tokens, relay.completion_tokens, relay.total_tokens) == (10, 20, 30)
+
+
+def test_last_usage_wins_and_null_does_not_reset():
+    a = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
+    b = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
+    c = b'data: {"choices":[],"usage":null}\n\n'
+    relay = SSERelay()
+    relay.feed(a + b + c)
+    assert (relay.prompt_tokens, relay.completion_tokens, relay.total_tokens) == (3, 4, 7)
+
+
+def test_text_with_surrogate_pair_split_across_events():
+    s = (b'data: {"choices":[{"delta":{"content":"a\\ud83d"}}]}\n\n'
+         b'data: {"choices":[{"delta":{"content":"\\ude00b"}}]}\n\n')
+    relay = SSERelay(collect_text=True)
+    relay.feed(s)
+    assert relay.text() == twin(s, False)["text"]
+
+
+def test_bytearray_and_memoryview_chunks():
+    relay = SSERelay()
+    out = relay.feed(bytearray(USAGE[:50])) + relay.feed(memoryview(USAGE[50:]))
+    assert out == USAGE and relay.total_tokens == 21
+
+
+def test_large_event_random_splits():
+    big = "x" * 200_000
+    ev = ("data: " + json.dumps({"choices": [{"delta": {"content": big}}], "usage": None}) + "\n\n").encode()
+    s = ev + USAGE + DONE
+    rnd = random.Random(7)
+    pieces = splits(s, [rnd.randrange(len(s)) for _ in range(50)])
+    assert run(s, pieces, True) == twin(s, True)
+    assert run(s, pieces, False) == twin(s, False)
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_finish_resets_for_reuse(strip):
+    relay = SSERelay(strip_usage_chunk=strip)
+    relay.feed(b"data: {\"a\":")
+    relay.finish()
+    assert relay.feed(DONE) == DONE and relay.done and relay.events == 1
