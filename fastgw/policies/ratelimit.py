@@ -1,0 +1,369 @@
+"""Request and token rate limits ("rate-limit"): an ordered list of rules, token buckets, OpenAI's headers.
+
+A rule matches requests on consumer, group, model, path and headers (glob patterns; all given conditions must
+hold), and limits requests and/or tokens per window. `per` says what gets a bucket of its own, like Envoy's
+descriptors: per = ["consumer", "model"] gives each consumer x model pair its own limit; per = [] makes one
+bucket shared by every matching request. Every matching rule applies (a request must pass all of them), in
+order, until a matching rule with `final = true`.
+
+A limit of N per window is a token bucket of capacity N refilled at N/window per second: a burst of N, then a
+steady N per window. Token rules reserve an estimate at admission (prompt estimate + max_tokens, or
+`default_completion_tokens`, times n) and settle in `complete` with the real usage, giving back what was
+over-reserved or taking the excess (never refusing: the bucket goes into debt and later requests wait).
+Requests refused or failed upstream without usage give their tokens back; a request still counts as a request.
+
+Streaming does not dodge limits: the gateway asks the upstream for usage (needs_usage) or counts the streamed
+text, and `complete` settles either way.
+
+Backends: local (shared memory, exact across workers), redis (exact across instances), hybrid (leases; see
+limiter_redis.py for the bound). When Redis fails, `fail_open` decides: admit, or refuse with 503
+(code "rate_limiter_unavailable", Retry-After: 1): a 503 says the gateway, not the client, is at fault.
+Either way the failure is logged (at most every 5 s) and counted in upstream_errors{upstream="redis"}.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from fnmatch import translate
+from typing import Literal, Union
+
+import msgspec
+import xxhash
+
+from fastgw.policies import FieldError, model_label
+from fastgw.policies.limiter_local import LocalLimiter, arena_for
+from fastgw.policy import Policy, Reject
+
+__all__ = ["RateLimit", "format_duration", "Matcher"]
+
+WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_ABBR = {"second": "s", "minute": "min", "hour": "h", "day": "day"}
+_LETTER = {"second": "S", "minute": "M", "hour": "H", "day": "D"}
+
+Patterns = Union[str, list[str]]
+
+
+class Match(msgspec.Struct, forbid_unknown_fields=True):
+    consumer: Patterns = []       # glob patterns; empty = any
+    group: Patterns = []
+    model: Patterns = []
+    path: Patterns = []
+    header: Patterns = []         # "name=glob" (all must hold), or "name" alone: the header is present
+
+
+class Rule(msgspec.Struct, forbid_unknown_fields=True):
+    id: str = ""                  # names the rule's buckets; default "rules[i]" (renaming resets its buckets)
+    match: Match = msgspec.field(default_factory=Match)
+    per: list[str] = []           # consumer | group | model | path | header:<name>
+    window: Literal["second", "minute", "hour", "day"] = "minute"
+    requests: int = 0             # per window; 0 = no request limit in this rule
+    tokens: int = 0               # prompt + completion tokens per window; 0 = no token limit
+    final: bool = False           # when this rule matches, later rules are not looked at
+
+
+class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
+    url: str = "redis://127.0.0.1:6379/0"
+    connect_timeout: float = 0.1  # seconds
+    timeout: float = 0.1          # seconds per call
+    retry_interval: float = 0.5   # after a failed connect, fail fast this long before trying again
+    key_prefix: str = "fastgw:rl:"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    rules: list[Rule]
+    id: str = ""                  # namespace of the buckets; default: the policy file's name
+    backend: Literal["local", "redis", "hybrid"] = "local"
+    fail_open: bool = True        # Redis unreachable: admit (true) or refuse with 503 (false)
+    default_completion_tokens: int = 256   # completion estimate when the request gives no max_tokens
+    headers: bool = True          # add x-ratelimit-* headers to responses
+    slots: int = 65536            # shared-memory table size (distinct buckets), a power of two
+    lease: float = 0.1            # hybrid: fraction of a bucket's capacity taken from Redis per lease
+    lease_ttl: float = 10.0       # hybrid: seconds a lease stays usable
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+
+
+def format_duration(s: float) -> str:
+    """OpenAI's reset format: "20ms", "1s", "1.5s", "6m0s", "1h2m3s"."""
+    if s <= 0:
+        return "0s"
+    if s < 1:
+        return f"{max(1, round(s * 1000))}ms"
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    sec = round(sec, 3)
+    if sec >= 60:     # rounding carried
+        m, sec = m + 1, 0.0
+    secs = f"{sec:.3f}".rstrip("0").rstrip(".") + "s"
+    if h:
+        return f"{int(h)}h{int(m)}m{secs}"
+    if m:
+        return f"{int(m)}m{secs}"
+    return secs
+
+
+class Matcher:
+    """Glob patterns over one string: exact names in a set, globs in one compiled regex."""
+
+    __slots__ = ("any", "exact", "rx")
+
+    def __init__(self, patterns: Patterns):
+        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        self.any = not pats or "*" in pats
+        self.exact = frozenset(p for p in pats if not any(c in p for c in "*?["))
+        globs = [translate(p) for p in pats if p not in self.exact]
+        self.rx = re.compile("|".join(globs)).match if globs else None
+
+    def __call__(self, s: str) -> bool:
+        return self.any or s in self.exact or (self.rx is not None and self.rx(s) is not None)
+
+
+class _Rule:
+    """A compiled rule: matchers, per-key getters, bucket parameters."""
+
+    def __init__(self, index: int, r: Rule, ns: str):
+        where = f"rules[{index}]"
+        if r.requests < 0 or r.tokens < 0:
+            raise FieldError(where, "requests and tokens must be >= 0")
+        if r.requests == 0 and r.tokens == 0:
+            raise FieldError(where, "set requests and/or tokens (per window)")
+        self.id = r.id or where
+        self.window = r.window
+        self.final = r.final
+        secs = WINDOWS[r.window]
+        self.requests = float(r.requests)
+        self.tokens = float(r.tokens)
+        self.req_rate = r.requests / secs
+        self.tok_rate = r.tokens / secs
+        m = r.match
+        self.consumer, self.group, self.model, self.path = (Matcher(m.consumer), Matcher(m.group),
+                                                            Matcher(m.model), Matcher(m.path))
+        self.headers = []
+        for j, h in enumerate([m.header] if isinstance(m.header, str) else m.header):
+            name, eq, pat = h.partition("=")
+            name = name.strip().lower()
+            if not name:
+                raise FieldError(f"{where}.match.header[{j}]", "expected \"name=value\" or \"name\"")
+            self.headers.append((name.encode("latin-1"), Matcher(pat) if eq else None))
+        self.per = []
+        for j, p in enumerate(r.per):
+            if p in ("consumer", "group", "model", "path"):
+                self.per.append((p, None))
+            elif p.startswith("header:") and len(p) > 7:
+                self.per.append(("header", p[7:].strip().lower().encode("latin-1")))
+            else:
+                raise FieldError(f"{where}.per[{j}]", f"unknown key {p!r} (consumer, group, model, path, "
+                                 "header:<name>)")
+        self.prefix = f"{ns}\x00{self.id}\x00"
+        self.keys: dict[tuple, tuple[int, int]] = {}   # per-values -> (requests key, tokens key)
+
+    def matches(self, ex) -> bool:
+        if not (self.consumer(ex.consumer) and self.group(ex.group) and self.model(ex.model)
+                and self.path(ex.path)):
+            return False
+        for name, m in self.headers:
+            v = ex.header(name)
+            if v is None or (m is not None and not m(v.decode("latin-1"))):
+                return False
+        return True
+
+    def bucket_keys(self, ex) -> tuple[int, int]:
+        vals = []
+        for kind, name in self.per:
+            if kind == "header":
+                v = ex.header(name)
+                vals.append(v.decode("latin-1") if v is not None else "")
+            else:
+                vals.append(getattr(ex, kind))
+        vals = tuple(vals)
+        k = self.keys.get(vals)
+        if k is None:
+            base = self.prefix + "\x00".join(vals)
+            k = (xxhash.xxh3_64_intdigest(base + "\x00r"), xxhash.xxh3_64_intdigest(base + "\x00t"))
+            if len(self.keys) > 65536:   # values may come from headers: bound the cache
+                self.keys.clear()
+            self.keys[vals] = k
+        return k
+
+
+class RateLimit(Policy):
+    name = "rate-limit"
+    priority = 300
+    needs_usage = True
+    Config = Config
+
+    def __init__(self, config: Config, ctx):
+        super().__init__(config, ctx)
+        if not config.rules:
+            raise FieldError("rules", "at least one rule is needed")
+        if config.slots < 8 or config.slots & (config.slots - 1):
+            raise FieldError("slots", "must be a power of two >= 8")
+        if not 0 < config.lease <= 1:
+            raise FieldError("lease", "must be in (0, 1]")
+        if config.default_completion_tokens < 0:
+            raise FieldError("default_completion_tokens", "must be >= 0")
+        self.rules = [_Rule(i, r, config.id) for i, r in enumerate(config.rules)]
+        self.backend = config.backend
+        self._last_warn = 0.0
+        if config.backend == "local":
+            self.limiter = LocalLimiter(arena_for(ctx.run_dir, config.slots))
+        else:
+            from fastgw.policies.limiter_redis import HybridLimiter, RedisLimiter
+            from fastgw.policies.redis_client import RedisClient
+            rc = config.redis
+            try:
+                client = RedisClient(rc.url, rc.connect_timeout, rc.timeout, rc.retry_interval)
+            except ValueError as exc:
+                raise FieldError("redis.url", str(exc)) from None
+            self.client = client
+            self.remote = RedisLimiter(client, rc.key_prefix)
+            if config.backend == "redis":
+                self.limiter = self.remote
+            else:
+                self.limiter = HybridLimiter(arena_for(ctx.run_dir, config.slots), self.remote,
+                                             config.lease, config.lease_ttl)
+
+    def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+
+    # -- admission ---------------------------------------------------------------------------------------
+
+    def _plan(self, ex):
+        """The buckets this request takes from: items (key, capacity, rate, amount) and what each one is."""
+        items, kinds = [], []
+        est = -1
+        for r in self.rules:
+            if not r.matches(ex):
+                continue
+            kr, kt = r.bucket_keys(ex)
+            if r.requests:
+                items.append((kr, r.requests, r.req_rate, 1.0))
+                kinds.append((r, "requests"))
+            if r.tokens:
+                if est < 0:
+                    est = self._estimate(ex)
+                items.append((kt, r.tokens, r.tok_rate, float(est)))
+                kinds.append((r, "tokens"))
+            if r.final:
+                break
+        return items, kinds
+
+    def _estimate(self, ex) -> int:
+        prompt = ex.prompt_tokens_estimate
+        if ex.endpoint.endswith("/embeddings"):
+            return prompt
+        f = ex.fields
+        mt = getattr(f, "max_tokens", -1) if f is not None else -1
+        n = getattr(f, "n", -1) if f is not None else -1
+        completion = mt if mt >= 0 else self.config.default_completion_tokens
+        return prompt + completion * (n if n > 1 else 1)
+
+    def request(self, ex):
+        items, kinds = self._plan(ex)
+        if not items:
+            return None
+        if self.backend == "local":
+            fail, rem = self.limiter.take_all(items)
+            return self._decide(ex, items, kinds, fail, rem)
+        if self.backend == "hybrid":
+            res = self.limiter.try_take_all(items)
+            if res is not None:
+                return self._decide(ex, items, kinds, res[0], res[1])
+        return self._remote_take(ex, items, kinds)
+
+    async def _remote_take(self, ex, items, kinds):
+        from fastgw.policies.redis_client import RedisUnavailable
+        try:
+            fail, rem = await self.limiter.take_all(items)
+        except RedisUnavailable as exc:
+            self._redis_failed(exc)
+            if self.config.fail_open:
+                return None
+            self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "rate_limiter_unavailable")
+            raise Reject(503, "The rate limiter is unavailable; please retry shortly.", type="api_error",
+                         code="rate_limiter_unavailable", headers=(("retry-after", "1"),)) from None
+        self._decide(ex, items, kinds, fail, rem)
+
+    def _decide(self, ex, items, kinds, fail, rem):
+        if fail >= 0:
+            self._refuse(ex, items[fail], kinds[fail], rem[fail])
+        ex.new_scratch()[self] = (items, kinds, rem)
+        return None
+
+    def _refuse(self, ex, item, kind, left):
+        rule, what = kind
+        _, cap, rate, amount = item
+        self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "rate_limit")
+        unit = f"{what} per {_ABBR[rule.window]} ({'R' if what == 'requests' else 'T'}P{_LETTER[rule.window]})"
+        if amount > cap:
+            raise Reject(429, f"Request too large for {ex.model} on {unit}: Limit {int(cap)}, Requested "
+                         f"{int(amount)}. Please reduce your prompt or max_tokens.", type=what,
+                         code="rate_limit_exceeded")
+        wait = (amount - left) / rate if rate > 0 else float(WINDOWS[rule.window])
+        used = max(0, int(cap - max(left, 0.0)))
+        raise Reject(429, f"Rate limit reached for {ex.model} on {unit}: Limit {int(cap)}, Used {used}, "
+                     f"Requested {int(amount)}. Please try again in {format_duration(wait)}.", type=what,
+                     code="rate_limit_exceeded", headers=(("retry-after", str(max(1, math.ceil(wait)))),))
+
+    # -- response ----------------------------------------------------------------------------------------
+
+    def response_headers(self, ex) -> None:
+        if not self.config.headers or not ex.scratch:
+            return
+        st = ex.scratch.get(self)
+        if st is None:
+            return
+        items, kinds, rem = st
+        # The tightest bucket of each kind speaks for it, as a single OpenAI limit would.
+        best = {}
+        for i, (_, what) in enumerate(kinds):
+            b = best.get(what)
+            if b is None or rem[i] < rem[b]:
+                best[what] = i
+        out = ex.response_headers
+        for what, i in best.items():
+            _, cap, rate, _ = items[i]
+            left = rem[i]
+            reset = (cap - left) / rate if rate > 0 else 0.0
+            out.append(b"x-ratelimit-limit-%s: %d\r\n" % (what.encode(), int(cap)))
+            out.append(b"x-ratelimit-remaining-%s: %d\r\n" % (what.encode(), max(0, int(left))))
+            out.append(b"x-ratelimit-reset-%s: %s\r\n" % (what.encode(), format_duration(reset).encode()))
+
+    def complete(self, ex):
+        if not ex.scratch:
+            return None
+        st = ex.scratch.pop(self, None)
+        if st is None:
+            return None
+        items, kinds, _ = st
+        if ex.prompt_tokens >= 0:
+            actual = float(ex.prompt_tokens + max(ex.completion_tokens, 0))
+        elif 200 <= ex.status < 300:
+            return None          # answered but usage unknown: keep the estimate
+        else:
+            actual = 0.0         # refused later or failed upstream: nothing was used
+        settle = [(k, cap, rate, amount - actual) for (k, cap, rate, amount), (_, what) in zip(items, kinds)
+                  if what == "tokens" and amount != actual]
+        if not settle:
+            return None
+        if self.backend == "redis":
+            return self._remote_settle(settle)
+        self.limiter.settle(settle)
+        return None
+
+    async def _remote_settle(self, settle):
+        from fastgw.policies.redis_client import RedisUnavailable
+        try:
+            await self.limiter.settle(settle)
+        except RedisUnavailable as exc:
+            self._redis_failed(exc)
+
+    def _redis_failed(self, exc) -> None:
+        self.ctx.stats.upstream_error("redis", exc.kind)
+        now = time.monotonic()
+        if now - self._last_warn >= 5.0:
+            self._last_warn = now
+            self.ctx.log.warning("redis_unavailable", policy=self.config.id, error=str(exc),
+                                 fail_open=self.config.fail_open)
