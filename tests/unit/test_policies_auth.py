@@ -1,0 +1,103 @@
+"""key-auth: hashed keys, Bearer and api-key headers, OpenAI-shaped 401/403, group and consumer models."""
+import orjson
+import pytest
+
+from fastgw.errors import GatewayError
+from fastgw.policies.auth import Config, Consumer, Group, KeyAuth, hash_key, hash_key_main, new_key
+
+
+@pytest.fixture
+def auth(policy_ctx):
+    cfg = Config(
+        groups=[Group("research", ["gpt-4o*", "o3*"]), Group("open")],
+        consumers=[
+            Consumer("alice", [hash_key("sk-alice")], group="research"),
+            Consumer("bob", ["sha256:" + hash_key("sk-bob").upper()], group="research", models=["gpt-4o-mini*"]),
+            Consumer("carol", [hash_key("sk-carol-1"), hash_key("sk-carol-2")], group="open"),
+            Consumer("dave", [hash_key("sk-dave")], models=["text-*"]),
+        ])
+    return KeyAuth(cfg, policy_ctx)
+
+
+def run(auth, ex):
+    auth.access(ex)
+    auth.request(ex)
+    return ex
+
+
+def test_hash_key_is_sha256_hex():
+    assert hash_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    k = new_key()
+    assert k.startswith("sk-fgw-") and len(k) > 40 and new_key() != k
+
+
+def test_hash_key_cli(capsys):
+    hash_key_main(["abc"])
+    assert capsys.readouterr().out.strip() == hash_key("abc")
+
+
+@pytest.mark.parametrize("headers,who,model", [
+    ({"Authorization": "Bearer sk-alice"}, ("alice", "research"), "gpt-4o"),
+    ({"authorization": "bearer   sk-alice  "}, ("alice", "research"), "gpt-4o"),
+    ({"api-key": "sk-carol-2"}, ("carol", "open"), "gpt-4o"),
+    ({"Authorization": "Bearer sk-bob"}, ("bob", "research"), "gpt-4o-mini"),  # upper-case "sha256:" digest
+    ({"Authorization": "Bearer sk-dave"}, ("dave", ""), "text-embedding-3-small"),
+])
+def test_valid_keys_identify(auth, make_exchange, headers, who, model):
+    ex = run(auth, make_exchange(headers=headers, model=model))
+    assert (ex.consumer, ex.group) == who
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"Authorization": "Bearer "}, {"Authorization": "Basic sk-alice"}, {"Authorization": "Bearer sk-alicex"},
+    {"api-key": "SK-ALICE"}, {"Authorization": "sk-alice"},
+])
+def test_missing_or_wrong_key_is_401(auth, make_exchange, headers, policy_ctx):
+    ex = make_exchange(headers=headers)
+    with pytest.raises(GatewayError) as e:
+        auth.access(ex)
+    err = e.value
+    assert err.status == 401
+    body = orjson.loads(err.body())["error"]
+    assert body["type"] == "invalid_request_error" and body["code"] == "invalid_api_key"
+    assert "sk-alice" not in body["message"].lower()          # the key is never echoed
+    assert ex.consumer == ""
+    assert policy_ctx.stats._rejections[("", "", "auth")] >= 1
+
+
+@pytest.mark.parametrize("consumer_key,model,allowed", [
+    ("sk-alice", "gpt-4o", True), ("sk-alice", "o3-mini", True), ("sk-alice", "gpt-3.5-turbo", False),
+    ("sk-bob", "gpt-4o-mini-2024-07-18", True), ("sk-bob", "gpt-4o", False),   # consumer narrows the group
+    ("sk-carol-1", "anything-at-all", True),                                    # group without a list
+    ("sk-dave", "text-embedding-3-large", True), ("sk-dave", "gpt-4o", False),  # no group, own list
+])
+def test_allowed_models(auth, make_exchange, consumer_key, model, allowed, policy_ctx):
+    ex = make_exchange(headers={"Authorization": f"Bearer {consumer_key}"}, model=model)
+    auth.access(ex)
+    for _ in range(2):   # the second time comes from the cache
+        if allowed:
+            auth.request(ex)
+        else:
+            with pytest.raises(GatewayError) as e:
+                auth.request(ex)
+            body = orjson.loads(e.value.body())["error"]
+            assert e.value.status == 403 and body["code"] == "model_not_allowed" and body["param"] == "model"
+    if not allowed:
+        assert sum(v for k, v in policy_ctx.stats._rejections.items() if k[2] == "model_not_allowed") == 2
+
+
+def test_key_never_logged_or_in_metrics(auth, make_exchange, policy_ctx):
+    for h in ({"Authorization": "Bearer sk-alice"}, {"Authorization": "Bearer sk-secret-wrong"}):
+        try:
+            run(auth, make_exchange(headers=h, model="gpt-4o"))
+        except GatewayError:
+            pass
+    snap = orjson.dumps(policy_ctx.stats.snapshot()).decode() + policy_ctx.log.buffer.getvalue()
+    assert "sk-alice" not in snap and "sk-secret" not in snap
+
+
+def test_duplicate_key_rejected(policy_ctx):
+    from fastgw.policies import FieldError
+    with pytest.raises(FieldError) as e:
+        KeyAuth(Config(consumers=[Consumer("a", [hash_key("k")]), Consumer("b", [hash_key("k")])]), policy_ctx)
+    assert e.value.field == "consumers[1].keys[0]"
