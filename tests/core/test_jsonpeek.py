@@ -121,7 +121,9 @@ string_piece = st.one_of(
 json_string = st.lists(string_piece, max_size=5).map(lambda ps: b'"' + b"".join(ps) + b'"')
 
 digits = st.text("0123456789", min_size=1, max_size=4).map(str.encode)
-long_digits = st.text("0123456789", min_size=1, max_size=330).map(str.encode)
+# Long digit runs (up to past the 309 digits of a double's range), cheap to draw.
+long_digits = st.builds(lambda a, n, b: a * n + b, st.sampled_from([b"0", b"9", b"1797", b"17976931348623159"]),
+                        st.integers(1, 330), digits)
 int_part = st.one_of(
     st.just(b"0"),
     st.builds(lambda a, b: a + b, st.sampled_from(list(b"123456789")).map(lambda c: bytes([c])),
@@ -170,21 +172,28 @@ json_value = st.recursive(scalar, containers, max_leaves=12)
 # Values that make the wanted members interesting.
 stream_options_value = st.one_of(
     st.lists(st.tuples(ws, st.sampled_from([b'"include_usage"', b'"include_usag\\u0065"', b'"other"']),
-                       ws, ws, st.one_of(literal, json_value), ws), max_size=3).map(_object),
+                       ws, ws, st.one_of(literal, literal, json_value), ws), max_size=3).map(_object),
+    st.lists(st.tuples(ws, st.sampled_from([b'"include_usage"', b'"other"']),
+                       ws, ws, st.one_of(literal, literal, json_value), ws), max_size=3).map(_object),
+    st.sampled_from([b'{"include_usage":true}', b'{ "include_usage" : true , "x":[1]}']),
     json_value)
 usage_value = st.one_of(
     st.lists(st.tuples(ws, st.sampled_from([b'"prompt_tokens"', b'"completion_tokens"', b'"input_tokens"',
                                             b'"output_tokens"', b'"total_tokens"']),
                        ws, ws, st.one_of(small_int, json_number, literal), ws), max_size=5).map(_object),
     json_value)
-member_value = {b'"stream"': st.one_of(literal, json_value), b'"stream_options"': stream_options_value,
-                b'"usage"': usage_value}
+int_like = st.one_of(small_int, small_int, json_number, literal, json_value)
+string_like = st.one_of(json_string, json_string, json_string, json_value)
+member_value = {"model": string_like, "user": string_like,
+                "stream": st.one_of(literal, literal, json_value), "stream_options": stream_options_value,
+                "usage": usage_value, "n": int_like, "max_tokens": int_like, "max_completion_tokens": int_like,
+                "max_output_tokens": int_like}
 
 
 @st.composite
 def top_member(draw):
     k = draw(key)
-    v = draw(member_value.get(k, st.one_of(small_int, json_value)))
+    v = draw(member_value.get(json.loads(k), json_value))
     return (draw(ws), k, draw(ws), draw(ws), v, draw(ws))
 
 
@@ -195,6 +204,28 @@ def json_document(draw):
     return draw(ws) + _object(draw(st.lists(top_member(), max_size=8))) + draw(ws)
 
 
+@st.composite
+def request_document(draw):
+    """An object that looks like a request: each wanted member likely present (plain or escaped key, maybe
+    twice), mixed with random members, in random order."""
+    members = []
+    for name, escaped, value in (
+            (b'"model"', b'"mod\\u0065l"', string_like),
+            (b'"stream"', b'"str\\u0065am"', literal),
+            (b'"stream_options"', b'"stream\\u005foptions"', stream_options_value),
+            (b'"max_tokens"', b'"max_tokens"', int_like),
+            (b'"max_completion_tokens"', b'"max_completion_tokens"', int_like),
+            (b'"n"', b'"\\u006e"', int_like),
+            (b'"user"', b'"user"', string_like),
+            (b'"usage"', b'"us\\u0061ge"', usage_value)):
+        for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2]))):
+            k = draw(st.sampled_from([name, name, escaped]))
+            members.append((draw(ws), k, draw(ws), draw(ws), draw(value), draw(ws)))
+    members += draw(st.lists(top_member(), max_size=3))
+    members = draw(st.permutations(members))
+    return draw(ws) + _object(members) + draw(ws)
+
+
 NASTY = [b'"', b"\\", b"{", b"}", b"[", b"]", b",", b":", b"0", b"1", b"-", b"+", b"e", b".", b"\x00",
          b"\x1f", b"\x7f", b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90", b"\xe2\x82", b" ", b"u", b"t",
          b"\\u", b"\\ud800", b"NaN", b"\xef\xbb\xbf"]
@@ -202,7 +233,7 @@ NASTY = [b'"', b"\\", b"{", b"}", b"[", b"]", b",", b":", b"0", b"1", b"-", b"+"
 
 @st.composite
 def mutated_document(draw):
-    doc = bytearray(draw(json_document()))
+    doc = bytearray(draw(st.one_of(json_document(), request_document())))
     for _ in range(draw(st.integers(1, 3))):
         i = draw(st.integers(0, len(doc)))
         op = draw(st.integers(0, 3))
@@ -217,7 +248,7 @@ def mutated_document(draw):
     return bytes(doc)
 
 
-SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -414,6 +445,13 @@ def test_generated_documents(body):
 
 
 @SETTINGS
+@given(request_document())
+def test_generated_requests(body):
+    check_request(body)
+    check_usage(body)
+
+
+@SETTINGS
 @given(mutated_document())
 def test_mutated_documents(body):
     check_request(body)
@@ -453,7 +491,7 @@ def rewrite(body, new_model):
 
 
 @SETTINGS
-@given(json_document(), st.text(max_size=10))
+@given(st.one_of(json_document(), request_document()), st.text(max_size=10))
 def test_splice_generated(body, new_model):
     d = orjson_or_none(body)
     if type(d) is not dict or "model" not in d:   # an empty object would need no leading comma
