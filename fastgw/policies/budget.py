@@ -135,7 +135,7 @@ class Budget(Policy):
     def _key(self, i: int, name: str) -> int:
         k = self._keys.get((i, name))
         if k is None:
-            k = self._keys[(i, name)] = xxhash.xxh3_64_intdigest(f"{self.config.id}\x00{i}\x00{name}")
+            k = self._keys[(i, name)] = xxhash.xxh3_64_intdigest(f"{self.config.id}\x00{i}\x00{name}".encode())
         return k
 
     def _estimate(self, ex) -> float:

@@ -179,7 +179,8 @@ class _Rule:
         k = self.keys.get(vals)
         if k is None:
             base = self.prefix + "\x00".join(vals)
-            k = (xxhash.xxh3_64_intdigest(base + "\x00r"), xxhash.xxh3_64_intdigest(base + "\x00t"))
+            b = base.encode("utf-8", "surrogatepass")
+            k = (xxhash.xxh3_64_intdigest(b + b"\x00r"), xxhash.xxh3_64_intdigest(b + b"\x00t"))
             if len(self.keys) > 65536:   # values may come from headers: bound the cache
                 self.keys.clear()
             self.keys[vals] = k
@@ -302,7 +303,7 @@ class RateLimit(Policy):
                          f"{int(amount)}. Please reduce your prompt or max_tokens.", type=what,
                          code="rate_limit_exceeded")
         wait = (amount - left) / rate if rate > 0 else float(WINDOWS[rule.window])
-        used = max(0, int(cap - max(left, 0.0)))
+        used = max(0, round(cap - max(left, 0.0)))
         raise Reject(429, f"Rate limit reached for {ex.model} on {unit}: Limit {int(cap)}, Used {used}, "
                      f"Requested {int(amount)}. Please try again in {format_duration(wait)}.", type=what,
                      code="rate_limit_exceeded", headers=(("retry-after", str(max(1, math.ceil(wait)))),))

@@ -1,0 +1,159 @@
+"""rate-limit with the local (shared-memory) backend: rule matching, buckets, reservation and settling, headers."""
+import orjson
+import pytest
+
+from fastgw.errors import GatewayError
+from fastgw.policies.ratelimit import Config, Match, Matcher, RateLimit, Rule, format_duration
+
+
+def make(ctx, *rules, **kw):
+    return RateLimit(Config(rules=list(rules), id="t", **kw), ctx)
+
+
+def headers(ex):
+    out = {}
+    for line in ex.response_headers:
+        k, _, v = line.decode().rstrip("\r\n").partition(": ")
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("s,expect", [
+    (0, "0s"), (0.02, "20ms"), (0.0004, "1ms"), (1, "1s"), (1.5, "1.5s"), (360, "6m0s"), (59.9996, "1m0s"),
+    (3723, "1h2m3s"), (86400, "24h0m0s"), (7.66, "7.66s"),
+])
+def test_format_duration_like_openai(s, expect):
+    assert format_duration(s) == expect
+
+
+def test_matcher():
+    m = Matcher(["gpt-4o", "o3*", "claude-?"])
+    assert m("gpt-4o") and m("o3-mini") and m("claude-3") and not m("gpt-4o-mini") and not m("claude-35")
+    assert Matcher([])("x") and Matcher("*")("") and Matcher("a")("a") and not Matcher("a")("b")
+
+
+def test_rule_matching_on_every_field(policy_ctx, make_exchange):
+    rl = make(policy_ctx, Rule(id="r", requests=1, match=Match(consumer="alice", group=["g*"], model="gpt-4o*",
+                                                               path="/v1/chat/*", header=["x-tier=free", "x-team"])))
+    r = rl.rules[0]
+    ok = dict(consumer="alice", group="g1", model="gpt-4o-mini", path="/v1/chat/completions",
+              headers={"X-Tier": "free", "x-team": "a"})
+    assert r.matches(make_exchange(**ok))
+    for field, bad in [("consumer", "bob"), ("group", "h"), ("model", "o3"), ("path", "/v1/embeddings"),
+                       ("headers", {"x-tier": "paid", "x-team": "a"}), ("headers", {"x-tier": "free"})]:
+        assert not r.matches(make_exchange(**{**ok, field: bad})), field
+
+
+def test_requests_limit_per_consumer_and_rejection_shape(policy_ctx, make_exchange):
+    rl = make(policy_ctx, Rule(requests=3, window="minute", per=["consumer"]))
+    for _ in range(3):
+        ex = make_exchange(consumer="alice")
+        assert rl.request(ex) is None
+    ex = make_exchange(consumer="alice", model="gpt-4o")
+    with pytest.raises(GatewayError) as e:
+        rl.request(ex)
+    err = e.value
+    body = orjson.loads(err.body())["error"]
+    assert err.status == 429 and body["code"] == "rate_limit_exceeded" and body["type"] == "requests"
+    assert body["message"].startswith("Rate limit reached for gpt-4o on requests per min (RPM): Limit 3, Used 3, "
+                                      "Requested 1. Please try again in ")
+    (name, value), = err.headers
+    assert name == "retry-after" and 1 <= int(value) <= 20
+    assert policy_ctx.stats._rejections[("alice", "gpt-4o", "rate_limit")] == 1
+    assert rl.request(make_exchange(consumer="bob")) is None        # bob has his own bucket
+
+
+def test_token_reservation_settles_with_real_usage(policy_ctx, make_exchange):
+    rl = make(policy_ctx, Rule(tokens=1000, window="day"))
+    ex = make_exchange(prompt=100, max_tokens=200, n=2)          # reserves 100 + 200 * 2
+    rl.request(ex)
+    rl.response_headers(ex)
+    h = headers(ex)
+    assert h["x-ratelimit-limit-tokens"] == "1000" and h["x-ratelimit-remaining-tokens"] == "500"
+    assert "x-ratelimit-limit-requests" not in h
+    ex.status, ex.prompt_tokens, ex.completion_tokens = 200, 90, 10     # used 100: 400 come back
+    rl.complete(ex)
+    key = rl.rules[0].bucket_keys(ex)[1]
+    assert rl.limiter.arena.peek(key, 1000, 1000 / 86400) == pytest.approx(900, abs=0.1)
+    ex2 = make_exchange(prompt=100, max_tokens=100)
+    rl.request(ex2)
+    ex2.status, ex2.prompt_tokens, ex2.completion_tokens = 200, 100, 1500   # more than reserved: debt
+    rl.complete(ex2)
+    assert rl.limiter.arena.peek(key, 1000, 1000 / 86400) == pytest.approx(-700, abs=0.1)
+    with pytest.raises(GatewayError) as e:
+        rl.request(make_exchange(prompt=1, max_tokens=1))
+    assert orjson.loads(e.value.body())["error"]["type"] == "tokens"
+
+
+def test_failed_request_gives_tokens_back_but_counts(policy_ctx, make_exchange):
+    rl = make(policy_ctx, Rule(requests=10, tokens=1000, window="day"))
+    ex = make_exchange(prompt=300, max_tokens=0)
+    rl.request(ex)
+    ex.status = 502                                   # upstream failed, no usage
+    rl.complete(ex)
+    kr, kt = rl.rules[0].bucket_keys(ex)
+    a = rl.limiter.arena
+    assert a.peek(kt, 1000, 1000 / 86400) == pytest.approx(1000, abs=0.1)
+    assert a.peek(kr, 10, 10 / 86400) == pytest.approx(9, abs=0.01)
+    ex = make_exchange(prompt=300, max_tokens=0)      # answered but usage unknown: the estimate stays
+    rl.request(ex)
+    ex.status = 200
+    rl.complete(ex)
+    assert a.peek(kt, 1000, 1000 / 86400) == pytest.approx(700, abs=0.1)
+
+
+def test_all_rules_or_none(policy_ctx, make_exchange):
+    rl = make(policy_ctx, Rule(id="wide", requests=100), Rule(id="narrow", requests=1, match=Match(model="o3")))
+    rl.request(make_exchange(model="o3"))
+    with pytest.raises(GatewayError):
+        rl.request(make_exchange(model="o3"))           # narrow refuses; wide must get its token back
+    kw = rl.rules[0].bucket_keys(make_exchange())[0]
+    assert rl.limiter.arena.peek(kw, 100, 100 / 60) == pytest.approx(99, abs=0.01)
+    rl.request(make_exchange(model="gpt-4o"))           # narrow does not match: only wide applies
+
+
+def test_final_stops_later_rules(policy_ctx, make_exchange):
+    rl = make(policy_ctx, Rule(id="vip", requests=1000, match=Match(consumer="vip"), final=True),
+              Rule(id="all", requests=1))
+    for _ in range(5):
+        rl.request(make_exchange(consumer="vip"))
+    rl.request(make_exchange(consumer="x"))
+    with pytest.raises(GatewayError):
+        rl.request(make_exchange(consumer="y"))
+
+
+def test_per_header_buckets_and_headers_pick_tightest(policy_ctx, make_exchange):
+    rl = make(policy_ctx, Rule(id="jobs", requests=2, window="hour", per=["header:x-job"]),
+              Rule(id="all", requests=100, window="hour"))
+    for job in ("a", "a", "b"):
+        ex = make_exchange(headers={"x-job": job})
+        rl.request(ex)
+    rl.response_headers(ex)
+    h = headers(ex)
+    assert h["x-ratelimit-limit-requests"] == "2" and h["x-ratelimit-remaining-requests"] == "1"
+    assert h["x-ratelimit-reset-requests"] in ("30m0s", "29m59.999s", "29m59.998s")
+    with pytest.raises(GatewayError):
+        rl.request(make_exchange(headers={"x-job": "a"}))
+
+
+def test_too_large_request(policy_ctx, make_exchange):
+    rl = make(policy_ctx, Rule(tokens=500))
+    with pytest.raises(GatewayError) as e:
+        rl.request(make_exchange(prompt=400, max_tokens=200))
+    assert "Request too large" in e.value.message and e.value.headers == ()
+
+
+def test_default_completion_estimate_and_embeddings(policy_ctx, make_exchange):
+    rl = make(policy_ctx, Rule(tokens=10_000), default_completion_tokens=50)
+    assert rl._estimate(make_exchange(prompt=10)) == 60
+    assert rl._estimate(make_exchange(prompt=10, path="/v1/embeddings")) == 10
+
+
+def test_workers_share_buckets(policy_ctx, make_exchange):
+    # Two policy instances over the same run_dir behave as two workers: one bucket.
+    a = make(policy_ctx, Rule(requests=2))
+    b = make(policy_ctx, Rule(requests=2))
+    a.request(make_exchange())
+    b.request(make_exchange())
+    with pytest.raises(GatewayError):
+        a.request(make_exchange())
