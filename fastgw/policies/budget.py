@@ -54,6 +54,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     redis: RedisConfig = msgspec.field(default_factory=lambda: RedisConfig(key_prefix="fastgw:budget:"))
 
 
+# Counters hold whole nano-dollars (as doubles, exact below 2**53 = $9M): sums of costs stay exact, so a budget
+# of $0.01 admits exactly ten $0.001 requests.
+NANO = 1e9
+
+
+def _nano(usd: float) -> float:
+    return float(round(usd * NANO))
+
+
 _SECONDS = {"day": 86400, "week": 7 * 86400, "month": 31 * 86400}
 
 
@@ -155,14 +164,14 @@ class Budget(Policy):
         todo = self._applicable(ex)
         if not todo:
             return None
-        est = self._estimate(ex)
+        est = _nano(self._estimate(ex))
         now = time.time()
         plan = [(i, b, name, period_id(b.period, now)) for i, b, name in todo]
         if self.config.backend == "redis":
             return self._remote_reserve(ex, plan, est)
         done = []
         for i, b, name, pid in plan:
-            ok, used = self.arena.charge(self._key(i, name), pid, b.usd, est, True)
+            ok, used = self.arena.charge(self._key(i, name), pid, _nano(b.usd), est, True)
             if not ok:
                 for j, _, name2, pid2 in done:
                     self.arena.charge(self._key(j, name2), pid2, 0.0, -est, False)
@@ -179,7 +188,7 @@ class Budget(Policy):
         done = []
         try:
             for i, b, name, pid in plan:
-                ok, used = await self.remote.charge(self._rkey(i, b, name, pid), b.usd, est, True,
+                ok, used = await self.remote.charge(self._rkey(i, b, name, pid), _nano(b.usd), est, True,
                                                     _SECONDS[b.period] + 86400)
                 if not ok:
                     for j, b2, name2, pid2 in done:
@@ -202,7 +211,7 @@ class Budget(Policy):
         wait = max(1, int(period_end(b.period, pid) - time.time()))
         who = "group" if b.group else "consumer"
         raise Reject(429, f"You exceeded your current quota: the {b.period}ly budget of {who} {name!r} "
-                     f"(${b.usd:g}) is spent (${used:.4f} used). Please check your plan and billing details.",
+                     f"(${b.usd:g}) is spent (${used / NANO:.4f} used). Please check your plan and billing details.",
                      type="insufficient_quota", code="insufficient_quota",
                      headers=(("retry-after", str(wait)),))
 
@@ -216,9 +225,9 @@ class Budget(Policy):
             return None
         plan, est = st
         if ex.prompt_tokens >= 0:
-            actual = ex.cost
+            actual = _nano(ex.cost)
         elif 200 <= ex.status < 300:
-            ex.cost = est          # answered but usage unknown: charge the estimate
+            ex.cost = est / NANO   # answered but usage unknown: charge the estimate
             return None
         else:
             actual = 0.0           # refused later or failed upstream
@@ -242,7 +251,7 @@ class Budget(Policy):
     def spent(self, name: str, rule_index: int = 0, t: float | None = None) -> float:
         """USD counted so far this period for `name` under budgets[rule_index] (local backend; for tests/admin)."""
         b = self.rules[rule_index]
-        return self.arena.used(self._key(rule_index, name), period_id(b.period, t))
+        return self.arena.used(self._key(rule_index, name), period_id(b.period, t)) / NANO
 
     def _redis_failed(self, exc) -> None:
         self.ctx.stats.upstream_error("redis", exc.kind)
