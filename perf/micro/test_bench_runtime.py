@@ -40,3 +40,49 @@ def test_stats_render_8_workers(benchmark, tmp_path):
                 s.request(f"model-{m}", "up", f"consumer-{c}", 200, 0.3, 0.1, 2e-5, 10, 5, 0.001)
         s.flush()
     benchmark(workers[0].render)
+
+
+class _NullTransport:
+    """Just enough transport for the mock's synchronous path (no socket: measures the Python work)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, data):
+        self.n += len(data)
+
+    def is_closing(self):
+        return False
+
+    def close(self):
+        pass
+
+
+def _mock_conn():
+    from fastgw.mock import MockStats, _MockConnection
+
+    conn = _MockConnection(MockStats(), {})
+    conn.connection_made(_NullTransport())
+    return conn
+
+
+_CHAT = (b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello there, how are you?"}]}')
+_STREAM = (b'{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},'
+           b'"messages":[{"role":"user","content":"Hello there, how are you?"}]}')
+
+
+def _req(body):
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: upstream\r\ncontent-type: application/json\r\n"
+            b"authorization: Bearer sk-x\r\nuser-agent: fastgw\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def test_mock_chat_request(benchmark):
+    conn, data = _mock_conn(), _req(_CHAT)
+    benchmark(conn.data_received, data)
+    assert conn.transport.n > 0
+
+
+def test_mock_chat_stream_request(benchmark):
+    conn, data = _mock_conn(), _req(_STREAM)
+    benchmark(conn.data_received, data)
+    assert conn.transport.n > 0
