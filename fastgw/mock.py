@@ -332,6 +332,7 @@ class _MockConnection(asyncio.Protocol):
         self.busy = False   # a response is being written by a task; later pipelined requests wait
         self.task = None
         self.closed = False
+        self.eof = False    # the client half-closed: answer what it sent, then close
 
     def connection_made(self, transport):
         self.transport = transport
@@ -350,9 +351,10 @@ class _MockConnection(asyncio.Protocol):
             self._process()
 
     def eof_received(self):
+        self.eof = True
         if not self.busy:
             self.transport.close()
-        return True  # half-close: finish the response in flight, then close
+        return True  # keep the transport open until the response in flight is written
 
     def _process(self):
         p = self.parser
@@ -385,6 +387,8 @@ class _MockConnection(asyncio.Protocol):
             return
         self.parser.start_next()
         self._process()
+        if self.eof and not self.busy:
+            self.transport.close()
 
     def _send_json(self, status: int, body: bytes, close: bool = False):
         self.transport.write(_HEAD_JSON % (status, REASONS.get(status, b"Unknown"), len(body),

@@ -262,6 +262,15 @@ def test_pipelining_keep_alive_and_errors(mock):
     assert orjson.loads(rs[5][2])["object"] == "chat.completion"  # the delayed one kept its place
 
 
+def test_half_close_gets_the_delayed_answer_then_close(mock):
+    with connect(mock) as s:
+        s.sendall(request(headers=b"x-mock-delay-ms: 30\r\n"))
+        s.shutdown(socket.SHUT_WR)
+        rs = read_responses(s, 1)
+        assert rs[0][0] == 200
+        assert s.recv(10) == b""
+
+
 def test_close_header_closes(mock):
     with connect(mock) as s:
         s.sendall(request(headers=b"x-mock-close: 1\r\n"))
