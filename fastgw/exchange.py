@@ -1,8 +1,6 @@
 """One request's state, from its head to its access-log line. Plain slots: made once per request, no dict."""
 from __future__ import annotations
 
-from fastgw._core.tokens import estimate_chat_tokens
-
 
 class Exchange:
     """What policies, the router and the log see of one request.
@@ -69,6 +67,8 @@ class Exchange:
     def prompt_tokens_estimate(self) -> int:
         """Estimated prompt tokens of the body (compiled, a few µs for 4 KB); computed once, when first asked."""
         if self._prompt_estimate < 0:
+            from fastgw._core.tokens import estimate_chat_tokens  # only policies that meter tokens pay for it
+
             self._prompt_estimate = estimate_chat_tokens(self.body)
         return self._prompt_estimate
 

@@ -27,7 +27,7 @@ class Gateway:
         self.draining = False
         self.pools = Pools(loop, cfg.upstream)
         # Request ids: unique per worker start without a syscall per request.
-        self._id_prefix = f"req_{os.urandom(4).hex()}{worker_id}"
+        self._id_prefix = f"req-{os.urandom(4).hex()}-{worker_id}-"
         self._id_next = 0
         self.pipeline = Pipeline([])
         self.apply(cfg)

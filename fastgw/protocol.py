@@ -137,7 +137,26 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.wait == IDLE:
             self._wait(HEAD_WAIT)
-        self._advance()
+        try:
+            self._advance()
+        except Exception:
+            self._internal_error("request handling failed")
+
+    def _internal_error(self, what: str) -> None:
+        """A bug must cost one request, never hang it or leak a stack trace to the client."""
+        self.gw.log.exception(what, request_id=self.ex.request_id if self.ex is not None else None)
+        if self.ex is not None and not self.head_sent and self.pending_head is None and not self.closing:
+            up = self.upstream
+            if up is not None:
+                self.upstream = None
+                up.abort()
+            try:
+                self._refuse(GatewayError(500, "The gateway failed to process the request."), close=True)
+                return
+            except Exception:
+                pass
+        self.closing = True
+        self.transport.abort()
 
     def pause_writing(self) -> None:     # the client reads slower than the upstream sends: slow the upstream
         self.write_paused = True
@@ -474,8 +493,12 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             return
         gw = self.gw
-        if not self.head_sent and self.pending_head is None and not self.own_head:
+        if not self.head_sent and not self.own_head:
             # Nothing reached the client yet: retry a stale keep-alive connection, or try another deployment.
+            self.pending_head = None
+            self.parts = None
+            self.relay = None
+            self.chunked = False
             self.attempts += 1
             if kind == "stale" and self.attempts <= 2:
                 self._send(ex, ex.deployment)
@@ -496,7 +519,7 @@ class ClientConnection(asyncio.Protocol):
         gw.stats.upstream_error(ex.upstream_name, kind)
         ex.error = "upstream_" + kind
         self.closing = True
-        self.transport.close() if self.pending_head is None else self.transport.abort()
+        self.transport.close()
         self._finish(ex)
 
     # -- responses ----------------------------------------------------------------------------------------

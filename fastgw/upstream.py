@@ -48,6 +48,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
+        try:
+            self._advance(client, data)
+        except Exception:
+            # A bug must cost one request, not hang it: log, drop the connection, tell the client.
+            client.gw.log.exception("upstream response handling failed")
+            if self.client is client:
+                self.abort()
+                client.upstream_failed("internal", "the gateway failed to relay the response")
+
+    def _advance(self, client, data: bytes) -> None:
         p = self.parser
         p.feed(data)
         while True:

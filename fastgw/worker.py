@@ -58,7 +58,8 @@ class Worker:
         access_log = AccessLog(s.access_log, log=self.log)
         self.gw = gw = Gateway(loop, cfg, log=self.log, stats=stats, access_log=access_log, run_dir=self.run_dir,
                                worker_id=str(self.index), mock_url=mock_url)
-        self.server = await loop.create_server(lambda: ClientConnection(gw), sock=listen_socket(s.host, s.port))
+        self.server = await loop.create_server(lambda: ClientConnection(gw), sock=listen_socket(s.host, s.port),
+                                                backlog=2048)
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGINT, self.drain)
         loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -1,0 +1,393 @@
+"""The data plane end to end: the official openai SDK and raw sockets through `fastgw serve` to the mock."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.integration.conftest import model_config, raw_request
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
+
+
+def client(gw, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.base + "/v1", api_key="sk-client-key", max_retries=0, timeout=20, **kw)
+
+
+def post(port: int, body: bytes, headers: str = "", path: str = "/v1/chat/completions") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{headers}\r\n").encode() + body
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """Read one HTTP/1.1 response (content-length or chunked) from a socket."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += sock.recv(65536)
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:])}
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        while len(rest) < n:
+            rest += sock.recv(65536)
+        return status, headers, rest[:n]
+    body = b""
+    while True:
+        while b"\r\n" not in rest:
+            rest += sock.recv(65536)
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        while len(rest) < size + 2:
+            rest += sock.recv(65536)
+        body += rest[:size]
+        rest = rest[size + 2:]
+        if size == 0:
+            return status, headers, body
+
+
+def test_sdk_sync_chat_stream_and_not(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url))
+    c = client(gw)
+    r = c.chat.completions.create(**CHAT)
+    assert r.choices[0].message.content
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
+    pieces = [ch.choices[0].delta.content for ch in c.chat.completions.create(**CHAT, stream=True)
+              if ch.choices and ch.choices[0].delta.content]
+    assert "".join(pieces) == r.choices[0].message.content
+    # The client asked for usage: the usage chunk reaches it.
+    chunks = list(c.chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(pieces)
+
+
+def test_sdk_other_endpoints(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url, name="*"))
+    c = client(gw)
+    emb = c.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert len(emb.data) == 2 and emb.usage.prompt_tokens > 0
+    comp = c.completions.create(model="gpt-4o-mini", prompt="Once")
+    assert comp.choices[0].text
+    resp = c.responses.create(model="gpt-4o-mini", input="Hi")
+    assert resp.output_text and resp.usage.output_tokens > 0
+    events = [e.type for e in c.responses.create(model="gpt-4o-mini", input="Hi", stream=True)]
+    assert events[-1] == "response.completed"
+
+
+def test_sdk_async_100_concurrent(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url))
+
+    async def run():
+        c = openai.AsyncOpenAI(base_url=gw.base + "/v1", api_key="k", max_retries=0, timeout=30,
+                               http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=100)))
+
+        async def one(i):
+            if i % 2:
+                s = await c.chat.completions.create(**CHAT, stream=True)
+                return "".join([ch.choices[0].delta.content or "" async for ch in s if ch.choices])
+            r = await c.chat.completions.create(**CHAT)
+            return r.choices[0].message.content
+
+        out = await asyncio.gather(*(one(i) for i in range(100)))
+        await c.close()
+        return out
+
+    out = asyncio.run(run())
+    assert len(out) == 100 and len(set(out)) == 1 and out[0]
+    lines = gw.access_lines() if _wait_lines(gw, 100) else []
+    assert sum(1 for l in lines if l["status"] == 200) == 100
+
+
+def _wait_lines(gw, n, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(gw.access_lines()) >= n:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_stream_chunks_arrive_before_the_stream_ends(mock, start_gateway):
+    """Each upstream event is relayed when it arrives: no response buffering."""
+    gw = start_gateway(model_config(mock.url))
+    body = orjson.dumps({**CHAT, "stream": True})
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(post(gw.port, body, "x-mock-chunks: 4\r\nx-mock-chunk-delay-ms: 400\r\n"))
+        t0 = time.monotonic()
+        got = b""
+        while b"data: {" not in got:
+            got += s.recv(65536)
+        first = time.monotonic() - t0
+        assert b"[DONE]" not in got
+        while b"[DONE]" not in got:
+            got += s.recv(65536)
+        total = time.monotonic() - t0
+    # 6 events 400 ms apart: the first must come long before the last.
+    assert total - first > 1.0
+
+
+def test_curl_sees_chunks_before_the_end(mock, start_gateway):
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    gw = start_gateway(model_config(mock.url))
+    p = subprocess.Popen(["curl", "-sN", gw.base + "/v1/chat/completions", "-H", "x-mock-chunks: 3",
+                          "-H", "x-mock-chunk-delay-ms: 500", "-d", orjson.dumps({**CHAT, "stream": True})],
+                         stdout=subprocess.PIPE)
+    first = p.stdout.readline()
+    assert first.startswith(b"data: {")
+    assert p.poll() is None          # curl is still receiving: the first line came before the end
+    rest = p.stdout.read()
+    assert b"data: [DONE]" in rest
+    assert p.wait(10) == 0
+
+
+def test_keep_alive_and_pipelining_keep_order(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url))
+    body = orjson.dumps(CHAT)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        # Keep-alive: two requests one after the other on one connection.
+        for i in range(2):
+            s.sendall(post(gw.port, body, f"x-request-id: ka-{i}\r\n"))
+            status, headers, _ = read_response(s)
+            assert status == 200 and headers["x-request-id"] == f"ka-{i}"
+        # Pipelining: three requests in one write (one slow upstream answer first), responses in order.
+        s.sendall(post(gw.port, body, "x-request-id: p-0\r\nx-mock-delay-ms: 300\r\n")
+                  + post(gw.port, body, "x-request-id: p-1\r\n")
+                  + b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-request-id: p-2\r\n\r\n")
+        ids = [read_response(s)[1]["x-request-id"] for _ in range(3)]
+        assert ids == ["p-0", "p-1", "p-2"]
+
+
+def test_client_disconnect_mid_stream_cancels_upstream(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url))
+    body = orjson.dumps({**CHAT, "stream": True})
+    before = mock.stats.closed_connections if hasattr(mock.stats, "closed_connections") else None
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    s.sendall(post(gw.port, body, "x-mock-chunks: 50\r\nx-mock-chunk-delay-ms: 100\r\n"))
+    got = b""
+    while b"data: {" not in got:
+        got += s.recv(65536)
+    open_during = mock.stats.open_connections
+    assert open_during >= 1
+    s.close()
+    # The gateway aborts its upstream connection: the mock sees it close long before the 5 s stream ends.
+    deadline = time.monotonic() + 2.5
+    while mock.stats.open_connections >= open_during and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mock.stats.open_connections < open_during
+    # And the gateway still serves (the aborted connection was not put back in its pool).
+    r = client(gw).chat.completions.create(**CHAT)
+    assert r.choices[0].message.content
+    assert before is None or mock.stats.closed_connections > before
+    assert _wait_lines(gw, 2)
+    assert any(l["status"] == 499 and l["error"] == "client_disconnected" for l in gw.access_lines())
+
+
+def test_upstream_reset_mid_stream_ends_without_fake_done(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url))
+    body = orjson.dumps({**CHAT, "stream": True})
+    got = raw_request(gw.port, post(gw.port, body, "x-mock-reset-after: 3\r\n"))
+    assert got.startswith(b"HTTP/1.1 200")
+    assert got.count(b"data: {") == 3
+    assert b"[DONE]" not in got
+    assert not got.endswith(b"0\r\n\r\n")      # no clean end of the chunked body either
+    # The SDK sees an error, not a silently truncated answer.
+    with pytest.raises((httpx.HTTPError, openai.APIError)):
+        list(client(gw, default_headers={"x-mock-reset-after": "2"}).chat.completions.create(**CHAT, stream=True))
+
+
+def test_upstream_timeout_and_unreachable(mock, start_gateway):
+    cfg = model_config(mock.url, extra="[upstream]\nfirst_byte_timeout = 0.5\n")
+    gw = start_gateway(cfg)
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:
+        client(gw, default_headers={"x-mock-delay-ms": "3000"}).chat.completions.create(**CHAT)
+    assert e.value.status_code == 504 and time.monotonic() - t0 < 2.5
+    assert e.value.body["code"] == "upstream_timeout"
+    # Unreachable upstream: 502, OpenAI-shaped.
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()
+    gw2 = start_gateway(model_config(f"http://127.0.0.1:{port}/v1"))
+    with pytest.raises(openai.APIStatusError) as e:
+        client(gw2).chat.completions.create(**CHAT)
+    assert e.value.status_code == 502 and e.value.body["code"] == "upstream_connect"
+
+
+def test_upstream_errors_keep_status_and_body(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url))
+    with pytest.raises(openai.APIStatusError) as e:
+        client(gw, default_headers={"x-mock-status": "429"}).chat.completions.create(**CHAT)
+    assert e.value.status_code == 429 and "error" in e.value.response.json()
+
+
+def test_errors_are_openai_shaped(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url, extra="[server]\nmax_body_bytes = 100000\nmax_header_bytes = 4096\n"))
+    h = httpx.Client(base_url=gw.base, timeout=10)
+
+    def check(r, status, code=None):
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        if code:
+            assert err["code"] == code
+
+    check(h.get("/nope"), 404, "unknown_url")
+    check(h.get("/v1/chat/completions"), 405, "method_not_allowed")
+    check(h.post("/healthz"), 405)
+    check(h.post("/v1/chat/completions", content=b"{not json"), 400, "invalid_json")
+    check(h.post("/v1/chat/completions", json={"messages": []}), 400, "missing_model")
+    check(h.post("/v1/chat/completions", json={**CHAT, "model": "no-such-model"}), 404, "model_not_found")
+    check(h.post("/v1/chat/completions", content=b"{" + b" " * 200000 + b"}"), 413)
+    check(h.get("/healthz", headers={"x-big": "a" * 8000}), 431)
+    models = h.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["gpt-4o-mini"]
+
+
+def test_smuggling_attempts_are_refused_and_closed(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url))
+    body = orjson.dumps(CHAT)
+    attacks = [
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\ncontent-length: 5\r\n\r\nabcde",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-a: b\r\n c\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: x\rx-a: b\r\n\r\n",
+    ]
+    for a in attacks:
+        got = raw_request(gw.port, a)
+        assert got.startswith(b"HTTP/1.1 400") or got.startswith(b"HTTP/1.1 501"), (a, got)
+        assert got.count(b"HTTP/1.1") == 1          # nothing smuggled behind it was answered
+        assert b"connection: close" in got.lower()
+    # A valid request still works afterwards.
+    assert raw_request(gw.port, post(gw.port, body, "connection: close\r\n")).startswith(b"HTTP/1.1 200")
+
+
+def test_client_key_never_reaches_provider_and_provider_key_is_added(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url, key_env="TEST_PROVIDER_KEY"), env={"TEST_PROVIDER_KEY": "sk-provider"})
+    r = client(gw, default_headers={"x-mock-echo-headers": "1", "x-request-id": "rid-42",
+                                    "api-key": "other-client-key"})
+    seen = orjson.loads(r.chat.completions.create(**CHAT).choices[0].message.content)
+    seen = {k.lower(): v for k, v in seen.items()}
+    assert seen["authorization"] == "Bearer sk-provider"
+    assert "api-key" not in seen and "accept-encoding" not in seen
+    assert seen["x-request-id"] == "rid-42"
+    raw = r.chat.completions.with_raw_response.create(**CHAT)
+    assert raw.headers["x-request-id"] == "rid-42"
+    assert int(raw.headers["x-fastgw-overhead-us"]) >= 0
+    assert "sk-provider" not in gw.ops_log() and "sk-client-key" not in gw.out_path.read_text()
+
+
+def test_two_workers_both_serve_and_metrics_sum(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url), workers=2)
+    workers = set()
+    for _ in range(40):        # new connection each time: the kernel spreads them over both listeners
+        r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers={"connection": "close"}, timeout=10)
+        assert r.status_code == 200
+        workers.add(r.headers["x-request-id"].split("-")[2])
+    assert workers == {"0", "1"}
+    time.sleep(1.3)            # each worker snapshots its counters every second
+    text = httpx.get(gw.base + "/metrics", timeout=10).text
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("fastgw_requests_total{") and 'status="200"' in line)
+    assert total == 40
+
+
+def test_stream_keepalive_comments_while_waiting_for_first_token(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url, extra="[server]\nstream_keepalive_interval = 0.2\n"))
+    body = orjson.dumps({**CHAT, "stream": True})
+    got = raw_request(gw.port, post(gw.port, body, "x-mock-first-token-delay-ms: 1200\r\nconnection: close\r\n"))
+    assert got.startswith(b"HTTP/1.1 200")
+    assert got.count(b": keep-alive") >= 2
+    assert got.index(b": keep-alive") < got.index(b"data: {")
+    assert b"data: [DONE]" in got and got.endswith(b"0\r\n\r\n")
+
+
+def test_expect_100_continue(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url))
+    body = orjson.dumps(CHAT)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(post(gw.port, body, "expect: 100-continue\r\n").split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        status, _, resp = read_response(s)
+        assert status == 200 and orjson.loads(resp)["choices"]
+
+
+def test_slow_client_gets_408_and_is_closed(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url, extra="[server]\nheader_timeout = 0.5\nbody_timeout = 0.5\n"))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        t0 = time.monotonic()
+        got = s.recv(65536)
+        assert got.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 3
+        assert s.recv(65536) == b""             # and closed
+
+
+def test_sigterm_drains_open_stream(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url, extra="[server]\nshutdown_delay = 1.0\ndrain_timeout = 10\n"))
+    body = orjson.dumps({**CHAT, "stream": True})
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    s.sendall(post(gw.port, body, "x-mock-chunks: 8\r\nx-mock-chunk-delay-ms: 250\r\n"))
+    got = s.recv(65536)
+    gw.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    r = httpx.get(gw.base + "/readyz", timeout=5)
+    assert r.status_code == 503                 # unready at once, while still answering
+    while b"0\r\n\r\n" not in got:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    s.close()
+    assert b"data: [DONE]" in got               # the stream finished
+    assert gw.proc.wait(15) == 0
+
+
+def test_sighup_reloads_config_and_refuses_a_bad_one(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url))
+    body = orjson.dumps({**CHAT, "stream": True})
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    s.sendall(post(gw.port, body, "x-mock-chunks: 6\r\nx-mock-chunk-delay-ms: 200\r\n"))
+    got = s.recv(65536)
+    gw.config_path.write_text(model_config(mock.url) + model_config(mock.url, name="new-model"))
+    gw.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "new-model" not in httpx.get(gw.base + "/v1/models").text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "new-model" in httpx.get(gw.base + "/v1/models").text
+    while b"0\r\n\r\n" not in got:              # the stream in flight was not dropped
+        got += s.recv(65536)
+    assert b"data: [DONE]" in got
+    s.close()
+    gw.config_path.write_text("[server]\nport = 'not a port'\n")
+    gw.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "config reload refused" not in gw.ops_log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "config reload refused" in gw.ops_log()
+    assert "new-model" in httpx.get(gw.base + "/v1/models").text
+
+
+def test_embedded_default_serves_without_keys(start_gateway):
+    gw = start_gateway()
+    r = client(gw).chat.completions.create(**CHAT)
+    assert r.choices[0].message.content
+    assert httpx.get(gw.base + "/healthz").json() == {"status": "ok"}
+
+
+def test_upstream_flag_needs_no_config(mock, start_gateway):
+    gw = start_gateway(args=("--upstream", mock.url))
+    r = client(gw).chat.completions.create(model="anything-at-all", messages=[{"role": "user", "content": "x"}])
+    assert r.model == "anything-at-all"
