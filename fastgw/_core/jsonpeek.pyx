@@ -188,22 +188,52 @@ cdef inline const uchar* scan_utf8(const uchar* p) noexcept nogil:
     return NULL
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
+    /* First byte at or after p that is a quote, a backslash, a control byte (< 0x20) or non-ASCII
+       (>= 0x80); or, when none is found, a p with fewer than 8 bytes left before end. */
+    static inline const unsigned char* jp_skip_plain(const unsigned char* p, const unsigned char* end) {
+    #if defined(__SSE2__)
+        const __m128i quote = _mm_set1_epi8(0x22), bslash = _mm_set1_epi8(0x5C), space = _mm_set1_epi8(0x20);
+        while (end - p >= 16) {
+            __m128i v = _mm_loadu_si128((const __m128i*)p);
+            /* signed compare: 0x20 > v holds for 0x00..0x1f and for 0x80..0xff (negative) */
+            __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash)),
+                                     _mm_cmpgt_epi8(space, v));
+            int mask = _mm_movemask_epi8(m);
+            if (mask) return p + __builtin_ctz((unsigned)mask);
+            p += 16;
+        }
+    #endif
+        while (end - p >= 8) {
+            uint64_t w, t, x, y;
+            memcpy(&w, p, 8);
+            x = w ^ 0x2222222222222222ULL;
+            y = w ^ 0x5C5C5C5C5C5C5C5CULL;
+            /* the lowest flagged byte is exact (borrows only flag bytes above a true hit) */
+            t = (((w - 0x2020202020202020ULL) & ~w) | ((x - 0x0101010101010101ULL) & ~x)
+                 | ((y - 0x0101010101010101ULL) & ~y) | w) & 0x8080808080808080ULL;
+            if (t) return p + (__builtin_ctzll(t) >> 3);
+            p += 8;
+        }
+        return p;
+    }
+    """
+    const uchar* jp_skip_plain(const uchar* p, const uchar* end) nogil
+
+
 cdef const uchar* scan_string(const uchar* p, const uchar* end, bint* esc) noexcept nogil:
     """p just after the opening quote. Returns the byte after the closing quote, or NULL. Sets *esc when
     the string holds a backslash escape (it then needs decoding)."""
-    cdef uint64_t w, t
     cdef uchar c
     cdef int cp
     while True:
-        # Fast path: 8 plain ASCII bytes at a time (no quote, backslash, control byte or byte >= 0x80).
-        while p + 8 <= end:
-            memcpy(&w, p, 8)
-            t = ((w - 0x2020202020202020ULL) & ~w)                           # a byte < 0x20
-            t |= ((w ^ 0x2222222222222222ULL) - 0x0101010101010101ULL) & ~(w ^ 0x2222222222222222ULL)
-            t |= ((w ^ 0x5C5C5C5C5C5C5C5CULL) - 0x0101010101010101ULL) & ~(w ^ 0x5C5C5C5C5C5C5C5CULL)
-            if ((t | w) & 0x8080808080808080ULL) != 0:
-                break
-            p += 8
+        p = jp_skip_plain(p, end)   # fast path over plain ASCII, 16 or 8 bytes at a time
         c = p[0]
         if c == 34:
             return p + 1
