@@ -19,6 +19,8 @@ v1 is at most 107 bytes with its CRLF; v2 at most MAX_V2_HEADER bytes in all (se
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from typing import Iterable, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
@@ -47,7 +49,10 @@ PP2_TYPE_AWS = 0xEA
 PP2_SUBTYPE_AWS_VPCE_ID = 0x01
 
 # Bytes a v1 line may hold before its CRLF: printable ASCII (addresses, digits, words, single spaces).
-_V1_CHARS = frozenset(range(0x20, 0x7F))
+# A CR is allowed only as the last byte seen so far (its LF may be in the next read).
+_V1_BAD = re.compile(rb"[^\x20-\x7e]")
+_V1_BAD_PARTIAL = re.compile(rb"[^\x20-\x7e](?!\Z)|[^\x20-\x7e\r]")
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 
 class ProxyProtocolError(ValueError):
@@ -97,17 +102,14 @@ def _parse_v1(buf: bytes) -> Tuple[int, Optional[ProxyInfo]]:
         raise ProxyProtocolError("bad PROXY v1 signature")
     end = buf.find(b"\r\n", 0, MAX_V1_HEADER)
     if end < 0:
-        window = buf[:MAX_V1_HEADER]
         # Fail early on what can never become a valid line: a bare LF, a CR not followed by LF, binary bytes.
-        bad = next((i for i, c in enumerate(window) if c not in _V1_CHARS and c != 0x0D), -1)
-        cr = window.find(b"\r")
-        if bad >= 0 or (0 <= cr < len(window) - 1):
+        if _V1_BAD_PARTIAL.search(buf, 0, MAX_V1_HEADER):
             raise ProxyProtocolError("bad character in PROXY v1 line")
         if len(buf) >= MAX_V1_HEADER:
             raise ProxyProtocolError("PROXY v1 line longer than %d bytes" % MAX_V1_HEADER)
         return 0, None
     line = buf[n:end]
-    if any(c not in _V1_CHARS for c in line):
+    if _V1_BAD.search(line):
         raise ProxyProtocolError("bad character in PROXY v1 line")
     consumed = end + 2
     if line == b"UNKNOWN" or line.startswith(b"UNKNOWN "):
@@ -118,23 +120,24 @@ def _parse_v1(buf: bytes) -> Tuple[int, Optional[ProxyInfo]]:
         raise ProxyProtocolError("PROXY v1 line must have 6 fields separated by single spaces")
     proto, src, dst, sport, dport = parts
     if proto == b"TCP4":
-        family, cls = "TCP4", ipaddress.IPv4Address
+        family, af = "TCP4", socket.AF_INET
     elif proto == b"TCP6":
-        family, cls = "TCP6", ipaddress.IPv6Address
+        family, af = "TCP6", socket.AF_INET6
     else:
         raise ProxyProtocolError("bad PROXY v1 protocol %r" % proto.decode("ascii"))
     return consumed, ProxyInfo(
-        1, "PROXY", family, _v1_addr(src, cls), _v1_port(sport), _v1_addr(dst, cls), _v1_port(dport)
+        1, "PROXY", family, _v1_addr(src, af), _v1_port(sport), _v1_addr(dst, af), _v1_port(dport)
     )
 
 
-def _v1_addr(raw: bytes, cls) -> str:
+def _v1_addr(raw: bytes, af: int) -> str:
+    # inet_pton is strict (IPv4: exactly 4 decimal octets, no leading zeros; IPv6: no scope id) and
+    # inet_ntop gives the same text the kernel reports for a direct peer, so one client has one spelling in
+    # logs and rate-limit keys whether it came through the balancer or not.
     text = raw.decode("ascii")
-    if "%" in text:  # a scope id means nothing on the far side of a balancer
-        raise ProxyProtocolError("bad PROXY v1 address %r" % text)
     try:
-        return str(cls(text))  # the canonical text, so logs and rate-limit keys agree
-    except ValueError:
+        return socket.inet_ntop(af, socket.inet_pton(af, text))
+    except (OSError, ValueError):
         raise ProxyProtocolError("bad PROXY v1 address %r" % text) from None
 
 
@@ -188,16 +191,16 @@ def _parse_v2(buf: bytes) -> Tuple[int, Optional[ProxyInfo]]:
         a = 16
         return total, ProxyInfo(
             2, "PROXY", "TCP4",
-            str(ipaddress.IPv4Address(buf[a : a + 4])), (buf[a + 8] << 8) | buf[a + 9],
-            str(ipaddress.IPv4Address(buf[a + 4 : a + 8])), (buf[a + 10] << 8) | buf[a + 11],
+            socket.inet_ntop(socket.AF_INET, buf[a : a + 4]), (buf[a + 8] << 8) | buf[a + 9],
+            socket.inet_ntop(socket.AF_INET, buf[a + 4 : a + 8]), (buf[a + 10] << 8) | buf[a + 11],
             vpce,
         )
     if fam_proto == 0x21:
         a = 16
         return total, ProxyInfo(
             2, "PROXY", "TCP6",
-            str(ipaddress.IPv6Address(buf[a : a + 16])), (buf[a + 32] << 8) | buf[a + 33],
-            str(ipaddress.IPv6Address(buf[a + 16 : a + 32])), (buf[a + 34] << 8) | buf[a + 35],
+            socket.inet_ntop(socket.AF_INET6, buf[a : a + 16]), (buf[a + 32] << 8) | buf[a + 33],
+            socket.inet_ntop(socket.AF_INET6, buf[a + 16 : a + 32]), (buf[a + 34] << 8) | buf[a + 35],
             vpce,
         )
     # UNSPEC, UDP, UNIX: valid headers whose addresses a TCP listener cannot use; keep the real peer.
@@ -250,10 +253,21 @@ def is_trusted(peer_ip: str, networks: Iterable[Network]) -> bool:
     A dual-stack listener reports IPv4 peers as IPv4-mapped IPv6 ("::ffff:10.0.0.5"): those are compared as
     the IPv4 address they carry. Anything that is not an address is not trusted.
     """
-    try:
-        ip = ipaddress.ip_address(peer_ip.split("%", 1)[0] if isinstance(peer_ip, str) else peer_ip)
-    except ValueError:
+    if not isinstance(peer_ip, str):
         return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+    try:
+        packed, version = socket.inet_pton(socket.AF_INET, peer_ip), 4
+    except OSError:
+        try:
+            packed, version = socket.inet_pton(socket.AF_INET6, peer_ip.split("%", 1)[0]), 6
+        except (OSError, ValueError):
+            return False
+        if packed[:12] == _V4_MAPPED:
+            packed, version = packed[12:], 4
+    except ValueError:  # an embedded NUL
+        return False
+    ip = int.from_bytes(packed, "big")
+    for net in networks:
+        if net.version == version and ip & int(net.netmask) == int(net.network_address):
+            return True
+    return False
