@@ -18,7 +18,8 @@ Strictness (both parsers unless noted), chosen to shut request-smuggling and des
     (an unknown coding => 501, a malformed list or `chunked` twice => 400);
   * chunk sizes: hex, at most 15 significant digits, the size line at most 4096 bytes; chunk
     extensions are accepted only when they match RFC 9112's grammar (token [= token/quoted-string]);
-    chunk data must be followed by CRLF; trailers are validated like header lines and dropped;
+    chunk data must be followed by CRLF; trailers are validated like header lines (no
+    Content-Length / Transfer-Encoding among them) and dropped;
   * requests: method a token; target origin-form ("/..."), "*" only for OPTIONS, or absolute-form
     (http:// or https://); version HTTP/1.0 or HTTP/1.1 (other HTTP/d.d => 505); HTTP/1.1 needs
     exactly one Host (more than one is refused for 1.0 too); Expect other than 100-continue => 417;
@@ -577,7 +578,10 @@ cdef class _Message:
                 if j == 1:
                     self.ck_state = CK_END
                     return 1
-                if _field_line(b, 0, &ne, &vs, &ve) < 0:
+                # Framing fields are refused in trailers: nothing may re-frame a message after
+                # the fact (h11 also validates them; we drop trailers, so refusing costs nothing).
+                if _field_line(b, 0, &ne, &vs, &ve) < 0 or (ne == 14 and _ieq(b, b"content-length", 14)) or (
+                        ne == 17 and _ieq(b, b"transfer-encoding", 17)):
                     return self._fail(400, "invalid trailer field")
             else:
                 return 1
