@@ -85,21 +85,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
 
 def format_duration(s: float) -> str:
     """OpenAI's reset format: "20ms", "1s", "1.5s", "6m0s", "1h2m3s"."""
-    if s <= 0:
-        return "0s"
-    if s < 1:
-        return f"{max(1, round(s * 1000))}ms"
-    h, rest = divmod(s, 3600)
-    m, sec = divmod(rest, 60)
-    sec = round(sec, 3)
-    if sec >= 60:     # rounding carried
-        m, sec = m + 1, 0.0
-    secs = f"{sec:.3f}".rstrip("0").rstrip(".") + "s"
-    if h:
-        return f"{int(h)}h{int(m)}m{secs}"
-    if m:
-        return f"{int(m)}m{secs}"
-    return secs
+    ms = int(s * 1000 + 0.5)
+    if ms <= 0:
+        return "0s" if s <= 0 else "1ms"
+    if ms < 1000:
+        return f"{ms}ms"
+    m, ms = divmod(ms, 60000)
+    secs = f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms / 1000:.3f}".rstrip("0") + "s"
+    if m == 0:
+        return secs
+    h, m = divmod(m, 60)
+    return f"{h}h{m}m{secs}" if h else f"{m}m{secs}"
 
 
 class Matcher:
@@ -136,8 +132,14 @@ class _Rule:
         self.req_rate = r.requests / secs
         self.tok_rate = r.tokens / secs
         m = r.match
-        self.consumer, self.group, self.model, self.path = (Matcher(m.consumer), Matcher(m.group),
-                                                            Matcher(m.model), Matcher(m.path))
+        # Only the conditions that restrict anything are checked per request.
+        self.checks = [(attr, mt) for attr, mt in (("consumer", Matcher(m.consumer)), ("group", Matcher(m.group)),
+                                                   ("model", Matcher(m.model)), ("path", Matcher(m.path)))
+                       if not mt.any]
+        # Header lines are made of constant parts: built once here, not per response.
+        self.hdr = {what: (b"x-ratelimit-limit-%s: %d\r\nx-ratelimit-remaining-%s: " % (what.encode(), cap, what.encode()),
+                           b"\r\nx-ratelimit-reset-%s: " % what.encode())
+                    for what, cap in (("requests", r.requests), ("tokens", r.tokens))}
         self.headers = []
         for j, h in enumerate([m.header] if isinstance(m.header, str) else m.header):
             name, eq, pat = h.partition("=")
@@ -158,9 +160,9 @@ class _Rule:
         self.keys: dict[tuple, tuple[int, int]] = {}   # per-values -> (requests key, tokens key)
 
     def matches(self, ex) -> bool:
-        if not (self.consumer(ex.consumer) and self.group(ex.group) and self.model(ex.model)
-                and self.path(ex.path)):
-            return False
+        for attr, m in self.checks:
+            if not m(getattr(ex, attr)):
+                return False
         for name, m in self.headers:
             v = ex.header(name)
             if v is None or (m is not None and not m(v.decode("latin-1"))):
@@ -318,19 +320,23 @@ class RateLimit(Policy):
             return
         items, kinds, rem = st
         # The tightest bucket of each kind speaks for it, as a single OpenAI limit would.
-        best = {}
-        for i, (_, what) in enumerate(kinds):
-            b = best.get(what)
-            if b is None or rem[i] < rem[b]:
-                best[what] = i
+        ir = it = -1
+        for i in range(len(kinds)):
+            if kinds[i][1] == "requests":
+                if ir < 0 or rem[i] < rem[ir]:
+                    ir = i
+            elif it < 0 or rem[i] < rem[it]:
+                it = i
         out = ex.response_headers
-        for what, i in best.items():
+        for i in (ir, it):
+            if i < 0:
+                continue
+            rule, what = kinds[i]
             _, cap, rate, _ = items[i]
             left = rem[i]
-            reset = (cap - left) / rate if rate > 0 else 0.0
-            out.append(b"x-ratelimit-limit-%s: %d\r\n" % (what.encode(), int(cap)))
-            out.append(b"x-ratelimit-remaining-%s: %d\r\n" % (what.encode(), max(0, int(left))))
-            out.append(b"x-ratelimit-reset-%s: %s\r\n" % (what.encode(), format_duration(reset).encode()))
+            head, mid = rule.hdr[what]
+            reset = format_duration((cap - left) / rate) if rate > 0 else "0s"
+            out.append(b"%s%d%s%s\r\n" % (head, left if left > 0 else 0, mid, reset.encode()))
 
     def complete(self, ex):
         if not ex.scratch:

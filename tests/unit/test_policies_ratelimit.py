@@ -12,8 +12,10 @@ def make(ctx, *rules, **kw):
 
 def headers(ex):
     out = {}
-    for line in ex.response_headers:
-        k, _, v = line.decode().rstrip("\r\n").partition(": ")
+    raw = b"".join(ex.response_headers).decode()
+    assert raw.endswith("\r\n")
+    for line in raw.split("\r\n")[:-1]:
+        k, _, v = line.partition(": ")
         out[k] = v
     return out
 
