@@ -1,9 +1,9 @@
 # Declarations of fastgw._core.http for other Cython modules (cimport). See http.pyx for the docs.
 
 cdef class _Message:
-    # Bytes fed but not consumed yet, in a C buffer compacted on demand: [buf+start, buf+end).
+    # Bytes fed but not consumed yet, in a C buffer compacted on demand: [buf+pos, buf+end).
     cdef char* buf
-    cdef Py_ssize_t start, end, cap
+    cdef Py_ssize_t pos, end, cap
     # The head of the current message, copied out of buf when complete (so body reading can consume
     # buf freely while header()/forward_head still work). Header i is at hdr[4i..4i+3] =
     # (name offset, name length, value offset, value length) into hbuf.
@@ -19,7 +19,7 @@ cdef class _Message:
     cdef Py_ssize_t blen, bcap
     cdef Py_ssize_t max_head, max_hdrs
     cdef int state
-    # Head search progress, relative to start: a slow client costs O(n) in total, not O(n^2).
+    # Head search progress, relative to rpos: a slow client costs O(n) in total, not O(n^2).
     cdef Py_ssize_t scan, line_start
     # Chunked decoder state.
     cdef int ck_state

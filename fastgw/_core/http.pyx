@@ -298,20 +298,20 @@ cdef class _Message:
         return 0
 
     cdef int _append(self, const char* data, Py_ssize_t n) except -1:
-        """Add fed bytes, compacting consumed space first (every position is relative to start)."""
+        """Add fed bytes, compacting consumed space first (every position is relative to rpos)."""
         cdef char* q
-        if self.start == self.end:
-            self.start = self.end = 0
+        if self.pos == self.end:
+            self.pos = self.end = 0
             if self.cap > SHRINK_ABOVE and n < INITIAL_BUF:
                 q = <char*>realloc(self.buf, INITIAL_BUF)
                 if q != NULL:
                     self.buf = q
                     self.cap = INITIAL_BUF
         if self.end + n > self.cap:
-            if self.start:
-                memmove(self.buf, self.buf + self.start, self.end - self.start)
-                self.end -= self.start
-                self.start = 0
+            if self.pos:
+                memmove(self.buf, self.buf + self.pos, self.end - self.pos)
+                self.end -= self.pos
+                self.pos = 0
             if self.end + n > self.cap:
                 self._grow(&self.buf, &self.cap, self.end + n)
         memcpy(self.buf + self.end, data, n)
@@ -348,8 +348,8 @@ cdef class _Message:
         Resumes where the previous call stopped, and insists on CRLF line ends as it goes, so a
         bare LF is refused as soon as it arrives.
         """
-        cdef const char* b = self.buf + self.start
-        cdef Py_ssize_t n = self.end - self.start
+        cdef const char* b = self.buf + self.pos
+        cdef Py_ssize_t n = self.end - self.pos
         cdef Py_ssize_t i = self.scan, ls = self.line_start, j
         cdef const char* p
         while i < n:
@@ -363,7 +363,7 @@ cdef class _Message:
             if j - 1 == ls:
                 if ls == 0:
                     if skip_leading_crlf:
-                        self.start += 2
+                        self.pos += 2
                         b += 2
                         n -= 2
                         i = 0
@@ -386,9 +386,9 @@ cdef class _Message:
         cdef Py_ssize_t h = self.scan
         if h > self.hcap:
             self._grow(&self.hbuf, &self.hcap, h)
-        memcpy(self.hbuf, self.buf + self.start, h)
+        memcpy(self.hbuf, self.buf + self.pos, h)
         self.hlen = h
-        self.start += h
+        self.pos += h
         self.scan = self.line_start = 0
         return 0
 
@@ -501,8 +501,8 @@ cdef class _Message:
         cdef Py_ssize_t n, j, k, sig, take, ne, vs, ve
         cdef long long size
         while True:
-            b = <const unsigned char*>self.buf + self.start
-            n = self.end - self.start
+            b = <const unsigned char*>self.buf + self.pos
+            n = self.end - self.pos
             if self.ck_state == CK_SIZE:
                 p = <const unsigned char*>memchr(b + self.ck_scan, 10, n - self.ck_scan)
                 if p == NULL:
@@ -529,7 +529,7 @@ cdef class _Message:
                     return self._fail(400, "invalid chunk size")
                 if k < j - 1 and not _chunk_ext_ok(b, k, j - 1, self.lenient):
                     return self._fail(400, "invalid chunk extension")
-                self.start += j + 1
+                self.pos += j + 1
                 self.ck_scan = 0
                 if size == 0:
                     self.ck_state = CK_TRAILER
@@ -547,7 +547,7 @@ cdef class _Message:
                     self._grow(&self.bbuf, &self.bcap, self.blen + take)
                 memcpy(self.bbuf + self.blen, b, take)
                 self.blen += take
-                self.start += take
+                self.pos += take
                 self.ck_rem -= take
                 if self.ck_rem == 0:
                     self.ck_state = CK_CRLF
@@ -558,7 +558,7 @@ cdef class _Message:
                     return self._fail(400, "missing CRLF after chunk data")
                 if n < 2:
                     return 0
-                self.start += 2
+                self.pos += 2
                 self.ck_state = CK_SIZE
             elif self.ck_state == CK_TRAILER:
                 p = <const unsigned char*>memchr(b + self.ck_scan, 10, n - self.ck_scan)
@@ -573,7 +573,7 @@ cdef class _Message:
                 self.ck_trailer_bytes += j + 1
                 if self.ck_trailer_bytes > self.max_head:
                     return self._fail(431, "trailer section too large")
-                self.start += j + 1
+                self.pos += j + 1
                 self.ck_scan = 0
                 if j == 1:
                     self.ck_state = CK_END
@@ -591,7 +591,7 @@ cdef class _Message:
     @property
     def buffered(self):
         """Bytes fed but not consumed yet (for backpressure and pipelining limits)."""
-        return self.end - self.start
+        return self.end - self.pos
 
     def header(self, bytes name):
         """First value of the field `name` (matched case-insensitively), or None."""
@@ -734,10 +734,10 @@ cdef class RequestParser(_Message):
             else:
                 cl = self.content_length
                 if cl > 0:
-                    if self.end - self.start < cl:
+                    if self.end - self.pos < cl:
                         return EV_NEED_DATA
-                    self.body = PyBytes_FromStringAndSize(self.buf + self.start, cl)
-                    self.start += cl
+                    self.body = PyBytes_FromStringAndSize(self.buf + self.pos, cl)
+                    self.pos += cl
                 else:
                     self.body = b""
             self.state = S_DONE
@@ -871,7 +871,7 @@ cdef class ResponseParser(_Message):
             return
         self.announced = False
         if (self.state == S_BODY and (self.framing == F_LENGTH or self.framing == F_CLOSE)
-                and self.pending is None and self.start == self.end and n <= self.remaining):
+                and self.pending is None and self.pos == self.end and n <= self.remaining):
             self.pending = data
             return
         if self.pending is not None:
@@ -885,7 +885,7 @@ cdef class ResponseParser(_Message):
 
     @property
     def buffered(self):
-        return self.end - self.start + (PyBytes_GET_SIZE(self.pending) if self.pending is not None else 0)
+        return self.end - self.pos + (PyBytes_GET_SIZE(self.pending) if self.pending is not None else 0)
 
     cdef int _parse_status_line(self):
         cdef const unsigned char* b = <const unsigned char*>self.hbuf
@@ -925,7 +925,7 @@ cdef class ResponseParser(_Message):
                     return self._upstream_fail()
                 if r == 0:
                     if self.eof:
-                        if self.end == self.start:
+                        if self.end == self.pos:
                             self._fail(502, "upstream closed the connection before sending a response")
                         else:
                             self._fail(502, "upstream closed the connection early")
@@ -980,7 +980,7 @@ cdef class ResponseParser(_Message):
                 if self.pending is not None:
                     avail = PyBytes_GET_SIZE(self.pending)
                 else:
-                    avail = self.end - self.start
+                    avail = self.end - self.pos
                     if avail > self.remaining:
                         avail = self.remaining
                 if avail and not self.announced:
@@ -1017,12 +1017,12 @@ cdef class ResponseParser(_Message):
             self.blen = 0
             return out
         if self.framing == F_LENGTH or self.framing == F_CLOSE:
-            k = self.end - self.start
+            k = self.end - self.pos
             if k > self.remaining:
                 k = self.remaining
             if k:
-                out = PyBytes_FromStringAndSize(self.buf + self.start, k)
-                self.start += k
+                out = PyBytes_FromStringAndSize(self.buf + self.pos, k)
+                self.pos += k
                 self.remaining -= k
                 return out
         return b""

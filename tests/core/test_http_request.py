@@ -194,7 +194,7 @@ def check_keep_alive(msg):
 # -- differential: valid requests ---------------------------------------------------------------
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(requests(), st.sampled_from(["whole", "bytes", "split"]), st.lists(st.integers(0, 10**6), max_size=8))
 def test_valid_requests_match_h11(req, how, cuts):
     data, body = req
@@ -264,7 +264,7 @@ STRICTER = {
 }
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(requests(), st.integers(0, 10**6), st.sampled_from(INSERTS), st.lists(st.integers(0, 10**6), max_size=6))
 def test_mutated_requests_never_accepted_when_h11_refuses(req, pos, insert, cuts):
     data, _ = req
