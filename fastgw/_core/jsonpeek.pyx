@@ -80,6 +80,11 @@ for _i in range(6):
     HEX[65 + _i] = 10 + _i
     HEX[97 + _i] = 10 + _i
 
+# Bytes that stand for themselves inside a string: printable ASCII but the quote and the backslash.
+cdef bint PLAIN[256]
+for _i in range(256):
+    PLAIN[_i] = 0x20 <= _i < 0x80 and _i != 34 and _i != 92
+
 # 2**1024 - 2**970: the smallest decimal value that rounds to +inf as a double (the halfway point above
 # DBL_MAX; ties round to even, i.e. up to 2**1024). orjson rejects numbers that parse to infinity.
 cdef bytes _INF_EDGE = (
@@ -231,7 +236,7 @@ cdef const uchar* scan_string(const uchar* p, const uchar* end, bint* esc) noexc
     """p just after the opening quote. Returns the byte after the closing quote, or NULL. Sets *esc when
     the string holds a backslash escape (it then needs decoding)."""
     cdef uchar c
-    cdef int cp
+    cdef int cp, run
     while True:
         p = jp_skip_plain(p, end)   # fast path over plain ASCII, 16 or 8 bytes at a time
         c = p[0]
@@ -247,9 +252,23 @@ cdef const uchar* scan_string(const uchar* p, const uchar* end, bint* esc) noexc
         elif c < 0x80:
             p += 1
         else:
-            p = scan_utf8(p)
-            if p == NULL:
-                return NULL
+            # Non-ASCII text (accents, CJK, emoji) interleaves short ASCII runs with multi-byte
+            # characters: walk it here byte by byte rather than re-entering the wide skip per character.
+            run = 0
+            while True:
+                c = p[0]
+                if c >= 0x80:
+                    p = scan_utf8(p)
+                    if p == NULL:
+                        return NULL
+                    run = 0
+                elif PLAIN[c]:
+                    p += 1
+                    run += 1
+                    if run == 16:
+                        break
+                else:
+                    break
 
 
 cdef bint number_is_inf(const uchar* s, const uchar* e) noexcept nogil:
