@@ -113,10 +113,9 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_hash_key(args) -> int:
-    from fastgw.policies.auth import hash_key
+    from fastgw.policies.auth import hash_key_main
 
-    print(hash_key(args.key))
-    return 0
+    return hash_key_main(args.key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("file")
     c.set_defaults(func=cmd_check_config)
 
-    h = sub.add_parser("hash-key", help="print the hash of an API key, for a key-auth policy file")
-    h.add_argument("key")
+    h = sub.add_parser("hash-key", help="print the hash of an API key (or of each stdin line; --new makes a key)")
+    h.add_argument("key", nargs=argparse.REMAINDER)
     h.set_defaults(func=cmd_hash_key)
 
     args = ap.parse_args(argv)

@@ -12,6 +12,9 @@ from typing import Callable
 
 import uvloop
 
+import time
+
+from fastgw import admin
 from fastgw.accesslog import AccessLog
 from fastgw.config import Config, ConfigError
 from fastgw.gateway import Gateway
@@ -42,6 +45,9 @@ class Worker:
         self.loop = asyncio.get_event_loop()
         self.gw: Gateway | None = None
         self.server = None
+        self.admin_server = None
+        self.started = time.time()
+        self.reloads = 0
         self.stopped = self.loop.create_future()
 
     async def serve(self) -> int:
@@ -60,11 +66,15 @@ class Worker:
                                worker_id=str(self.index), mock_url=mock_url)
         self.server = await loop.create_server(lambda: ClientConnection(gw), sock=listen_socket(s.host, s.port),
                                                 backlog=2048)
+        if s.admin_port:
+            self.admin_server = await loop.create_server(lambda: admin.AdminConnection(gw),
+                                                         sock=listen_socket(s.admin_host, s.admin_port))
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGINT, self.drain)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._sweep()
         self._flush()
+        self._snapshot()
         self.log.info("worker listening", host=s.host, port=s.port, upstream_mock=mock_url)
         code = await self.stopped
         access_log.close()
@@ -85,12 +95,17 @@ class Worker:
         self.loop.call_later(interval, self._sweep)
 
     def _flush(self) -> None:
+        self.gw.access_log.flush()
+        self.loop.call_later(self.gw.access_log.flush_interval, self._flush)
+
+    def _snapshot(self) -> None:
         gw = self.gw
-        gw.access_log.flush()
         gw.stats.set_gauge("open_connections", len(gw.connections))
         gw.stats.set_gauge("draining", 1.0 if gw.draining else 0.0)
         gw.stats.flush()
-        self.loop.call_later(min(STATS_FLUSH_INTERVAL, gw.access_log.flush_interval), self._flush)
+        if self.cfg.server.admin_port:
+            admin.write_status(gw, self.started, self.reloads)
+        self.loop.call_later(STATS_FLUSH_INTERVAL, self._snapshot)
 
     # -- signals ------------------------------------------------------------------------------------------
 
@@ -104,7 +119,8 @@ class Worker:
         if (cfg.server.host, cfg.server.port) != (self.cfg.server.host, self.cfg.server.port):
             self.log.warning("config reload: the listen address changes only on restart")
         self.cfg = cfg
-        self.log.info("config reloaded", source=cfg.source)
+        self.reloads += 1
+        self.log.info("config reloaded", source=cfg.source, config_version=admin.config_version(cfg))
 
     def drain(self) -> None:
         gw = self.gw
@@ -118,6 +134,8 @@ class Worker:
     def _stop_accepting(self) -> None:
         gw = self.gw
         self.server.close()
+        if self.admin_server is not None:
+            self.admin_server.close()
         for conn in list(gw.connections):      # idle keep-alive connections go now; busy ones after their response
             if conn.ex is None and not conn.parser.buffered:
                 conn.closing = True

@@ -67,6 +67,8 @@ class Gateway:
 
     def __init__(self, tmp_path, config: str | None = None, args: tuple = (), workers: int = 1, env=None):
         self.port = free_port()
+        tmp_path = tmp_path / f"gateway-{self.port}"   # several gateways in one test keep their files apart
+        tmp_path.mkdir()
         self.dir = tmp_path
         self.config_path = None
         cmd = [sys.executable, "-m", "fastgw", "serve", "--host", "127.0.0.1", "--port", str(self.port),

@@ -1,0 +1,200 @@
+"""Policies through the running gateway: keys, exact limits across workers and instances, budgets, usage."""
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from fastgw.policies.auth import hash_key
+from tests.integration.conftest import model_config
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
+KEYS = {"alice": "sk-alice-test-key", "bob": "sk-bob-test-key"}
+
+
+def write_policies(tmp_path, rate_limit: str = "", budget: str = "") -> str:
+    d = tmp_path / "policies"
+    d.mkdir(exist_ok=True)
+    consumers = "".join(
+        f'[[consumers]]\nname = "{name}"\ngroup = "team"\nkeys = ["{hash_key(key)}"]\n' for name, key in KEYS.items())
+    (d / "10-auth.toml").write_text(
+        'policy = "key-auth"\n[[groups]]\nname = "team"\nmodels = ["gpt-4o-mini"]\n' + consumers)
+    if rate_limit:
+        (d / "20-rate.toml").write_text('policy = "rate-limit"\n' + rate_limit)
+    if budget:
+        (d / "30-budget.toml").write_text('policy = "budget"\n' + budget)
+    return str(d)
+
+
+def gateway(start_gateway, tmp_path, mock, workers=1, **kw):
+    pdir = write_policies(tmp_path, **kw)
+    return start_gateway(model_config(mock.url, extra=f'policies_dir = "{pdir}"\n'), workers=workers)
+
+
+def sdk(gw, consumer="alice", **kw):
+    return openai.OpenAI(base_url=gw.base + "/v1", api_key=KEYS[consumer], max_retries=0, timeout=10, **kw)
+
+
+def metric(gw, name: str, **labels) -> float:
+    text = httpx.get(gw.base + "/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_keys_and_models(tmp_path, mock, start_gateway):
+    gw = gateway(start_gateway, tmp_path, mock)
+    assert sdk(gw).chat.completions.create(**CHAT).choices[0].message.content
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=gw.base + "/v1", api_key="sk-wrong", max_retries=0).chat.completions.create(**CHAT)
+    assert e.value.body["code"] == "invalid_api_key"
+    r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT)          # no key at all
+    assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers={"api-key": KEYS["bob"]})
+    assert r.status_code == 200                                          # Azure-style header works too
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        sdk(gw).chat.completions.create(**{**CHAT, "model": "gpt-4o"})
+    assert e.value.status_code == 403
+    time.sleep(0.4)
+    text = gw.out_path.read_text() + gw.ops_log() + httpx.get(gw.base + "/metrics").text
+    assert not any(k in text for k in KEYS.values())                     # keys never logged
+    assert '"consumer":"alice"' in gw.out_path.read_text()
+
+
+def _hammer(gw, n: int, stream=False) -> list[int]:
+    statuses = []
+    lock = threading.Lock()
+
+    def one(i):
+        r = httpx.post(gw.base + "/v1/chat/completions", json={**CHAT, "stream": stream},
+                       headers={"authorization": f"Bearer {KEYS['alice']}", "connection": "close"}, timeout=15)
+        with lock:
+            statuses.append((r.status_code, r.headers.get("retry-after"), r.json()["error"]["code"]
+                             if r.status_code != 200 else None))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+RULE_20_PER_MINUTE = """
+[[rules]]
+id = "alice-requests"
+match = { consumer = "alice" }
+window = "minute"
+requests = 20
+"""
+
+
+def test_request_limit_is_exact_across_two_workers(tmp_path, mock, start_gateway):
+    gw = gateway(start_gateway, tmp_path, mock, workers=2, rate_limit='backend = "local"\n' + RULE_20_PER_MINUTE)
+    out = _hammer(gw, 60)
+    ok = [s for s in out if s[0] == 200]
+    refused = [s for s in out if s[0] == 429]
+    assert len(ok) == 20 and len(refused) == 40
+    assert all(s[1] is not None and int(s[1]) >= 1 and s[2] == "rate_limit_exceeded" for s in refused)
+    r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {KEYS['bob']}"})
+    assert r.status_code == 200                                          # bob has his own quota
+
+
+def test_request_limit_is_exact_across_two_instances_sharing_redis(tmp_path, mock, start_gateway, redis_server):
+    rl = f'backend = "redis"\nfail_open = false\n[redis]\nurl = "{redis_server.url}"\n' + RULE_20_PER_MINUTE
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = gateway(start_gateway, tmp_path / "a", mock, rate_limit=rl)
+    b = gateway(start_gateway, tmp_path / "b", mock, rate_limit=rl)
+    results = []
+    t = [threading.Thread(target=lambda g=g: results.extend(_hammer(g, 30))) for g in (a, b)]
+    for x in t:
+        x.start()
+    for x in t:
+        x.join()
+    assert sum(1 for s in results if s[0] == 200) == 20
+    assert sum(1 for s in results if s[0] == 429) == 40
+
+
+def test_redis_down_fail_open_and_fail_closed(tmp_path, mock, start_gateway, redis_server):
+    def rl(fail_open):
+        return (f'backend = "redis"\nfail_open = {str(fail_open).lower()}\n[redis]\nurl = "{redis_server.url}"\n'
+                + RULE_20_PER_MINUTE)
+
+    (tmp_path / "open").mkdir()
+    (tmp_path / "closed").mkdir()
+    gw_open = gateway(start_gateway, tmp_path / "open", mock, rate_limit=rl(True))
+    gw_closed = gateway(start_gateway, tmp_path / "closed", mock, rate_limit=rl(False))
+    assert sdk(gw_open).chat.completions.create(**CHAT)
+    redis_server.kill()
+    t0 = time.monotonic()
+    assert sdk(gw_open).chat.completions.create(**CHAT).choices      # admitted without Redis
+    with pytest.raises(openai.APIStatusError) as e:
+        sdk(gw_closed).chat.completions.create(**CHAT)
+    assert e.value.status_code == 503
+    assert time.monotonic() - t0 < 3                                   # nothing hangs on a dead Redis
+
+
+def test_token_usage_is_accounted_for_streams_with_and_without_include_usage(tmp_path, mock, start_gateway):
+    rule = """
+[[rules]]
+id = "alice-tokens"
+match = { consumer = "alice" }
+window = "day"
+tokens = 1000000
+"""
+    gw = gateway(start_gateway, tmp_path, mock, rate_limit=rule)
+    c = sdk(gw)
+    # Without include_usage: the gateway asks for it and hides the extra chunk from this client.
+    chunks = list(c.chat.completions.create(**CHAT, stream=True))
+    assert all(ch.usage is None for ch in chunks) and chunks[-1].choices
+    # With include_usage: the client gets its usage chunk.
+    chunks = list(c.chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 14
+    # No usage from the upstream at all: the streamed text is counted exactly.
+    from fastgw.tokenizer import count_text
+
+    text = "".join(ch.choices[0].delta.content or "" for ch in sdk(gw, default_headers={"x-mock-no-usage": "1"})
+                   .chat.completions.create(**CHAT, stream=True) if ch.choices)
+    exact = count_text(text, "o200k_base")
+    time.sleep(1.3)
+    assert metric(gw, "fastgw_completion_tokens_total", consumer="alice") == 14 + 14 + exact
+    r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {KEYS['alice']}"})
+    remaining = int(r.headers["x-ratelimit-remaining-tokens"])
+    assert remaining < 1000000 - (14 + 14 + exact)                     # what streamed was charged
+    assert r.headers["x-ratelimit-limit-tokens"] == "1000000"
+
+
+def test_budget_stops_spend_at_the_limit(tmp_path, mock, start_gateway):
+    # gpt-4o-mini at $1000 per million tokens each way: a ~30-token request costs a few cents.
+    budget = """
+backend = "local"
+[[budgets]]
+consumer = "alice"
+usd = 0.5
+period = "day"
+[prices."gpt-4o-mini"]
+input = 1000.0
+output = 1000.0
+"""
+    gw = gateway(start_gateway, tmp_path, mock, budget=budget)
+    c = sdk(gw)
+    ok = refused = 0
+    for _ in range(40):
+        try:
+            c.chat.completions.create(**CHAT)
+            ok += 1
+        except openai.RateLimitError as e:
+            assert e.body["code"] == "insufficient_quota"
+            refused += 1
+    assert ok > 0 and refused > 0
+    time.sleep(1.3)
+    spent = metric(gw, "fastgw_cost_usd_total", consumer="alice")
+    per_request = spent / ok
+    assert spent <= 0.5 + per_request                                  # stopped at the limit (one request of slack)
+    assert sdk(gw, "bob").chat.completions.create(**CHAT)               # bob is not on alice's budget
