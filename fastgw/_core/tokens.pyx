@@ -438,9 +438,7 @@ cdef int text_key(const uchar* d, Py_ssize_t ks, Py_ssize_t kl) noexcept nogil:
     """Kind of the value of a nested member: the keys whose strings are prompt text."""
     if (key_is(d, ks, kl, b"content", 7) or key_is(d, ks, kl, b"text", 4) or key_is(d, ks, kl, b"role", 4)
             or key_is(d, ks, kl, b"name", 4) or key_is(d, ks, kl, b"arguments", 9)
-            or key_is(d, ks, kl, b"refusal", 7) or key_is(d, ks, kl, b"input", 5)
-            or key_is(d, ks, kl, b"prompt", 6) or key_is(d, ks, kl, b"instructions", 12)
-            or key_is(d, ks, kl, b"system", 6)):
+            or key_is(d, ks, kl, b"refusal", 7) or key_is(d, ks, kl, b"output", 6)):
         return V_TEXT
     return V_OTHER
 
@@ -549,11 +547,12 @@ def estimate_chat_tokens(body, str encoding="o200k_base"):
     responses), for `encoding` ("o200k_base", the default, or "cl100k_base").
 
     Counted: the strings of top-level `messages`, `prompt`, `input`, `instructions`, `system`, and below them
-    the strings under keys content/text/role/name/arguments/refusal/input/prompt/instructions/system (so the
-    text parts of content arrays and tool-call arguments; not image URLs or `type`); integers in `prompt`/
-    `input` arrays count one token each (token-id prompts); each message object (element of `messages` or of
-    an `input` array) adds 3, its `name` 1, and 3 more for the reply when there is any message. Each string is
-    priced by estimate_text_tokens on its decoded UTF-8. Everything else (model, temperature, tools...) is
+    the strings under keys content/text/role/name/arguments/refusal/output (so the text parts of content
+    arrays, tool-call arguments and Responses function_call_output items; not image URLs or `type`);
+    integers in `prompt`/`input` arrays count one token each (token-id prompts); each message object (element
+    of `messages` or of an `input` array) adds 3, its `name` 1, and 3 more for the reply when there is any
+    message. Each string is priced by estimate_text_tokens on its decoded UTF-8; duplicate keys are all
+    counted (json.loads would keep the last). Everything else (model, temperature, tools...) is
     skipped without parsing. Returns -1 when the body is not well-formed JSON (as far as the scan can tell).
     """
     cdef Walk w

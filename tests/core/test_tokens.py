@@ -1,0 +1,180 @@
+"""fastgw._core.tokens: the estimate against tiktoken on the corpus (documented tolerances), and
+estimate_chat_tokens against a plain-Python walk of json.loads(body) applying estimate_text_tokens."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastgw._core.tokens import estimate_chat_tokens, estimate_text_tokens
+from fastgw.tokenizer import count_chat, count_text
+
+_spec = importlib.util.spec_from_file_location(
+    "token_measure", os.path.join(os.path.dirname(__file__), "..", "data", "tokens", "measure.py"))
+measure = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(measure)
+SAMPLES = measure.load_samples()
+ENCODINGS = measure.ENCODINGS
+
+# class: (max |relative error| of any sample, max mean |relative error|) — docs/token-estimate.md
+TOLERANCE = {
+    "prose": (0.10, 0.04),
+    "reference": (0.25, 0.07),
+    "code": (0.30, 0.12),
+    "json": (0.25, 0.10),
+    "cjk": (0.30, 0.12),
+    "mixed": (0.35, 0.15),
+}
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("name", list(TOLERANCE))
+def test_estimate_within_tolerance(name, encoding):
+    worst, mean_bound = TOLERANCE[name]
+    errors = measure.relative_errors(SAMPLES[name], encoding)
+    assert max(abs(e) for e in errors) <= worst, errors
+    assert sum(abs(e) for e in errors) / len(errors) <= mean_bound, errors
+
+
+def test_text_basics():
+    assert estimate_text_tokens(b"") == 0
+    assert estimate_text_tokens(b"1234567") == 3  # digits go in groups of three, exactly
+    assert estimate_text_tokens("hello") == estimate_text_tokens(b"hello") == 1
+    assert estimate_text_tokens(b"\xff\xfe\x80") == 0  # invalid UTF-8 costs nothing and does not crash
+    with pytest.raises(ValueError):
+        estimate_text_tokens(b"x", "p50k_base")
+    # the encodings differ where they should: CJK is cheaper in o200k_base
+    cjk = "人工智能正在改变我们的生活方式。".encode()
+    assert estimate_text_tokens(cjk, "o200k_base") < estimate_text_tokens(cjk, "cl100k_base")
+
+
+def test_long_text_scales():
+    text = " ".join(SAMPLES["prose"]).encode()
+    for enc in ENCODINGS:
+        exact = count_text(text.decode(), enc)
+        assert abs(estimate_text_tokens(text, enc) - exact) / exact < 0.05
+
+
+# ----------------------------------------------------------------------------- chat bodies: reference
+
+TEXT_KEYS = {"content", "text", "role", "name", "arguments", "refusal", "output"}
+TOP = {"messages": ("text", True), "input": ("tokens", True), "prompt": ("tokens", False),
+       "instructions": ("text", False), "system": ("text", False)}
+
+
+def reference_chat(body: bytes, encoding: str) -> int:
+    obj = json.loads(body)
+    if not isinstance(obj, dict):
+        return 0
+    acc = {"total": 0, "messages": 0}
+
+    def walk(v, kind, msg_array=False, is_msg=False):
+        if isinstance(v, str):
+            if kind != "other":
+                acc["total"] += estimate_text_tokens(v.encode("utf-8", "surrogatepass"), encoding)
+        elif isinstance(v, bool) or v is None or isinstance(v, float):
+            pass
+        elif isinstance(v, int):
+            if kind == "tokens" and v >= 0:
+                acc["total"] += 1
+        elif isinstance(v, list):
+            for x in v:
+                walk(x, kind, False, msg_array)
+        elif isinstance(v, dict):
+            if is_msg:
+                acc["total"] += 3 + (1 if "name" in v else 0)
+                acc["messages"] += 1
+            for k, x in v.items():
+                walk(x, "text" if k in TEXT_KEYS else "other")
+
+    for key, (kind, msg_array) in TOP.items():
+        if key in obj:
+            walk(obj[key], kind, msg_array)
+    return acc["total"] + (3 if acc["messages"] else 0)
+
+
+TRICKY = ["\ud83d", "a\udc00b", "\u2028", "\\n", '"quoted"', "\\u0041", "日本語", "🙂👍🏽", "\x00\x1f", "é", "CamelCaseWord"]
+text = st.one_of(st.text(max_size=40), st.sampled_from(TRICKY), st.text(alphabet="ab Z1,.\n\"\\", max_size=30))
+part = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": text}),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": text})}),
+    st.fixed_dictionaries({"type": st.just("input_text"), "text": text}),
+)
+tool_call = st.fixed_dictionaries({"id": text, "type": st.just("function"),
+                                   "function": st.fixed_dictionaries({"name": text, "arguments": text})})
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", "developer"]),
+     "content": st.one_of(text, st.none(), st.lists(part, max_size=3))},
+    optional={"name": text, "tool_calls": st.lists(tool_call, max_size=2), "tool_call_id": text, "output": text,
+              "input": text, "system": text},
+)
+scalar = st.one_of(st.integers(-5, 10**12), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                   st.none(), text)
+body = st.fixed_dictionaries(
+    {"model": st.sampled_from(["gpt-4o-mini", "gpt-4", "text-embedding-3-small"])},
+    optional={
+        "messages": st.lists(message, max_size=5),
+        "prompt": st.one_of(text, st.lists(text, max_size=3), st.lists(st.integers(-3, 200_000), max_size=6)),
+        "input": st.one_of(text, st.lists(text, max_size=3), st.lists(st.lists(scalar, max_size=4), max_size=3),
+                           st.lists(message, max_size=3)),
+        "instructions": text,
+        "system": st.one_of(text, st.lists(part, max_size=2)),
+        "temperature": st.floats(0, 2),
+        "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+            {"name": text, "description": text})}), max_size=2),
+        "metadata": st.dictionaries(st.sampled_from(["content", "text", "note"]), text, max_size=3),
+    },
+)
+
+
+def dumps(obj, style: int) -> bytes:
+    if style == 0:
+        s = json.dumps(obj)
+    elif style == 1:
+        s = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    else:
+        s = json.dumps(obj, ensure_ascii=False, indent=2)
+    return s.encode("utf-8", "surrogatepass")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body, st.integers(0, 2), st.sampled_from(ENCODINGS))
+def test_chat_matches_reference(obj, style, encoding):
+    raw = dumps(obj, style)
+    assert estimate_chat_tokens(raw, encoding) == reference_chat(raw, encoding)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_chat_garbage_does_not_crash(raw):
+    n = estimate_chat_tokens(raw)
+    try:
+        json.loads(raw)
+    except ValueError:
+        return  # the scan is lenient; -1 or a count are both acceptable for invalid JSON
+    assert n == reference_chat(raw, "o200k_base")
+
+
+def test_chat_examples():
+    b = b'{"model":"gpt-4o","temperature":0.2,"messages":[{"role":"user","content":"Hello there"}]}'
+    assert estimate_chat_tokens(b) == 3 + 1 + 2 + 3
+    named = b'{"messages":[{"role":"user","name":"bob","content":"Hello there"}]}'
+    assert estimate_chat_tokens(named) == 3 + 1 + 1 + 1 + 2 + 3
+    # token-id prompts: one token per id; non-prompt keys are never priced
+    assert estimate_chat_tokens(b'{"model":"x","prompt":[1,2,3,40000]}') == 4
+    assert estimate_chat_tokens(b'{"model":"a long model name that is not counted"}') == 0
+    # escapes decode before pricing
+    assert estimate_chat_tokens(b'{"input":"caf\\u00e9 \\"x\\"\\n"}') == estimate_text_tokens('café "x"\n'.encode())
+    for bad in (b'{"messages":[', b'{"input":"x"', b'{"input":"\\q"}', b'{"a":1} x', b""):
+        assert estimate_chat_tokens(bad) == -1
+
+
+def test_chat_close_to_exact():
+    msgs = [{"role": "system", "content": SAMPLES["prose"][0]}] + [
+        {"role": "user" if i % 2 else "assistant", "content": s} for i, s in enumerate(SAMPLES["prose"][1:8])]
+    raw = json.dumps({"model": "gpt-4o-mini", "messages": msgs}).encode()
+    exact = count_chat(msgs, "gpt-4o-mini")
+    assert math.isclose(estimate_chat_tokens(raw, "o200k_base"), exact, rel_tol=0.05)
