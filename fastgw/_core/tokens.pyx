@@ -136,14 +136,13 @@ cdef struct Est:
     int length             # characters in the open run
     int u2l, u2x, camel, newlines
     bint prev_lower
-    int pend               # UTF-8 continuation bytes still to skip
 
 
 cdef inline void est_init(Est* e, const Prices* P) noexcept nogil:
     e.P = P
     e.total = 0
     e.run = R_NONE
-    e.length = e.u2l = e.u2x = e.camel = e.newlines = e.pend = 0
+    e.length = e.u2l = e.u2x = e.camel = e.newlines = 0
     e.prev_lower = False
 
 
@@ -171,44 +170,70 @@ cdef inline void run_to(Est* e, int run) noexcept nogil:
         e.run = run
 
 
+cdef inline Py_ssize_t skip_cont(const uchar* p, Py_ssize_t i, Py_ssize_t n, int count) noexcept nogil:
+    # the continuation bytes of a multi-byte character (never past a byte that is not one, so a '"' after a
+    # truncated character still ends a JSON string)
+    while count and i < n and CLS[p[i]] == K_CONT:
+        i += 1
+        count -= 1
+    return i
+
+
 cdef Py_ssize_t est_feed(Est* e, const uchar* p, Py_ssize_t i, Py_ssize_t n, bint json) noexcept nogil:
-    """Price p[i:n]; in json mode stop at the first '"' or '\\' and return its position (else n)."""
+    """Price p[i:n]; in json mode stop at the first '"' or '\\' and return its position (else n).
+    The hot runs (letters, spaces, digits) are consumed by tight inner loops."""
     cdef uchar k
+    cdef int L, camel
+    cdef bint lower
     while i < n:
         k = CLS[p[i]]
-        if e.pend:
-            if k == K_CONT:
-                e.pend -= 1
-                i += 1
-                continue
-            e.pend = 0
-        if k == K_LOWER:
+        if k <= K_UPPER:  # letters
             run_to(e, R_WORD)
-            e.length += 1
-            e.prev_lower = True
-        elif k == K_UPPER:
-            if e.run == R_WORD:
-                if e.prev_lower:
-                    e.camel += 1
-            else:
-                run_to(e, R_WORD)
-            e.length += 1
-            e.prev_lower = False
+            L = e.length
+            camel = e.camel
+            lower = e.prev_lower
+            while True:
+                if k == K_LOWER:
+                    lower = True
+                else:
+                    if lower:
+                        camel += 1
+                    lower = False
+                L += 1
+                i += 1
+                if i >= n:
+                    break
+                k = CLS[p[i]]
+                if k > K_UPPER:
+                    break
+            e.length = L
+            e.camel = camel
+            e.prev_lower = lower
         elif k == K_SPACE or k == K_NL:
             run_to(e, R_WS)
-            e.length += 1
-            if k == K_NL:
-                e.newlines += 1
+            while True:
+                e.length += 1
+                if k == K_NL:
+                    e.newlines += 1
+                i += 1
+                if i >= n:
+                    break
+                k = CLS[p[i]]
+                if k != K_SPACE and k != K_NL:
+                    break
         elif k == K_PUNCT or k == K_STOP or k == K_C2:
             if k == K_STOP and json:
                 return i
             run_to(e, R_PUNCT)
             e.length += 1
-            if k == K_C2:
-                e.pend = 1
+            i = skip_cont(p, i + 1, n, 1) if k == K_C2 else i + 1
         elif k == K_DIGIT:
             run_to(e, R_DIGIT)
-            e.length += 1
+            while True:
+                e.length += 1
+                i += 1
+                if i >= n or CLS[p[i]] != K_DIGIT:
+                    break
         elif k == K_U2L or k == K_U2X:
             run_to(e, R_WORD)
             e.length += 1
@@ -216,17 +241,17 @@ cdef Py_ssize_t est_feed(Est* e, const uchar* p, Py_ssize_t i, Py_ssize_t n, bin
                 e.u2l += 1
             else:
                 e.u2x += 1
-            e.pend = 1
+            i = skip_cont(p, i + 1, n, 1)
         elif k == K_CJK or k == K_HANG or k == K_O3:
             run_end(e)
             e.total += e.P.cjk if k == K_CJK else (e.P.hangul if k == K_HANG else e.P.other3)
-            e.pend = 2
+            i = skip_cont(p, i + 1, n, 2)
         elif k == K_O4:
             run_end(e)
             e.total += e.P.char4
-            e.pend = 3
-        # stray continuation bytes and invalid bytes cost nothing
-        i += 1
+            i = skip_cont(p, i + 1, n, 3)
+        else:  # stray continuation bytes and invalid bytes cost nothing
+            i += 1
     return n
 
 
