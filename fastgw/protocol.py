@@ -115,8 +115,7 @@ class ClientConnection(asyncio.Protocol):
             if up is not None:       # cancel the upstream request: its connection cannot be reused
                 self.upstream = None
                 up.abort()
-            if not ex.status:
-                ex.status = 499
+            ex.status = 499             # nginx's convention: the client left before the response was complete
             ex.error = ex.error or "client_disconnected"
             self._finish(ex)
 
@@ -129,7 +128,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         p = self.parser
         p.feed(data)
-        if self.ex is not None:
+        if self.ex is not None and self.wait != BODY_WAIT:
             # A pipelined request while one is in flight: keep it, but do not let a client pile up bytes.
             if p.buffered > self.gw.limits[0] + self.gw.limits[2] and not self.read_paused:
                 self.read_paused = True

@@ -26,31 +26,27 @@ def post(port: int, body: bytes, headers: str = "", path: str = "/v1/chat/comple
 
 
 def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
-    """Read one HTTP/1.1 response (content-length or chunked) from a socket."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        buf += sock.recv(65536)
-    head, rest = buf.split(b"\r\n\r\n", 1)
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:])}
+    """Read one HTTP/1.1 response (content-length or chunked); bytes after it stay for the next call."""
+    f = _readers.get(sock.fileno())
+    if f is None:
+        f = _readers[sock.fileno()] = sock.makefile("rb")
+    status = int(f.readline().split()[1])
+    headers = {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        k, v = line.decode().split(":", 1)
+        headers[k.lower()] = v.strip()
     if "content-length" in headers:
-        n = int(headers["content-length"])
-        while len(rest) < n:
-            rest += sock.recv(65536)
-        return status, headers, rest[:n]
+        return status, headers, f.read(int(headers["content-length"]))
     body = b""
     while True:
-        while b"\r\n" not in rest:
-            rest += sock.recv(65536)
-        size_line, rest = rest.split(b"\r\n", 1)
-        size = int(size_line, 16)
-        while len(rest) < size + 2:
-            rest += sock.recv(65536)
-        body += rest[:size]
-        rest = rest[size + 2:]
+        size = int(f.readline().strip(), 16)
+        body += f.read(size)
+        f.readline()
         if size == 0:
             return status, headers, body
+
+
+_readers: dict = {}
 
 
 def test_sdk_sync_chat_stream_and_not(mock, start_gateway):
