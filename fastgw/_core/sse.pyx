@@ -28,8 +28,11 @@ from libc.string cimport memchr, memcmp, memcpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 import json
+import re
 
 import orjson
+
+_JSON_STRING = re.compile(b'"(?:[^"\\\\]|\\\\.)*"', re.S)  # one JSON string token
 
 cdef extern from "string.h":
     void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen) nogil
@@ -521,12 +524,15 @@ cdef class SSERelay:
             return ""
         raw = b"[" + PyBytes_FromStringAndSize(<const char*>self.txt.data, self.txt.len - 1) + b"]"
         try:
-            parts = orjson.loads(raw)
+            return "".join(orjson.loads(raw))
         except orjson.JSONDecodeError:
-            # lone surrogates (a pair split across two events) or raw control characters: the stdlib decoder
-            # accepts both; a piece it still refuses is left out rather than failing the accounting
+            pass
+        # lone surrogates (a pair split across two events) or raw control characters: the stdlib decoder
+        # accepts both; a piece it still refuses (a bad escape) is left out rather than losing all the text
+        parts = []
+        for piece in _JSON_STRING.findall(raw):
             try:
-                parts = json.loads(raw, strict=False)
+                parts.append(json.loads(piece, strict=False))
             except ValueError:
-                parts = []
+                pass
         return "".join(parts)

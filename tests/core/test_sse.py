@@ -392,3 +392,12 @@ def test_finish_resets_for_reuse(strip):
     relay.feed(b"data: {\"a\":")
     relay.finish()
     assert relay.feed(DONE) == DONE and relay.done and relay.events == 1
+
+
+def test_text_survives_a_bad_escape_in_one_event():
+    s = (b'data: {"choices":[{"delta":{"content":"one "}}]}\n\n'
+         b'data: {"choices":[{"delta":{"content":"bad \\q"}}]}\n\n'
+         b'data: {"choices":[{"delta":{"content":"two"}}]}\n\n')
+    relay = SSERelay(collect_text=True)
+    relay.feed(s)
+    assert relay.text() == twin(s, False)["text"] == "one two"
