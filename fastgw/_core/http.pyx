@@ -67,12 +67,14 @@ cdef enum:
     F_CHUNKED = 2
     F_CLOSE = 3     # read until the connection closes
 
-DEF MAX_CHUNK_LINE = 4096
-DEF MAX_CONN_TOKENS = 32
-DEF MAX_DROP = 64
-DEF INITIAL_BUF = 16384
-DEF SHRINK_ABOVE = 262144
-DEF NO_LIMIT = 0x7FFFFFFFFFFFFFFF
+cdef enum:
+    MAX_CHUNK_LINE = 4096     # a chunk-size line, extensions included
+    MAX_CONN_TOKENS = 32      # Connection options (conn_tok holds 2 per option)
+    MAX_DROP = 64             # names in forward_head's drop set
+    INITIAL_BUF = 16384
+    SHRINK_ABOVE = 262144     # an idle buffer bigger than this goes back to INITIAL_BUF
+
+cdef long long NO_LIMIT = 0x7FFFFFFFFFFFFFFF
 
 # Byte classes (RFC 9110): token chars, field-value chars (HTAB, SP, VCHAR, obs-text), request-target
 # chars (VCHAR, as h11), lower-casing, hex digit values (255 = not a hex digit).
@@ -325,6 +327,7 @@ cdef class _Message:
         return -1
 
     cdef void _reset_head(self):
+        cdef char* q
         self.state = S_HEAD
         self.scan = self.line_start = 0
         self.hlen = 0
@@ -341,6 +344,11 @@ cdef class _Message:
         self.ck_rem = 0
         self.ck_scan = self.ck_trailer_bytes = 0
         self.blen = 0
+        if self.bcap > SHRINK_ABOVE:
+            q = <char*>realloc(self.bbuf, 4096)
+            if q != NULL:
+                self.bbuf = q
+                self.bcap = 4096
 
     cdef int _scan_head(self, bint skip_leading_crlf):
         """Find the end of a head in buf. 1: found, its length in self.scan; 0: need data; -1: error.
@@ -653,6 +661,8 @@ cdef class RequestParser(_Message):
     cpdef void feed(self, data):
         """Buffer bytes from the client. Never raises on bad input (errors come from next_event)."""
         cdef const unsigned char[:] view
+        if self.state == S_ERROR:
+            return      # the connection is being closed: keep nothing
         if type(data) is bytes:
             self._append(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         else:
@@ -861,6 +871,8 @@ cdef class ResponseParser(_Message):
         nothing else is buffered, the object itself is kept and handed back by take_body()."""
         cdef const unsigned char[:] view
         cdef Py_ssize_t n
+        if self.state == S_ERROR:
+            return
         if type(data) is not bytes:
             view = data
             if view.shape[0] == 0:
