@@ -170,7 +170,7 @@ def feeds(data, how, cuts):
     return split(data, cuts)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(responses(), st.sampled_from(["whole", "bytes", "split"]), st.lists(st.integers(0, 10**6), max_size=8))
 def test_valid_responses_match_h11(resp, how, cuts):
     data, body, method, needs_eof = resp
@@ -200,7 +200,7 @@ STRICTER = (  # h11 accepts these; we refuse (see test_http_request.STRICTER for
 )
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(responses(), st.integers(0, 10**6), st.sampled_from(INSERTS), st.lists(st.integers(0, 10**6), max_size=6))
 def test_mutated_responses_never_accepted_when_h11_refuses(resp, pos, insert, cuts):
     data, _, method, needs_eof = resp
@@ -278,8 +278,7 @@ def test_close_delimited_and_early_close():
     assert msg["content_length"] == -1
     assert run(b"HTTP/1.1 200 OK\r\n\r\nsome body")[1] == "incomplete"
     msg, verdict = run(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", eof=True)
-    assert verdict[0] == "error" and "closed the connection early" in verdict[2]
-    assert msg["body"] if "body" in msg else True
+    assert verdict[0] == "error" and "closed the connection early" in verdict[2] and msg["status"] == 200
     _, verdict = run(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", eof=True)
     assert verdict[0] == "error" and "closed the connection early" in verdict[2]
     _, verdict = run(b"", eof=True)
@@ -321,22 +320,22 @@ def test_keep_alive_sequence_on_one_connection():
     two = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n"
     r = H.ResponseParser()
     got = []
-    for chunks in (bytewise(one + two + one),):
-        pending = list(chunks)
-        for _ in range(3):
-            r.start()
-            body = b""
-            while True:
-                ev = r.next_event()
-                if ev == H.NEED_DATA:
-                    r.feed(pending.pop(0))
-                elif ev == H.BODY:
-                    body += r.take_body()
-                elif ev == H.END:
-                    break
-                else:
-                    assert ev == H.HEAD and r.keep_alive
-            got.append(body)
+    pending = bytewise(one + two + one)
+    for _ in range(3):
+        r.start()
+        body = b""
+        while True:
+            ev = r.next_event()
+            if ev == H.NEED_DATA:
+                r.feed(pending.pop(0))
+            elif ev == H.BODY:
+                body += r.take_body()
+            elif ev == H.END:
+                break
+            else:
+                assert ev == H.HEAD and r.keep_alive
+        got.append(body)
+    assert not pending
     assert got == [b"abc", b"xyz", b"abc"]
 
 
