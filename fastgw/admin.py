@@ -84,6 +84,11 @@ class AdminConnection(asyncio.Protocol):
             self._send(405, b'{"error":"read-only: use GET"}')
         elif p.target.split(b"?")[0] == b"/status":
             self._send(200, read_status(self.gw.run_dir))
+        elif p.target == b"/healthz":              # the container's HEALTHCHECK: the public port may need PROXY
+            self._send(200, b'{"status":"ok"}')
+        elif p.target == b"/readyz":
+            self._send(503 if self.gw.draining else 200,
+                       b'{"status":"draining"}' if self.gw.draining else b'{"status":"ready"}')
         else:
             self._send(404, b'{"error":"unknown path; try GET /status"}')
 

@@ -6,7 +6,11 @@ Provider keys never live in the file: a deployment names the environment variabl
 from __future__ import annotations
 
 import os
-import tomllib
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 from typing import Literal
 from urllib.parse import urlsplit
 
