@@ -2,8 +2,9 @@
 
 A rule matches requests on consumer, group, model, path and headers (glob patterns; all given conditions must
 hold), and limits requests and/or tokens per window. `per` says what gets a bucket of its own, like Envoy's
-descriptors: per = ["consumer", "model"] gives each consumer x model pair its own limit; per = [] makes one
-bucket shared by every matching request. Every matching rule applies (a request must pass all of them), in
+descriptors: per = ["consumer", "model"] gives each consumer x model pair its own limit; per = ["client"] one per
+client address (the PROXY protocol's, behind a load balancer); per = [] makes one bucket shared by every
+matching request. Every matching rule applies (a request must pass all of them), in
 order, until a matching rule with `final = true`.
 
 A limit of N per window is a token bucket of capacity N refilled at N/window per second: a burst of N, then a
@@ -55,7 +56,7 @@ class Match(msgspec.Struct, forbid_unknown_fields=True):
 class Rule(msgspec.Struct, forbid_unknown_fields=True):
     id: str = ""                  # names the rule's buckets; default "rules[i]" (renaming resets its buckets)
     match: Match = msgspec.field(default_factory=Match)
-    per: list[str] = []           # consumer | group | model | path | header:<name>
+    per: list[str] = []           # consumer | group | model | path | client | header:<name>
     window: Literal["second", "minute", "hour", "day"] = "minute"
     requests: int = 0             # per window; 0 = no request limit in this rule
     tokens: int = 0               # prompt + completion tokens per window; 0 = no token limit
@@ -151,11 +152,13 @@ class _Rule:
         for j, p in enumerate(r.per):
             if p in ("consumer", "group", "model", "path"):
                 self.per.append((p, None))
+            elif p == "client":           # the client's address: the PROXY header's one behind a balancer
+                self.per.append(("client_addr", None))
             elif p.startswith("header:") and len(p) > 7:
                 self.per.append(("header", p[7:].strip().lower().encode("latin-1")))
             else:
                 raise FieldError(f"{where}.per[{j}]", f"unknown key {p!r} (consumer, group, model, path, "
-                                 "header:<name>)")
+                                 "client, header:<name>)")
         self.prefix = f"{ns}\x00{self.id}\x00"
         self.keys: dict[tuple, tuple[int, int]] = {}   # per-values -> (requests key, tokens key)
 

@@ -159,3 +159,29 @@ def test_workers_share_buckets(policy_ctx, make_exchange):
     b.request(make_exchange())
     with pytest.raises(GatewayError):
         a.request(make_exchange())
+
+
+def test_per_client_address_buckets(policy_ctx, make_exchange):
+    """per = ["client"]: each client address (from the PROXY header behind an NLB) has its own bucket."""
+    rl = make(policy_ctx, Rule(id="ip", requests=2, window="day", per=["client"]))
+
+    def from_addr(addr):
+        ex = make_exchange()
+        ex.client_addr = addr
+        return ex
+
+    for _ in range(2):
+        assert rl.request(from_addr("203.0.113.7")) is None
+    with pytest.raises(GatewayError) as e:
+        rl.request(from_addr("203.0.113.7"))
+    assert e.value.status == 429
+    assert rl.request(from_addr("2001:db8::7")) is None            # another client: a bucket of its own
+    assert rl.rules[0].bucket_keys(from_addr("a")) != rl.rules[0].bucket_keys(from_addr("b"))
+
+
+def test_unknown_per_key_names_client_among_the_choices(policy_ctx):
+    from fastgw.policies import FieldError
+
+    with pytest.raises(FieldError) as e:
+        make(policy_ctx, Rule(requests=1, per=["ip"]))
+    assert "client" in str(e.value) and "rules[0].per[0]" in str(e.value)
