@@ -115,6 +115,8 @@ string_piece = st.one_of(
     st.text(st.characters(blacklist_categories=("Cs",), min_codepoint=0x20,
                           blacklist_characters='"\\'), max_size=6).map(lambda s: s.encode()),
     st.sampled_from(ESCAPES),
+    # longer runs: plain ASCII after non-ASCII, mixed scripts
+    st.text(st.sampled_from("ab é—你😀\x7f"), min_size=10, max_size=40).map(lambda s: s.encode()),
     st.builds(_u_escape, st.integers(0, 0x10FFFF).filter(lambda c: not 0xD800 <= c <= 0xDFFF),
               st.booleans()),
 )
@@ -248,7 +250,7 @@ def mutated_document(draw):
     return bytes(doc)
 
 
-SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -349,6 +351,8 @@ EDGE = [
     b'{"a":1E+2}', b'{"a":NaN}', b'{"a":Infinity}', b'{"a":-Infinity}', b'{"a":tru}', b'{"a":nul}',
     b'{"a":true }', b'{"a":1e400}', b'{"a":-1e400}', b'{"a":1e-400}', b'{"a":1e308}', b'{"a":10e308}',
     b'{"a":0.1e309}', b'{"a":0.1e310}', b'{"a":0e99999999999999999999}', b'{"a":1e-99999999999999999999}',
+    b'{"a":1e99999999999999999999}', b'{"a":1e18446744073709551616}', b'{"a":1e-18446744073709551617}',
+    b'{"a":0.001e18446744073709551619}', b'{"a":1e9223372036854775808}',
     b'{"a":0.0000001e315}', b'{"a":0.0000001e316}', b'{"a":17976931348623158e292}',
     b'{"a":17976931348623159e292}', b'{"a":18446744073709551616}', b'{"a":-9223372036854775809}',
     b'{"a":' + b"1" * 400 + b"}", b'{"a":0.' + b"1" * 400 + b"}", b'{"a":' + b"1" + b"0" * 308 + b"}",
@@ -358,13 +362,18 @@ EDGE = [
     b'{"a":0.' + str(2**1024 - 2**970).encode() + b"e309}",
     b'{"a":0.000' + str(2**1024 - 2**970 - 1).encode() + b"9999e312}",
     b'{"a":"\\ud800"}', b'{"a":"\\udc00"}', b'{"a":"\\ud800\\udc00"}', b'{"a":"\\ud800\\u0041"}',
-    b'{"a":"\\ud800x"}', b'{"a":"\\uDBFF\\uDFFF"}', b'{"a":"\\u12"}', b'{"a":"\\u12G4"}', b'{"a":"\\U0041"}',
+    b'{"a":"\\ud800x"}', b'{"a":"\\ud800\\xdc00"}', b'{"a":"\\ud800\\\\udc00"}', b'{"a":"\\ud800\\n"}', b'{"a":"\\uDBFF\\uDFFF"}', b'{"a":"\\u12"}', b'{"a":"\\u12G4"}', b'{"a":"\\U0041"}',
     b'{"a":"\\x41"}', b'{"a":"\\\'"}', b'{"a":"\\', b'{"a":"\xed\xa0\x80"}', b'{"a":"\xf4\x90\x80\x80"}',
     b'{"a":"\xc0\x80"}', b'{"a":"\xc1\xbf"}', b'{"a":"\xe0\x80\x80"}', b'{"a":"\xf0\x80\x80\x80"}',
     b'{"a":"\xf5\x80\x80\x80"}', b'{"a":"\x80"}', b'{"a":"\xc3"}', b'{"a":"\xef\xbf\xbf"}',
     b'{"a":"\xf4\x8f\xbf\xbf"}', b'{"a":"\x7f"}', b'{"a":"\x1f"}', b'{"a":"\t"}', b'{"a":"\x00"}',
     b'{"a":"\\u0000"}', b'{"\\u0000":1}', b'{"a":"abcdefghijklmnop\x01qrstuvwxyz"}',
     b'{"a":"abcdefghijklmnopqrstuvwxyz\\"abcdefghij"}', b'{"a":"abcdefg\xc3\xa9hijklmnopqrs"}',
+    # tails shorter than the 16-byte wide skip, ASCII runs after a non-ASCII character
+    b'{"a":"\xc3\xa9' + b"x" * 40 + b'"}', b'{"a":"\xc3\xa9' + b"x" * 15 + b'","b":1}',
+    b'{"a":"\xc3\xa9' + b"x" * 16 + b'"}', b'{"a":"\xc3\xa9' + b"x" * 17 + b'\xc3"}',
+    b'{"a":"' + b"x" * 9 + b'\xc3"}', b'{"a":"' + b"x" * 9 + b'\x01"}', b'{"a":"' + b"x" * 9 + b'\\u0041"}',
+    b'{"a":"' + b"x" * 9 + b'"}', b'{"a":"' + b"x" * 9 + b'\xff"}', b'{"a":"' + b"x" * 9 + b'\\"x"}',
     b'{"model":"gpt"', b'{"model":"gpt"}}', b'{"model":"gpt"}]', b'{"model":"gpt"} x', b'{"model":"gpt"}{}',
     b'{"model":"gpt",}', b'{"model":}', b'{"model"}', b'{"model":"gpt" , "stream" : true }',
     b'{"a":[{"b":[{"c":{}}]}],"model":"m"}', b'{"a":[[]],"b":{"c":[1,{"d":null}]}}', b'{"a":[}', b'{"a":{]}',
@@ -491,7 +500,7 @@ def rewrite(body, new_model):
 
 
 @SETTINGS
-@given(st.one_of(json_document(), request_document()), st.text(max_size=10))
+@given(request_document(), st.text(max_size=10))
 def test_splice_generated(body, new_model):
     d = orjson_or_none(body)
     if type(d) is not dict or "model" not in d:   # an empty object would need no leading comma
