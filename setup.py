@@ -19,13 +19,14 @@ cflags = ["-O0", "-g"] if debug else ["-O3"]
 if profile:
     cflags += ["-g", "-fno-omit-frame-pointer"]
 
+# fastgw/_core/*.pyx: the sans-IO core; fastgw/*.pyx: the compiled connection glue and request state.
 extensions = [
     Extension(
-        "fastgw._core." + os.path.splitext(os.path.basename(path))[0],
+        os.path.splitext(path)[0].replace("/", "."),
         [path],
         extra_compile_args=cflags,
     )
-    for path in sorted(glob("fastgw/_core/*.pyx"))
+    for path in sorted(glob("fastgw/_core/*.pyx") + glob("fastgw/*.pyx"))
 ]
 
 setup(

@@ -11,7 +11,7 @@ from fastgw.pipeline import Pipeline, load_pipeline
 from fastgw.policy import PolicyContext
 from fastgw.proxyproto import parse_networks
 from fastgw.router import Router
-from fastgw.upstream import Pools
+from fastgw.connection import Pools
 
 
 class Gateway:

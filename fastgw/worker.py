@@ -19,7 +19,7 @@ from fastgw.accesslog import AccessLog
 from fastgw.config import Config, ConfigError
 from fastgw.gateway import Gateway
 from fastgw.metrics import Stats
-from fastgw.protocol import ClientConnection
+from fastgw.connection import ClientConnection, monotonic
 
 STATS_FLUSH_INTERVAL = 1.0
 
@@ -86,7 +86,7 @@ class Worker:
 
     def _sweep(self) -> None:
         gw = self.gw
-        now = self.loop.time()
+        now = monotonic()
         for conn in list(gw.connections):
             conn.check_deadline(now)
         interval = 1.0
@@ -137,9 +137,7 @@ class Worker:
         if self.admin_server is not None:
             self.admin_server.close()
         for conn in list(gw.connections):      # idle keep-alive connections go now; busy ones after their response
-            if conn.ex is None and not conn.parser.buffered:
-                conn.closing = True
-                conn.transport.close()
+            conn.close_if_idle()
         self._wait_drained(self.loop.time() + self.cfg.server.drain_timeout)
 
     def _wait_drained(self, deadline: float) -> None:

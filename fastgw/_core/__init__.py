@@ -5,22 +5,23 @@ There is no slow pure-Python fallback: `import fastgw` fails loudly when an exte
 import importlib
 import os
 
-# Every compiled module a working install must have.
-MODULES = ("http", "sse", "tokens", "bucket", "jsonpeek")
+# Every compiled module a working install must have: the sans-IO core, and the connection glue above it.
+MODULES = ("fastgw._core.http", "fastgw._core.sse", "fastgw._core.tokens", "fastgw._core.bucket",
+           "fastgw._core.jsonpeek", "fastgw.exchange", "fastgw.connection")
 
 
 def check_built() -> None:
-    here = os.path.dirname(__file__)
+    root = os.path.dirname(os.path.dirname(__file__))
     # In a source checkout, check the modules whose .pyx is present (a module under construction has
     # none yet); in an installed wheel no .pyx ships, so every module is required.
-    sources = {n for n in MODULES if os.path.exists(os.path.join(here, n + ".pyx"))}
+    sources = {n for n in MODULES if os.path.exists(os.path.join(root, *n.split(".")[1:]) + ".pyx")}
     required = sources or set(MODULES)
     missing = []
     for name in sorted(required):
         try:
-            importlib.import_module(f"{__name__}.{name}")
+            importlib.import_module(name)
         except ImportError as exc:
-            missing.append(f"fastgw._core.{name} ({exc})")
+            missing.append(f"{name} ({exc})")
     if missing:
         raise ImportError(
             "fastgw's compiled modules are not built: "

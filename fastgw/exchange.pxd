@@ -1,0 +1,15 @@
+# One request's state (see exchange.pyx). A cdef class: made once per request with direct C stores.
+
+cdef class Exchange:
+    cdef public str request_id, client_addr, path, endpoint, model, consumer, group, upstream_name, error
+    cdef public bytes method, body
+    cdef public object _parser, fields, route, deployment, scratch
+    cdef public bint stream, client_wants_usage
+    cdef public long long _prompt_estimate
+    cdef public int status, events
+    cdef public list response_headers
+    cdef public long long prompt_tokens, completion_tokens, bytes_in, bytes_out
+    cdef public double cost, t_start, t_sent, t_first_byte, t_end, upstream_wait
+
+
+cdef Exchange new_exchange(str request_id, str client_addr, bytes method, str path, object parser, double t_start)
