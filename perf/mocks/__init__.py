@@ -39,14 +39,18 @@ def nginx_dirs(work):
         os.makedirs(os.path.join(work, "tmp", sub), exist_ok=True)
 
 
-def start_nginx(name, template, work, cpu, **values):
-    """Run nginx unprivileged in the foreground with its own prefix, pid and logs under `work`."""
+def nginx_cmd(name, template, work, **values):
+    """Render the config and return the command that runs nginx unprivileged in the foreground, with its own
+    prefix, pid and logs under `work`."""
     nginx_dirs(work)
     conf = render(template, os.path.join(work, f"{name}.conf"), WORK=work, **values)
     subprocess.run(["nginx", "-t", "-q", "-p", work, "-c", conf, "-e", "stderr"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    cmd = pinned(["nginx", "-p", work, "-c", conf, "-e", os.path.join(work, f"{name}.stderr.log")], cpu)
-    return Proc(name, cmd, os.path.join(work, f"{name}.log"))
+    return ["nginx", "-p", work, "-c", conf, "-e", os.path.join(work, f"{name}.stderr.log")]
+
+
+def start_nginx(name, template, work, cpu, **values):
+    return Proc(name, pinned(nginx_cmd(name, template, work, **values), cpu), os.path.join(work, f"{name}.log"))
 
 
 def wiremock_jar():
