@@ -228,8 +228,29 @@ cdef extern from *:
         }
         return p;
     }
+
+    /* First byte at or after p that is not an ASCII digit. A digit byte b has high nibble 3 and so has
+       b + 6; per byte that makes 0x33. Carries only spoil bytes above the first non-digit. */
+    static inline const unsigned char* jp_skip_digits(const unsigned char* p, const unsigned char* end) {
+        /* short runs (small integers) byte by byte; each test reads at most the NUL after the data */
+        if ((unsigned)(p[0] - 48) >= 10) return p;
+        if ((unsigned)(p[1] - 48) >= 10) return p + 1;
+        if ((unsigned)(p[2] - 48) >= 10) return p + 2;
+        p += 3;
+        while (end - p >= 8) {
+            uint64_t w, t;
+            memcpy(&w, p, 8);
+            t = ((w & 0xF0F0F0F0F0F0F0F0ULL) | (((w + 0x0606060606060606ULL) & 0xF0F0F0F0F0F0F0F0ULL) >> 4))
+                ^ 0x3333333333333333ULL;
+            if (t) return p + (__builtin_ctzll(t) >> 3);
+            p += 8;
+        }
+        while ((unsigned)(*p - 48) < 10) p++;   /* stops at the NUL after the data at the latest */
+        return p;
+    }
     """
     const uchar* jp_skip_plain(const uchar* p, const uchar* end) nogil
+    const uchar* jp_skip_digits(const uchar* p, const uchar* end) nogil
 
 
 cdef const uchar* scan_string(const uchar* p, const uchar* end, bint* esc) noexcept nogil:
@@ -328,30 +349,26 @@ cdef bint number_is_inf(const uchar* s, const uchar* e) noexcept nogil:
     return True   # equal to the edge on all its digits: at or above it
 
 
-cdef const uchar* scan_number(const uchar* p) noexcept nogil:
+cdef const uchar* scan_number(const uchar* p, const uchar* end) noexcept nogil:
     """p at '-' or a digit. Returns the byte after the number, or NULL (grammar, or infinite value)."""
     cdef const uchar* s = p
-    cdef const uchar* d
+    cdef const uchar* s2
     cdef bint slow = False
     if p[0] == 45:
         p += 1
-    d = p
     if p[0] == 48:
         p += 1
     elif 49 <= p[0] <= 57:
-        p += 1
-        while 48 <= p[0] <= 57:
-            p += 1
+        s2 = jp_skip_digits(p + 1, end)
+        slow = s2 - p > 308   # more integer digits than a finite double can have: check exactly
+        p = s2
     else:
         return NULL
-    if p - d > 308:
-        slow = True
     if p[0] == 46:
         p += 1
         if not (48 <= p[0] <= 57):
             return NULL
-        while 48 <= p[0] <= 57:
-            p += 1
+        p = jp_skip_digits(p + 1, end)
     if p[0] == 101 or p[0] == 69:
         slow = True
         p += 1
@@ -359,8 +376,7 @@ cdef const uchar* scan_number(const uchar* p) noexcept nogil:
             p += 1
         if not (48 <= p[0] <= 57):
             return NULL
-        while 48 <= p[0] <= 57:
-            p += 1
+        p = jp_skip_digits(p + 1, end)
     # A leading zero followed by digits ("01") ends the number at "0"; the caller then fails on "1".
     if slow and number_is_inf(s, p):
         return NULL
@@ -424,7 +440,7 @@ cdef const uchar* scan_value(const uchar* p, const uchar* end, int depth) noexce
             else:
                 continue
         elif c == 45 or 48 <= c <= 57:
-            p = scan_number(p)
+            p = scan_number(p, end)
         else:
             p = scan_literal(p)
         if p == NULL:
@@ -665,15 +681,15 @@ cdef bint scan_document(object body, Fields* f, int mode) except -1:
         raise TypeError(f"expected bytes or bytearray, got {type(body).__name__}")
     end = s + n
     fields_init(f, s)
-    with nogil:
-        p = skip_ws(s)
-        if p[0] != 123:
-            return False
-        p = scan_object(p, end, 1, f, mode)
-        if p == NULL:
-            return False
-        p = skip_ws(p)
-    return p == end
+    # The GIL stays held: a scan takes about a microsecond (less than dropping and retaking it), and a
+    # bytearray must not change under the scan.
+    p = skip_ws(s)
+    if p[0] != 123:
+        return False
+    p = scan_object(p, end, 1, f, mode)
+    if p == NULL:
+        return False
+    return skip_ws(p) == end
 
 
 cdef str decode_str(const uchar* s, const uchar* e):
