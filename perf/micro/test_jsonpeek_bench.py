@@ -3,9 +3,7 @@
 Run: pytest perf/micro/test_jsonpeek_bench.py --benchmark-enable
 """
 import json
-import os
-
-os.environ.setdefault("FASTGW_SKIP_BUILD_CHECK", "1")
+import random
 
 import orjson
 import pytest
@@ -37,6 +35,13 @@ RESPONSE = orjson.dumps({
               "prompt_tokens_details": {"cached_tokens": 0}}, "system_fingerprint": "fp_1"})
 
 
+_rng = random.Random(1)
+EMBEDDING = json.dumps({
+    "object": "list", "data": [{"object": "embedding", "index": 0,
+                                "embedding": [_rng.uniform(-0.1, 0.1) for _ in range(1536)]}],
+    "model": "text-embedding-3-small", "usage": {"prompt_tokens": 8, "total_tokens": 8}}).encode()
+
+
 def orjson_peek(body):
     d = orjson.loads(body)
     so = d.get("stream_options")
@@ -63,11 +68,21 @@ def test_peek_usage(benchmark):
     assert benchmark(peek_usage, RESPONSE) == (1100, 120)
 
 
+def _orjson_usage(body):
+    u = orjson.loads(body)["usage"]
+    return u["prompt_tokens"], u.get("completion_tokens", 0)
+
+
 def test_orjson_usage(benchmark):
-    def usage(body):
-        u = orjson.loads(body)["usage"]
-        return u["prompt_tokens"], u["completion_tokens"]
-    assert benchmark(usage, RESPONSE) == (1100, 120)
+    assert benchmark(_orjson_usage, RESPONSE) == (1100, 120)
+
+
+def test_peek_usage_embedding_33k(benchmark):
+    assert benchmark(peek_usage, EMBEDDING) == (8, 0)
+
+
+def test_orjson_usage_embedding_33k(benchmark):
+    assert benchmark(_orjson_usage, EMBEDDING) == (8, 0)
 
 
 def test_peek_and_splice(benchmark):
