@@ -8,13 +8,14 @@ nested values without building anything, and note only the spans of the wanted t
 objects are made only for the returned fields. `splice` rewrites spans (model, stream_options) with one
 allocation.
 
-Deliberate difference from orjson: nesting deeper than MAX_DEPTH (512) containers is rejected; orjson has
+Deliberate difference from orjson: nesting deeper than NESTING_LIMIT (512) containers is rejected; orjson has
 no limit (and crashes the interpreter around 100k levels).
 
 Bounds: every scanner relies on the NUL byte that CPython keeps after the data of a bytes/bytearray
 object. A NUL is invalid at every place a scanner stops to look at a byte (it is neither whitespace, nor a
 token, nor allowed raw in a string), so reaching the end reads that NUL and fails, and every multi-byte test
-short-circuits at the first mismatch: no read goes past it. The 8-byte string fast path checks `end`.
+short-circuits at the first mismatch: no read goes past it. The wide skips (16 or 8 bytes at a time over
+string contents and digits) check `end`.
 """
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE, PyBytes_CheckExact
@@ -26,9 +27,9 @@ from libc.stdlib cimport malloc, free
 
 ctypedef unsigned char uchar
 
-NESTING_LIMIT = 512  # containers a document may nest (the top-level object counts); deeper is invalid
 cdef enum:
-    MAX_DEPTH = 512
+    MAX_DEPTH = 512   # containers a document may nest (the top-level object counts); deeper is invalid
+NESTING_LIMIT = MAX_DEPTH
 
 # Key ids, one namespace for every object kind we look into.
 cdef enum:
@@ -45,7 +46,6 @@ cdef enum:
     MODE_STREAM_OPTIONS   # the top-level "stream_options" object
     MODE_RESPONSE         # top level of a response body
     MODE_USAGE            # the top-level "usage" object of a response
-    MODE_SKIP             # a nested object whose keys do not matter
 
 # Everything the scan records; offsets are pointers into the body until the edge.
 cdef struct Fields:
