@@ -23,8 +23,10 @@ def main(argv=None):
     r.add_argument("--instructions", type=int, default=0, metavar="N",
                    help="also count instructions per request under callgrind over N requests (slow)")
     r.add_argument("--slowed", action="store_true",
-                   help="run fastgw deliberately slowed (PYTHONMALLOC=debug, -X dev, -X tracemalloc) "
+                   help="run fastgw deliberately slowed (PYTHONMALLOC=debug, -X tracemalloc=5) "
                         "to check that `compare` notices")
+    r.add_argument("--no-references", action="store_true",
+                   help="run only the named scenarios (no automatic direct/nginx references)")
     r.add_argument("--baseline", action="store_true", help="also save as perf/results/baseline.json")
     r.add_argument("--results-dir", default=None, help="where to write results (default perf/results)")
     r.add_argument("--no-save", action="store_true", help="print only")
@@ -47,7 +49,8 @@ def main(argv=None):
         result = run.run(args.scenarios, duration=args.duration, connections=args.connections,
                          threads=args.threads, warmup=args.warmup, repeat=args.repeat, mock_kind=args.mock,
                          instructions=args.instructions, results_dir=args.results_dir or run.RESULTS,
-                         save=not args.no_save, baseline=args.baseline, argv=argv, **kwargs)
+                         save=not args.no_save, baseline=args.baseline,
+                         references=not args.no_references, argv=argv, **kwargs)
         print(report.markdown(result))
         if "files" in result:
             print(f"written: {result['files']['json']} and .md", file=sys.stderr)

@@ -1,0 +1,104 @@
+"""The benchmark suite itself works end to end: a very short run of `direct`, `nginx` and `proxy` produces a
+complete, sane result; `compare` passes a result against itself and fails a slowed one (synthetic and real).
+Speed is never judged here: only that the figures exist, are consistent, and that a regression is caught."""
+import copy
+import json
+import os
+import shutil
+
+import pytest
+
+from perf import compare, report
+from perf import run as perf_run
+
+pytestmark = pytest.mark.skipif(not (shutil.which("wrk") and shutil.which("nginx")), reason="needs wrk and nginx")
+
+SHORT = dict(duration=2, warmup=1, connections=4)
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("perf-results"))
+
+
+@pytest.fixture(scope="module")
+def result(results_dir):
+    return perf_run.run(["proxy"], results_dir=results_dir, argv=["run", "proxy"], **SHORT)
+
+
+def test_result_is_complete_and_sane(result):
+    sc = result["scenarios"]
+    # `proxy` pulls in its references automatically: the mock's ceiling and the nginx yardstick
+    assert list(sc) == ["direct", "nginx", "proxy"]
+    for name, entry in sc.items():
+        s = entry["summary"]
+        assert s["requests"] > 0, name
+        assert s["errors_total"] == 0, (name, entry["samples"][0]["error_detail"])
+        assert s["rps"] > 0 and 0 < s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"], name
+        assert entry["samples"][0]["bytes_per_req"] > 1000, name   # the canned chat reply came back
+        if name != "direct":
+            assert s["cpu_us_per_req"] > 0 and s["peak_rss_mb"] > 0, name
+            assert s["rps_vs_direct"] > 0, name
+            assert entry["projected_rps_12cpu"] == pytest.approx(12e6 / s["cpu_us_per_req"])
+            assert entry["saturates_baseline"] == (entry["projected_rps_12cpu"] >= 29005.51)
+        else:
+            assert s.get("cpu_us_per_req") is None
+    proxy = sc["proxy"]["summary"]
+    assert proxy["cpu_vs_nginx"] == pytest.approx(proxy["cpu_us_per_req"] / sc["nginx"]["summary"]["cpu_us_per_req"])
+    meta = result["meta"]
+    for key in ("cpu_model", "cpus_online", "kernel", "python", "git_commit", "date", "pinning", "mock_description"):
+        assert meta[key], key
+    assert meta["versions"]["nginx"] and meta["versions"]["wrk"]
+
+
+def test_result_files_written(result, results_dir):
+    with open(result["files"]["json"]) as f:
+        on_disk = json.load(f)
+    assert on_disk["scenarios"].keys() == result["scenarios"].keys()
+    md = open(os.path.join(results_dir, "latest.md")).read()
+    assert md == report.markdown(on_disk)
+    for name in ("direct", "nginx", "proxy"):
+        assert f"| {name} |" in md
+    assert "vs nginx" in md and "12-CPU projection" in md
+
+
+def test_compare_passes_identical_and_fails_synthetic_slowdown(result, tmp_path, capsys):
+    base = tmp_path / "baseline.json"
+    base.write_text(json.dumps(result))
+    assert compare.main(str(base), str(base)) == 0
+
+    slow = copy.deepcopy(result)
+    s = slow["scenarios"]["proxy"]["summary"]
+    s["cpu_us_per_req"] *= 1.5
+    s["cpu_vs_nginx"] *= 1.5
+    slow_path = tmp_path / "slow.json"
+    slow_path.write_text(json.dumps(slow))
+    assert compare.main(str(slow_path), str(base)) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "cpu_us_per_req" in out
+
+    # within the 10% floor: not a regression
+    slight = copy.deepcopy(result)
+    slight["scenarios"]["proxy"]["summary"]["cpu_us_per_req"] *= 1.05
+    slight_path = tmp_path / "slight.json"
+    slight_path.write_text(json.dumps(slight))
+    assert compare.main(str(slight_path), str(base)) == 0
+
+
+def test_compare_uses_learned_noise(result):
+    base = copy.deepcopy(result)
+    cand = copy.deepcopy(result)
+    cand["scenarios"]["proxy"]["summary"]["cpu_us_per_req"] *= 1.3
+    assert compare.compare(cand, base)[1]                      # 30% worse, no noise known: regression
+    base["scenarios"]["proxy"]["summary"]["noise"]["cpu_us_per_req"] = 0.12
+    regressions = compare.compare(cand, base)[1]                # 3 x 12% noise tolerates 30%
+    assert not [r for r in regressions if r[1] == "cpu_us_per_req"]
+
+
+def test_compare_catches_a_really_slowed_gateway(result, results_dir, tmp_path):
+    """A real run of the gateway under tracemalloc + the debug allocator (the product unchanged) must fail."""
+    slowed = perf_run.run(["proxy"], references=False, results_dir=results_dir,
+                          python_opts=perf_run.SLOWED_PYTHON_OPTS, env=perf_run.SLOWED_ENV, variant="slowed",
+                          **SHORT)
+    assert slowed["scenarios"]["proxy"]["summary"]["requests"] > 0
+    assert compare.main(slowed["files"]["json"], result["files"]["json"]) == 1
