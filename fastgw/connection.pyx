@@ -19,11 +19,12 @@ import asyncio
 import re
 import socket
 
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from fastgw._core.http cimport RequestParser, ResponseParser
 from fastgw._core.sse cimport SSERelay
 from fastgw.exchange cimport Exchange, new_exchange
+from fastgw.gateway cimport Gateway
 
 from fastgw._core import http as H
 from fastgw._core.jsonpeek import peek_request, peek_usage, splice
@@ -69,7 +70,7 @@ def monotonic():
 
 
 cdef class ClientConnection:
-    cdef readonly object gw
+    cdef readonly Gateway gw
     cdef readonly object transport
     cdef readonly RequestParser parser
     cdef readonly str client_addr, peer_addr
@@ -83,10 +84,9 @@ cdef class ClientConnection:
     cdef SSERelay relay
     cdef list parts, tried
 
-    def __init__(self, gw):
+    def __init__(self, Gateway gw):
         self.gw = gw
-        limits = gw.limits
-        self.parser = RequestParser(limits[0], limits[1], limits[2])
+        self.parser = RequestParser(gw.max_head, gw.max_headers, gw.max_body)
         self.client_addr = self.peer_addr = ""
         self.keep_alive = True
         self._reset_response()
@@ -107,7 +107,7 @@ cdef class ClientConnection:
 
     def connection_made(self, transport):
         self.transport = transport
-        gw = self.gw
+        cdef Gateway gw = self.gw
         peer = transport.get_extra_info("peername")
         self.peer_addr = self.client_addr = peer[0] if peer else ""
         sock = transport.get_extra_info("socket")
@@ -152,7 +152,7 @@ cdef class ClientConnection:
         p.feed(data)
         if self.ex is not None and self.wait != C_BODY_WAIT:
             # A pipelined request while one is in flight: keep it, but do not let a client pile up bytes.
-            if p.buffered > self.gw.limits[0] + self.gw.limits[2] and not self.read_paused:
+            if p.buffered > self.gw.max_head + self.gw.max_body and not self.read_paused:
                 self.read_paused = True
                 self.transport.pause_reading()
             return
@@ -240,7 +240,7 @@ cdef class ClientConnection:
 
     cdef void _on_head(self) except *:
         cdef RequestParser p = self.parser
-        gw = self.gw
+        cdef Gateway gw = self.gw
         target = p.target
         q = target.find(b"?")
         path = (target if q < 0 else target[:q]).decode("latin-1")
@@ -250,7 +250,7 @@ cdef class ClientConnection:
         self.ex = ex
         self.keep_alive = p.keep_alive and not gw.draining
         self._wait(C_BODY_WAIT)
-        hooks = gw.pipeline.access
+        hooks = gw.access_hooks
         if hooks and path.startswith("/v1/"):
             try:
                 for hook in hooks:
@@ -294,7 +294,7 @@ cdef class ClientConnection:
             self._refuse(GatewayError(500, "The gateway failed to process the request."), False)
 
     cdef void _local(self, Exchange ex, str path) except *:
-        gw = self.gw
+        cdef Gateway gw = self.gw
         if path == "/healthz":
             self._respond(200, b'{"status":"ok"}', _JSON, b"")
         elif path == "/readyz":
@@ -310,7 +310,7 @@ cdef class ClientConnection:
             raise GatewayError(404, f"Unknown request URL: GET {path}.", code="unknown_url")
 
     cdef void _proxy(self, Exchange ex) except *:
-        gw = self.gw
+        cdef Gateway gw = self.gw
         f = peek_request(ex.body)
         if f is None:
             raise GatewayError(400, "We could not parse the JSON body of your request. The body must be a JSON "
@@ -327,7 +327,7 @@ cdef class ClientConnection:
         ex.stream = f.stream
         ex.client_wants_usage = f.include_usage
         ex.route = route
-        hooks = gw.pipeline.request
+        hooks = gw.request_hooks
         if hooks:
             for i, hook in enumerate(hooks):
                 pending = hook(ex)
@@ -356,7 +356,7 @@ cdef class ClientConnection:
     # -- upstream -----------------------------------------------------------------------------------------
 
     cdef void _send(self, Exchange ex, target) except *:
-        gw = self.gw
+        cdef Gateway gw = self.gw
         body = ex.body
         f = ex.fields
         if body is not self.parser.body:     # a policy rewrote the body: offsets must be read again
@@ -366,7 +366,7 @@ cdef class ClientConnection:
         edits = None
         if target.model:
             edits = [(f.model_start, f.model_end, target.model_json)]
-        if ex.stream and gw.pipeline.needs_usage and not f.include_usage:
+        if ex.stream and gw.needs_usage and not f.include_usage:
             # Accounting needs the stream's usage: ask for it, and hide that extra chunk from this client.
             self.strip_usage = True
             e = ((f.stream_options_start, f.stream_options_end, _INCLUDE_USAGE) if f.stream_options_start >= 0
@@ -413,12 +413,11 @@ cdef class ClientConnection:
         cdef double t = now()
         ex.t_first_byte = t
         ex.status = r.status
-        gw = self.gw
-        pipe = gw.pipeline
-        for hook in pipe.response_headers:
+        cdef Gateway gw = self.gw
+        for hook in gw.response_hooks:
             hook(ex)
         if ex.stream and r.status == 200:
-            self.relay = SSERelay(self.strip_usage, pipe.needs_usage)
+            self.relay = SSERelay(self.strip_usage, gw.needs_usage)
             self._wait(C_STREAMING)
         else:
             self.parts = []
@@ -482,7 +481,7 @@ cdef class ClientConnection:
             if relay.usage_seen:
                 ex.prompt_tokens = relay.prompt_tokens
                 ex.completion_tokens = relay.completion_tokens
-            elif self.gw.pipeline.needs_usage:
+            elif self.gw.needs_usage:
                 _count_streamed(ex, relay)
         else:
             parts = self.parts
@@ -506,7 +505,7 @@ cdef class ClientConnection:
         self.upstream = None
         if ex is None:
             return
-        gw = self.gw
+        cdef Gateway gw = self.gw
         if not self.head_sent and not self.own_head:
             # Nothing reached the client yet: retry a stale keep-alive connection, or try another deployment.
             self.pending_head = None
@@ -566,19 +565,18 @@ cdef class ClientConnection:
 
     cdef void _finish(self, Exchange ex) except *:
         """The request is over: account, log, and move on to the next request or close."""
-        gw = self.gw
+        cdef Gateway gw = self.gw
         ex.t_end = now()
         if ex.t_sent and not ex.upstream_wait:
             ex.upstream_wait = ex.t_end - ex.t_sent
-        pipe = gw.pipeline
-        for hook in pipe.complete:
+        for hook in gw.complete_hooks:
             try:
                 pending = hook(ex)
                 if pending is not None:
                     gw.loop.create_task(pending)
             except Exception:
                 gw.log.exception("policy failed", phase="complete", request_id=ex.request_id)
-        gw.record(ex, pipe)
+        _record(gw, ex)
         ex._parser = None
         self.ex = None
         self.upstream = None
@@ -603,7 +601,7 @@ cdef class ClientConnection:
 
     cdef inline void _wait(self, int what) except *:
         self.wait = what
-        self.deadline = now() + <double>self.gw.timeouts[what]
+        self.deadline = now() + self.gw.timeouts[what]
 
     def check_deadline(self, double t):
         """Called by the worker's sweeper (clock: monotonic()) about every second, or more often when
@@ -645,7 +643,7 @@ cdef class ClientConnection:
         return False
 
     cdef void _send_keepalive(self, double t) except *:
-        gw = self.gw
+        cdef Gateway gw = self.gw
         self.next_keepalive = t + gw.keepalive_interval
         if self.relay is not None and self.relay.events:
             self.next_keepalive = 0.0        # tokens are flowing: no more comments
@@ -662,6 +660,50 @@ cdef class ClientConnection:
             self.pending_head = None
             self.head_sent = True
         self._write(_KEEPALIVE_EVENT)
+
+
+cdef void _record(Gateway gw, Exchange ex) except *:
+    """Metrics and the access-log line of a finished request (its response bytes are already written)."""
+    cdef double latency = ex.t_end - ex.t_start
+    cdef double ttft = ex.t_first_byte - ex.t_sent if ex.t_first_byte != 0.0 and ex.t_sent != 0.0 else -1.0
+    cdef double overhead = latency - ex.upstream_wait
+    if overhead < 0.0:
+        overhead = 0.0
+    route = ex.route
+    if route is not None or ex.model:
+        # Labels come from the config (route name, deployment address), never from the client.
+        gw.stats.request(route.name if route is not None else "", ex.upstream_name, ex.consumer, ex.status,
+                         latency, ttft if ttft >= 0.0 else None, overhead,
+                         ex.prompt_tokens if ex.prompt_tokens > 0 else 0,
+                         ex.completion_tokens if ex.completion_tokens > 0 else 0, ex.cost)
+    al = gw.access_log
+    if al.enabled:
+        rec = {
+            "ts": _wallclock(), "request_id": ex.request_id, "client": ex.client_addr,
+            "method": ex.method.decode("latin-1"), "path": ex.path, "model": ex.model,
+            "consumer": ex.consumer, "upstream": ex.upstream_name, "status": ex.status,
+            "stream": ex.stream, "latency_ms": _ms(latency), "ttfb_ms": _ms(ttft) if ttft >= 0.0 else None,
+            "overhead_us": <long>(overhead * 1e6), "prompt_tokens": ex.prompt_tokens,
+            "completion_tokens": ex.completion_tokens, "cost_usd": ex.cost,
+            "bytes_in": ex.bytes_in, "bytes_out": ex.bytes_out, "error": ex.error or None,
+        }
+        for hook in gw.log_hooks:
+            try:
+                hook(ex, rec)
+            except Exception:
+                gw.log.exception("policy failed", phase="log", request_id=ex.request_id)
+        al.write(rec)
+
+
+cdef inline double _ms(double seconds) noexcept:
+    """Milliseconds rounded to the microsecond, in C (Python's round() costs a microsecond)."""
+    return (<long long>(seconds * 1e6 + 0.5)) / 1e3
+
+
+cdef inline double _wallclock() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts.tv_sec + (<long long>(ts.tv_nsec / 1000)) * 1e-6
 
 
 cdef void _count_streamed(Exchange ex, SSERelay relay) except *:
