@@ -27,6 +27,9 @@ def main(argv=None):
                         "to check that `compare` notices")
     r.add_argument("--no-references", action="store_true",
                    help="run only the named scenarios (no automatic direct/nginx references)")
+    r.add_argument("--profile", action="store_true",
+                   help="record a py-spy --native flamegraph of each gateway's worker during the measured run "
+                        "(perf/results/flamegraph-<scenario>.svg); see perf/flamegraph.sh")
     r.add_argument("--baseline", action="store_true", help="also save as perf/results/baseline.json")
     r.add_argument("--results-dir", default=None, help="where to write results (default perf/results)")
     r.add_argument("--no-save", action="store_true", help="print only")
@@ -50,7 +53,7 @@ def main(argv=None):
                          threads=args.threads, warmup=args.warmup, repeat=args.repeat, mock_kind=args.mock,
                          instructions=args.instructions, results_dir=args.results_dir or run.RESULTS,
                          save=not args.no_save, baseline=args.baseline,
-                         references=not args.no_references, argv=argv, **kwargs)
+                         references=not args.no_references, profile=args.profile, argv=argv, **kwargs)
         print(report.markdown(result))
         if "files" in result:
             print(f"written: {result['files']['json']} and .md", file=sys.stderr)

@@ -21,7 +21,8 @@ import urllib.request
 
 from perf import report
 from perf.mocks import WORK_ROOT, fastgw_cmd, nginx_cmd, render, start_mock
-from perf.procs import Proc, cpus, free_port, pinned, tree_cpu_seconds, tree_peak_rss_bytes, wait_port
+from perf.procs import (Proc, cpus, free_port, leaf_pids, pinned, tree_cpu_seconds, tree_peak_rss_bytes,
+                        wait_port)
 from perf.scenarios import CONFIGS, PAYLOADS, SCENARIOS, WRK_SCRIPT, reference, with_references
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -120,6 +121,27 @@ def wrk(scenario, port, seconds, connections, threads, cpu, timeout_s=10):
     raise RuntimeError(f"wrk printed no PERF_JSON line:\n{out.stdout}\n{out.stderr}")
 
 
+def profile(scenario, gw, opts, work):
+    """py-spy on the worker (the leaf of the gateway's tree) for the measured interval; --native shows the
+    C and Cython frames by name (build with FASTGW_PROFILE=1 for complete native stacks)."""
+    out = os.path.join(RESULTS, f"flamegraph-{scenario.name}.svg")
+    pid = leaf_pids(gw.pid)[0]
+    cmd = ["py-spy", "record", "--native", "--format", "flamegraph", "--rate", "200", "-o", out,
+           "--pid", str(pid), "--duration", str(max(1, round(opts["duration"])))]
+    print(f"profiling pid {pid} -> {out}", file=sys.stderr)
+    return Proc(f"py-spy-{scenario.name}", cmd, os.path.join(work, f"py-spy-{scenario.name}.log")), out
+
+
+def finish_profile(spy):
+    proc, out = spy
+    rc = proc.popen.wait(60)
+    proc.stop()
+    if rc != 0 or not os.path.exists(out):
+        print(f"py-spy failed ({rc}):\n{proc.log_tail()}", file=sys.stderr)
+    else:
+        print(f"flamegraph written: {out}", file=sys.stderr)
+
+
 def measure(scenario, opts, work, mock, cpu):
     """One warm-up + one measured interval of one scenario; returns the sample dict."""
     gw_port = free_port()
@@ -133,9 +155,12 @@ def measure(scenario, opts, work, mock, cpu):
             wrk(scenario, port, opts["warmup"], opts["connections"], opts["threads"], cpu.load)
         gw_cpu0 = tree_cpu_seconds(gw.pid) if gw else 0.0
         mock_cpu0 = tree_cpu_seconds(mock["proc"].pid)
+        spy = profile(scenario, gw, opts, work) if opts.get("profile") and gw else None
         t0 = time.monotonic()
         w = wrk(scenario, port, opts["duration"], opts["connections"], opts["threads"], cpu.load)
         wall = time.monotonic() - t0
+        if spy:
+            finish_profile(spy)
         gw_cpu = tree_cpu_seconds(gw.pid) - gw_cpu0 if gw else None
         mock_cpu = tree_cpu_seconds(mock["proc"].pid) - mock_cpu0
         rss = tree_peak_rss_bytes(gw.pid) if gw else None
@@ -199,7 +224,7 @@ def add_ratios(per_scenario):
 
 def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, mock_kind="nginx",
         python_opts=(), env=None, variant="normal", instructions=0, results_dir=RESULTS, save=True,
-        baseline=False, references=True, argv=None):
+        baseline=False, references=True, profile=False, argv=None):
     """Run the scenarios and return the result dict (also written under `results_dir` when `save`)."""
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -214,7 +239,7 @@ def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, m
     work = os.path.join(WORK_ROOT, "runs", stamp)
     os.makedirs(work, exist_ok=True)
     opts = dict(duration=duration, connections=connections, threads=threads, warmup=warmup,
-                python_opts=list(python_opts), env=dict(env or {}))
+                python_opts=list(python_opts), env=dict(env or {}), profile=profile)
     mock_port = free_port()
     load_before = os.getloadavg()
     proc, mock_desc = start_mock(mock_kind, work, HOST, mock_port, cpu.load)
