@@ -61,7 +61,8 @@ def gateway_cmd(scenario, work, port, upstream_port, python_opts=()):
                          HOST=HOST, PORT=port, UPSTREAM_HOST=HOST, UPSTREAM_PORT=upstream_port)
     if scenario.config:
         conf = render(os.path.join(CONFIGS, scenario.config), os.path.join(work, scenario.config),
-                      HOST=HOST, PORT=port, UPSTREAM=f"http://{HOST}:{upstream_port}/v1", WORK=work)
+                      HOST=HOST, PORT=port, UPSTREAM=f"http://{HOST}:{upstream_port}/v1", WORK=work,
+                      CONFIGS=CONFIGS)
         args = ["serve", "--config", conf, "--workers", "1", "--host", HOST, "--port", str(port)]
     else:
         # proxy only, like the seed's test: no access log (the policies scenario turns it on)

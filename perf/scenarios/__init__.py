@@ -62,7 +62,7 @@ SCENARIOS = {s.name: s for s in [
              unavailable="no response cache in fastgw yet"),
 ]}
 
-DEFAULT = ["direct", "nginx", "proxy", "stream"]
+DEFAULT = ["direct", "nginx", "proxy", "stream", "policies"]
 
 
 def reference(scenario, via):
