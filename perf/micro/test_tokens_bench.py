@@ -55,3 +55,12 @@ def test_count_chat_cached(benchmark):
     tokenizer.cache_clear()
     tokenizer.count_chat(MESSAGES, "gpt-4o-mini")
     assert benchmark(lambda: tokenizer.count_chat(orjson.loads(BODY)["messages"], "gpt-4o-mini")) > 0
+
+
+with open(os.path.join(HERE, "..", "..", "tests", "data", "tokens", "cjk.txt"), encoding="utf-8") as f:
+    CJK = f.read().encode()
+
+
+def test_estimate_text_tokens_cjk(benchmark):
+    # non-ASCII text takes the slower path: copied through a buffer that drops UTF-8 continuation bytes
+    assert benchmark(estimate_text_tokens, CJK) > 0

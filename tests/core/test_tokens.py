@@ -178,3 +178,143 @@ def test_chat_close_to_exact():
     raw = json.dumps({"model": "gpt-4o-mini", "messages": msgs}).encode()
     exact = count_chat(msgs, "gpt-4o-mini")
     assert math.isclose(estimate_chat_tokens(raw, "o200k_base"), exact, rel_tol=0.05)
+
+
+# ------------------------------------------------------------- the run model, byte at a time, in Python
+# The compiled estimator works on 64-byte blocks of bit masks; this is the model it implements, written the
+# plain way (a state machine over runs), so any difference at block edges, in carries or in UTF-8 handling shows.
+
+PRICES = {  # hundredths of a token, as in tokens.pyx
+    "cl100k_base": dict(camel=10, u2l=120, u2x=35, punc=90, punc_more=15, spaces=100, newlines=60, cjk=110,
+                        hangul=125, other3=140, char4=200),
+    "o200k_base": dict(camel=55, u2l=0, u2x=5, punc=85, punc_more=25, spaces=100, newlines=70, cjk=70,
+                       hangul=65, other3=115, char4=200),
+}
+WORD = [0, 100, 100, 100, 100, 100, 100, 105, 110, 110, 110, 125, 145, 150, 160, 220, 260]
+
+
+def byte_class(c: int) -> str:
+    if 97 <= c <= 122:
+        return "lower"
+    if 65 <= c <= 90:
+        return "upper"
+    if 48 <= c <= 57:
+        return "digit"
+    if c in (32, 9):
+        return "space"
+    if c in (10, 13):
+        return "nl"
+    if c < 128:
+        return "punct"
+    if c < 0xC0 or c in (0xC0, 0xC1) or c > 0xF4:
+        return "skip"        # continuation and invalid bytes: transparent
+    if c == 0xC2:
+        return "punct"
+    if c <= 0xC9:
+        return "u2l"
+    if c <= 0xDF:
+        return "u2x"
+    if 0xE3 <= c <= 0xE9:
+        return "cjk"
+    if 0xEA <= c <= 0xED:
+        return "hangul"
+    if c <= 0xEF:
+        return "other3"
+    return "char4"
+
+
+def reference_text(b: bytes, encoding: str) -> int:
+    P = PRICES[encoding]
+    total = 0
+    run, length, extra, newlines, prev_lower = None, 0, 0, 0, False
+
+    def close():
+        nonlocal total
+        if run == "word":
+            total += (WORD[length] if length < 17 else 20 * length) + extra
+        elif run == "digit":
+            total += (length + 2) // 3 * 100
+        elif run == "ws":
+            total += P["newlines"] if newlines else (P["spaces"] if length > 1 else 0)
+        elif run == "punct":
+            total += P["punc"] + (length - 1) * P["punc_more"]
+
+    for c in b:
+        k = byte_class(c)
+        if k == "skip":
+            continue
+        kind = {"lower": "word", "upper": "word", "u2l": "word", "u2x": "word", "digit": "digit", "space": "ws",
+                "nl": "ws", "punct": "punct"}.get(k)
+        if kind != run:
+            close()
+            run, length, extra, newlines, prev_lower = kind, 0, 0, 0, False
+        if kind is None:              # a character priced alone
+            total += P[k]
+            continue
+        length += 1
+        if k == "lower":
+            prev_lower = True
+        elif k == "upper":
+            extra += P["camel"] if prev_lower else 0
+            prev_lower = False
+        elif k in ("u2l", "u2x"):
+            extra += P[k]
+        elif k == "nl":
+            newlines += 1
+    close()
+    return (total + 50) // 100
+
+
+# Pieces that make runs of every kind long enough to cross 64-byte blocks.
+PIECES = ["a", "Z", "camelCase", "x" * 20, "supercalifragilistic", "7", "1234567890" * 3, " ", "  ", "\t", "\n",
+          " \n  ", "   \n\n ", ".", ",", "!?", "'\"\\", "é", "Ünïcödé", "привет", "日本語", "한국어", "—", "…", "🙂",
+          "°", "\x00", "\x7f"]
+texts = st.one_of(st.text(max_size=300), st.lists(st.sampled_from(PIECES), max_size=120).map("".join))
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, st.sampled_from(ENCODINGS))
+def test_text_matches_run_model(s, encoding):
+    b = s.encode("utf-8", "surrogatepass")
+    assert estimate_text_tokens(b, encoding) == reference_text(b, encoding)
+
+
+@pytest.mark.parametrize("variant", ["generic", "popcnt", "avx2"])
+def test_every_code_variant(variant):
+    # The block pricer is compiled three times (baseline x86-64, +POPCNT, +AVX2) and picked by CPU at import;
+    # each must give the model's figures, the ones this CPU does not run included when it can.
+    from fastgw._core import tokens
+    if not tokens._use_variant(variant):
+        pytest.skip(f"this CPU has no {variant}")
+    try:
+        samples = [s.encode() for group in SAMPLES.values() for s in group]
+        samples += [("".join(PIECES) * 3).encode(), b"\xff\x80abc\xc3", "x" * 200 + "1" * 70 + " " * 65 + "\n" * 3]
+        for b in samples:
+            b = b if isinstance(b, bytes) else b.encode()
+            for enc in ENCODINGS:
+                assert estimate_text_tokens(b, enc) == reference_text(b, enc)
+    finally:
+        tokens._best_variant()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(ENCODINGS))
+def test_bytes_match_run_model(b, encoding):
+    # stray continuation bytes, truncated and invalid sequences included
+    assert estimate_text_tokens(b, encoding) == reference_text(b, encoding)
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts, st.lists(st.integers(0, 400), max_size=12))
+def test_string_split_by_escapes(s, cuts):
+    # In a JSON string, escapes cut the text into pieces fed one after another: escaping any characters,
+    # anywhere (here as \\uXXXX), must not change the estimate.
+    cut = set(cuts)
+    parts = []
+    for i, ch in enumerate(s):
+        if i in cut and ord(ch) < 0x10000:
+            parts.append("\\u%04x" % ord(ch))
+        else:
+            parts.append(json.dumps(ch, ensure_ascii=False)[1:-1])
+    raw = ('{"prompt":"' + "".join(parts) + '"}').encode("utf-8", "surrogatepass")
+    assert estimate_chat_tokens(raw) == estimate_text_tokens(s.encode("utf-8", "surrogatepass"))
