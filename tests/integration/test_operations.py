@@ -4,6 +4,7 @@ with struct.pack (independently of fastgw/proxyproto.py)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -233,6 +234,27 @@ def test_rate_limit_per_client_address_behind_one_balancer(proxied):
     lines = {rid: access_line(proxied, rid) for rid in ("a0", "a1", "a2", "b0", "b2", "l0")}
     assert [lines[r]["client"] for r in ("a0", "a2", "b0", "l0")] == [alice, alice, bob, "127.0.0.1"]
     assert [lines[r]["status"] for r in ("a1", "a2", "b2")] == [200, 429, 429]
+
+
+def test_tcp_keepalive_and_idle_timeout_for_the_nlb(mock, start_gateway):
+    """Accepted sockets probe after tcp_keepalive_idle (under the NLB's 350 s), and fastgw closes an idle
+    keep-alive connection itself after idle_timeout, so the NLB never silently forgets a flow."""
+    import shutil
+
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) not installed")
+    gw = start_gateway(model_config(mock.url, extra="[server]\ntcp_keepalive_idle = 42\nidle_timeout = 1.0\n"))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        out = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{gw.port} )"],
+                             capture_output=True, text=True, timeout=10).stdout
+        # The server side of this connection: "timer:(keepalive,41sec,0)" or so (counting down from 42 s).
+        timers = re.findall(r"timer:\(keepalive,(\d+)(?:sec|min)", out)
+        assert timers and all(0 < int(t) <= 42 for t in timers), out
+        t0 = time.monotonic()
+        assert s.recv(65536) == b""                          # idle: closed by the gateway, no response
+        assert 0.5 < time.monotonic() - t0 < 5
 
 
 # ---- drain, restarts ----
