@@ -67,7 +67,15 @@ class AccessLog:
         if self._pending_bytes > self.max_queued_bytes:
             self.dropped += 1
             return
-        line = orjson.dumps(record, default=str, option=_OPTS)
+        self.write_line(orjson.dumps(record, default=str, option=_OPTS))
+
+    def write_line(self, line: bytes) -> None:
+        """Keep an already serialised JSON line (ending in a newline) for the next flush."""
+        if self._closed or not self.enabled:
+            return
+        if self._pending_bytes > self.max_queued_bytes:
+            self.dropped += 1
+            return
         self._pending.append(line)
         self._pending_bytes += len(line)
 

@@ -14,7 +14,7 @@ cdef class Gateway:
     cdef readonly Py_ssize_t max_head, max_headers, max_body
     # Indexed by what a connection waits for (connection.C_IDLE ... C_WRITING).
     cdef double timeouts[6]
-    cdef str _id_prefix
+    cdef bytes _id_prefix
     cdef unsigned long long _id_next
 
     cdef str next_request_id(self)

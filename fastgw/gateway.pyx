@@ -6,6 +6,9 @@ deployment they started with.
 """
 import os
 
+from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.stdio cimport snprintf
+
 from fastgw.pipeline import Pipeline, load_pipeline
 from fastgw.policy import PolicyContext
 from fastgw.proxyproto import parse_networks
@@ -26,7 +29,7 @@ cdef class Gateway:
 
         self.pools = Pools(loop, cfg.upstream)
         # Request ids: unique per worker start without a syscall per request.
-        self._id_prefix = f"req-{os.urandom(4).hex()}-{worker_id}-"
+        self._id_prefix = f"req-{os.urandom(4).hex()}-{worker_id}-".encode()
         self.pipeline = Pipeline([])
         self.apply(cfg)
 
@@ -59,8 +62,10 @@ cdef class Gateway:
         old.close()
 
     cdef str next_request_id(self):
+        cdef char buf[96]
         self._id_next += 1
-        return self._id_prefix + format(self._id_next, "x")
+        cdef int n = snprintf(buf, sizeof(buf), "%s%llx", <const char*>self._id_prefix, self._id_next)
+        return PyUnicode_DecodeASCII(buf, n, NULL)
 
     def close(self):
         self.pipeline.close()

@@ -1,0 +1,56 @@
+"""The access-log line formatted in C (fastgw/connection.pyx) against a dict + orjson reference."""
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastgw.connection import format_access_line
+from fastgw.exchange import Exchange
+
+text = st.text(max_size=60)                     # quotes, backslashes, control characters, any unicode
+
+
+def reference(ex, latency, ttft, overhead) -> dict:
+    return {
+        "request_id": ex.request_id, "client": ex.client_addr, "method": ex.method.decode("latin-1"),
+        "path": ex.path, "model": ex.model, "consumer": ex.consumer, "upstream": ex.upstream_name,
+        "status": ex.status, "stream": ex.stream, "latency_ms": round(latency * 1e3, 3),
+        "ttfb_ms": round(ttft * 1e3, 3) if ttft >= 0 else None, "overhead_us": int(overhead * 1e6),
+        "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens, "cost_usd": ex.cost,
+        "bytes_in": ex.bytes_in, "bytes_out": ex.bytes_out, "error": ex.error or None,
+    }
+
+
+@settings(max_examples=300)
+@given(rid=text, client=text, path=text, model=text, consumer=text, upstream=text, error=text,
+       method=st.binary(max_size=10), status=st.integers(0, 999), stream=st.booleans(),
+       latency=st.floats(0, 1e4), ttft=st.one_of(st.just(-1.0), st.floats(0, 1e4)), overhead=st.floats(0, 10),
+       tokens=st.tuples(st.integers(-1, 10**9), st.integers(-1, 10**9)),
+       cost=st.floats(0, 1e6), nbytes=st.tuples(st.integers(0, 10**12), st.integers(0, 10**12)))
+def test_line_matches_reference(rid, client, path, model, consumer, upstream, error, method, status, stream,
+                                latency, ttft, overhead, tokens, cost, nbytes):
+    ex = Exchange(rid, client, method, path, None, 0.0)
+    ex.model, ex.consumer, ex.upstream_name, ex.error = model, consumer, upstream, error
+    ex.status, ex.stream, ex.cost = status, stream, cost
+    ex.prompt_tokens, ex.completion_tokens = tokens
+    ex.bytes_in, ex.bytes_out = nbytes
+    line = format_access_line(ex, latency, ttft, overhead)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    got = orjson.loads(line)
+    assert got.pop("ts") > 1.7e9
+    want = reference(ex, latency, ttft, overhead)
+    assert abs(got.pop("cost_usd") - want.pop("cost_usd")) <= 1e-8 * max(1.0, cost)
+    for k in ("latency_ms", "ttfb_ms"):
+        g, w = got.pop(k), want.pop(k)
+        assert (g is None and w is None) or abs(g - w) <= 1e-3 + 1e-12 * abs(w)
+    assert abs(got.pop("overhead_us") - want.pop("overhead_us")) <= 1
+    assert got == want
+
+
+def test_overlong_fields_are_cut_and_the_line_stays_json():
+    ex = Exchange("r", "c", b"GET", "/" + "\"x" * 5000, None, 0.0)
+    line = format_access_line(ex, 0.001, -1.0, 0.0)
+    got = orjson.loads(line)
+    assert got["path"].startswith('/"x') and len(got["path"].encode()) <= 1024
+    ex = Exchange("r", "c", b"GET", "/" + "é漢" * 2000 + "\x01" * 3000, None, 0.0)
+    got = orjson.loads(format_access_line(ex, 0.001, -1.0, 0.0))   # cut on a character boundary
+    assert got["path"].startswith("/é漢") and len(got["path"].encode()) <= 1024
