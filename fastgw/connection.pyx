@@ -758,14 +758,44 @@ cdef void _put_str(str value) noexcept:
     _puts('"')
 
 
-cdef inline void _put_fmt_ll(const char* key, long long v) noexcept:
-    global _n
-    _n += snprintf(_line + _n, LINE_CAP - _n, key, v) if _n < LINE_CAP - 64 else 0
+cdef void _put_int(long long v) noexcept:
+    """Decimal digits of v (printf's number formatting costs far more than this loop)."""
+    cdef char tmp[24]
+    cdef int i = 24
+    cdef unsigned long long u = <unsigned long long>(-v) if v < 0 else <unsigned long long>v
+    while True:
+        i -= 1
+        tmp[i] = 48 + <char>(u % 10)
+        u //= 10
+        if u == 0:
+            break
+    if v < 0:
+        i -= 1
+        tmp[i] = 45
+    _put(tmp + i, 24 - i)
 
 
-cdef inline void _put_fmt_d(const char* key, double v) noexcept:
-    global _n
-    _n += snprintf(_line + _n, LINE_CAP - _n, key, v) if _n < LINE_CAP - 64 else 0
+cdef void _put_fixed(long long scaled, int decimals) noexcept:
+    """scaled / 10**decimals as a JSON number with exactly `decimals` digits after the point."""
+    cdef long long unit = 1
+    cdef int i
+    cdef char frac[18]
+    for i in range(decimals):
+        unit *= 10
+    if scaled < 0:
+        _puts("-")
+        scaled = -scaled
+    _put_int(scaled // unit)
+    cdef long long f = scaled % unit
+    for i in range(decimals - 1, -1, -1):
+        frac[i] = 48 + <char>(f % 10)
+        f //= 10
+    _puts(".")
+    _put(frac, decimals)
+
+
+cdef inline long long _scaled(double v, double by) noexcept:
+    return <long long>(v * by + (0.5 if v >= 0 else -0.5))
 
 
 def format_access_line(Exchange ex, double latency, double ttft, double overhead):
@@ -776,7 +806,9 @@ def format_access_line(Exchange ex, double latency, double ttft, double overhead
 cdef bytes _access_line(Exchange ex, double latency, double ttft, double overhead):
     global _n
     _n = 0
-    _put_fmt_d('{"ts":%.6f,"request_id":', _wallclock())
+    _puts('{"ts":')
+    _put_fixed(_wallclock_us(), 6)
+    _puts(',"request_id":')
     _put_str(ex.request_id)
     _puts(',"client":')
     _put_str(ex.client_addr)
@@ -790,22 +822,28 @@ cdef bytes _access_line(Exchange ex, double latency, double ttft, double overhea
     _put_str(ex.consumer)
     _puts(',"upstream":')
     _put_str(ex.upstream_name)
-    _put_fmt_ll(',"status":%lld', ex.status)
-    if ex.stream:
-        _puts(',"stream":true')
-    else:
-        _puts(',"stream":false')
-    _put_fmt_d(',"latency_ms":%.3f', _ms(latency))
+    _puts(',"status":')
+    _put_int(ex.status)
+    _puts(',"stream":true' if ex.stream else ',"stream":false')
+    _puts(',"latency_ms":')
+    _put_fixed(_scaled(latency, 1e6), 3)
     if ttft >= 0.0:
-        _put_fmt_d(',"ttfb_ms":%.3f', _ms(ttft))
+        _puts(',"ttfb_ms":')
+        _put_fixed(_scaled(ttft, 1e6), 3)
     else:
         _puts(',"ttfb_ms":null')
-    _put_fmt_ll(',"overhead_us":%lld', <long long>(overhead * 1e6))
-    _put_fmt_ll(',"prompt_tokens":%lld', ex.prompt_tokens)
-    _put_fmt_ll(',"completion_tokens":%lld', ex.completion_tokens)
-    _put_fmt_d(',"cost_usd":%.9g', ex.cost)
-    _put_fmt_ll(',"bytes_in":%lld', ex.bytes_in)
-    _put_fmt_ll(',"bytes_out":%lld', ex.bytes_out)
+    _puts(',"overhead_us":')
+    _put_int(<long long>(overhead * 1e6))
+    _puts(',"prompt_tokens":')
+    _put_int(ex.prompt_tokens)
+    _puts(',"completion_tokens":')
+    _put_int(ex.completion_tokens)
+    _puts(',"cost_usd":')
+    _put_fixed(_scaled(ex.cost, 1e9), 9)
+    _puts(',"bytes_in":')
+    _put_int(ex.bytes_in)
+    _puts(',"bytes_out":')
+    _put_int(ex.bytes_out)
     if ex.error:
         _puts(',"error":')
         _put_str(ex.error)
@@ -821,9 +859,13 @@ cdef inline double _ms(double seconds) noexcept:
 
 
 cdef inline double _wallclock() noexcept:
+    return _wallclock_us() * 1e-6
+
+
+cdef inline long long _wallclock_us() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)
-    return ts.tv_sec + (<long long>(ts.tv_nsec / 1000)) * 1e-6
+    return <long long>ts.tv_sec * 1000000 + ts.tv_nsec // 1000
 
 
 cdef void _count_streamed(Exchange ex, SSERelay relay) except *:
