@@ -17,3 +17,20 @@ cdef class BucketArena:
     cpdef double peek(self, uint64_t key, double capacity, double refill_per_s, int64_t now_ns=*) except? -1e300
     cpdef tuple charge(self, uint64_t key, int64_t period, double limit, double amount, bint check=*)
     cpdef double used(self, uint64_t key, int64_t period)
+
+
+cdef class BucketPlan:
+    cdef Py_ssize_t n
+    cdef uint64_t* keys
+    cdef double* caps
+    cdef double* rates
+    cdef unsigned char* tok       # 1: a tokens bucket, 0: a requests bucket
+    cdef double* rem              # left after the last reserve
+    cdef list heads               # (head, mid) header parts per bucket
+    cdef readonly bint has_tokens
+    cdef readonly bytes headers   # x-ratelimit-* lines of the last admitted reserve
+
+    cpdef Py_ssize_t reserve(self, BucketArena arena, double tokens, bint headers=*, int64_t now_ns=*) except -2
+    cdef void _give_back(self, BucketArena arena, Py_ssize_t upto, double tokens, int64_t now) except *
+    cdef bytes _header_lines(self)
+    cpdef void settle(self, BucketArena arena, double reserved, double actual, int64_t now_ns=*) except *

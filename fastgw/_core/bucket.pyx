@@ -21,6 +21,8 @@ Every operation takes an optional `now_ns` (tests pass explicit times; the gatew
 """
 from libc.stdint cimport uint64_t, int64_t, uint32_t
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from libc.string cimport memcpy
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 import os
 
@@ -301,3 +303,245 @@ cdef class BucketArena:
             if fgw_load_key(&(<fgw_slot*>self.slots)[i].key) != 0:
                 n += 1
         return n
+
+
+# ------------------------------------------------------------------------------------ plans of buckets
+
+cdef enum:
+    HDR_MAX = 160          # bytes of one kind's header lines but the numbers (checked in BucketPlan())
+
+
+cdef char* put_int(char* o, long long v) noexcept:
+    cdef char tmp[24]
+    cdef int n = 0
+    if v < 0:
+        o[0] = 45
+        o += 1
+        v = -v
+    while True:
+        tmp[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    while n:
+        n -= 1
+        o[0] = tmp[n]
+        o += 1
+    return o
+
+
+cdef char* put_duration(char* o, double s) noexcept:
+    """OpenAI's reset format, as fastgw.policies.ratelimit.format_duration: "20ms", "1.5s", "6m0s", "1h2m3s"."""
+    if s > 1e15:                 # a bucket deep in debt: 31 million years is as good as forever (no overflow)
+        s = 1e15
+    cdef long long ms = <long long>(s * 1000 + 0.5)
+    cdef long long m, h, frac
+    if ms <= 0:
+        if s <= 0:
+            o[0] = 48
+            o[1] = 115
+            return o + 2
+        ms = 1
+    if ms < 1000:
+        o = put_int(o, ms)
+        o[0] = 109
+        o[1] = 115
+        return o + 2
+    m = ms // 60000
+    ms = ms % 60000
+    if m:
+        h = m // 60
+        m = m % 60
+        if h:
+            o = put_int(o, h)
+            o[0] = 104
+            o += 1
+        o = put_int(o, m)
+        o[0] = 109
+        o += 1
+    o = put_int(o, ms // 1000)
+    frac = ms % 1000
+    if frac:
+        o[0] = 46
+        o[1] = <char>(48 + frac // 100)
+        o[2] = <char>(48 + frac // 10 % 10)
+        o[3] = <char>(48 + frac % 10)
+        o += 4
+        while (o - 1)[0] == 48:   # "1.500" -> "1.5"
+            o -= 1
+    o[0] = 115
+    return o + 1
+
+
+def format_reset(double seconds):
+    """The reset format of the x-ratelimit-reset-* headers (the C code they use; for tests)."""
+    cdef char buf[64]
+    cdef char* end = put_duration(buf, seconds)
+    return buf[:end - buf].decode("ascii")
+
+
+cdef class BucketPlan:
+    """The buckets one kind of request takes from, in order, each a requests bucket (takes 1) or a tokens
+    bucket (takes the request's token estimate), with the constant parts of its x-ratelimit-* header lines.
+
+    BucketPlan(keys, capacities, rates, is_tokens, heads): heads[i] = (head, mid) with head =
+    b"x-ratelimit-limit-<kind>: <cap>\\r\\nx-ratelimit-remaining-<kind>: " and mid =
+    b"\\r\\nx-ratelimit-reset-<kind>: ". Made once per (rule set, consumer, model...) and cached by the
+    caller: reserve() then does the whole admission in C.
+    """
+
+    def __cinit__(self):
+        self.n = 0
+        self.keys = NULL
+        self.caps = NULL
+        self.rates = NULL
+        self.tok = NULL
+        self.rem = NULL
+
+    def __init__(self, keys, capacities, rates, is_tokens, heads):
+        cdef Py_ssize_t n = len(keys), i
+        if not (len(capacities) == len(rates) == len(is_tokens) == len(heads) == n):
+            raise ValueError("keys, capacities, rates, is_tokens and heads must have the same length")
+        self.keys = <uint64_t*>PyMem_Malloc(n * sizeof(uint64_t) + 1)
+        self.caps = <double*>PyMem_Malloc(n * sizeof(double) + 1)
+        self.rates = <double*>PyMem_Malloc(n * sizeof(double) + 1)
+        self.rem = <double*>PyMem_Malloc(n * sizeof(double) + 1)
+        self.tok = <unsigned char*>PyMem_Malloc(n + 1)
+        if self.keys == NULL or self.caps == NULL or self.rates == NULL or self.rem == NULL or self.tok == NULL:
+            raise MemoryError()
+        self.has_tokens = False
+        for i in range(n):
+            self.keys[i] = keys[i]
+            self.caps[i] = capacities[i]
+            self.rates[i] = rates[i]
+            self.tok[i] = 1 if is_tokens[i] else 0
+            self.rem[i] = 0.0
+            if is_tokens[i]:
+                self.has_tokens = True
+            head, mid = heads[i]
+            if len(head) + len(mid) > HDR_MAX:
+                raise ValueError("header parts too long")
+        self.heads = [(bytes(h), bytes(m)) for h, m in heads]
+        self.n = n
+        self.headers = b""
+
+    def __dealloc__(self):
+        PyMem_Free(self.keys)
+        PyMem_Free(self.caps)
+        PyMem_Free(self.rates)
+        PyMem_Free(self.rem)
+        PyMem_Free(self.tok)
+
+    def __len__(self):
+        return self.n
+
+    cpdef Py_ssize_t reserve(self, BucketArena arena, double tokens, bint headers=True, int64_t now_ns=-1) except -2:
+        """Take 1 from every requests bucket and `tokens` from every tokens bucket, all or none (a refusal
+        gives back what earlier buckets gave). Returns -1 when admitted, else the index of the first bucket
+        that refused. Then `remaining(i)` is what each bucket had left (up to the refusing one), and, when
+        admitted with `headers`, `self.headers` holds the x-ratelimit-* lines of the tightest requests bucket
+        and the tightest tokens bucket (b"" otherwise). Valid until the next reserve on this plan."""
+        cdef int64_t now = now_ns if now_ns >= 0 else fgw_now_ns()
+        cdef Py_ssize_t i, j
+        cdef fgw_slot* s
+        cdef double amount
+        cdef bint ok
+        self.headers = b""
+        for i in range(self.n):
+            amount = tokens if self.tok[i] else 1.0
+            try:
+                s = <fgw_slot*>arena._find(self.keys[i], self.caps[i], now)
+            except BaseException:
+                self._give_back(arena, i, tokens, now)
+                raise
+            refill(s, self.caps[i], self.rates[i], now)
+            ok = s.tokens >= amount
+            if ok:
+                s.tokens -= amount
+            self.rem[i] = s.tokens
+            fgw_unlock(&s.lock)
+            if not ok:
+                self._give_back(arena, i, tokens, now)
+                return i
+        if headers:
+            self.headers = self._header_lines()
+        return -1
+
+    cdef void _give_back(self, BucketArena arena, Py_ssize_t upto, double tokens, int64_t now) except *:
+        cdef Py_ssize_t j
+        cdef fgw_slot* s
+        for j in range(upto):
+            s = <fgw_slot*>arena._find(self.keys[j], self.caps[j], now)
+            refill(s, self.caps[j], self.rates[j], now)
+            s.tokens += tokens if self.tok[j] else 1.0
+            if s.tokens > self.caps[j]:
+                s.tokens = self.caps[j]
+            fgw_unlock(&s.lock)
+
+    cdef bytes _header_lines(self):
+        # The tightest bucket of each kind speaks for it, as a single OpenAI limit would.
+        cdef Py_ssize_t i, ir = -1, it = -1, k
+        cdef char buf[2 * (HDR_MAX + 80)]
+        cdef char* o = buf
+        cdef bytes head, mid
+        cdef double left
+        for i in range(self.n):
+            if not self.tok[i]:
+                if ir < 0 or self.rem[i] < self.rem[ir]:
+                    ir = i
+            elif it < 0 or self.rem[i] < self.rem[it]:
+                it = i
+        for k in range(2):
+            i = ir if k == 0 else it
+            if i < 0:
+                continue
+            head, mid = self.heads[i]
+            left = self.rem[i]
+            memcpy(o, <char*>head, len(head))
+            o += len(head)
+            o = put_int(o, <long long>left if left > 0 else 0)
+            memcpy(o, <char*>mid, len(mid))
+            o += len(mid)
+            if self.rates[i] > 0:
+                o = put_duration(o, (self.caps[i] - left) / self.rates[i])
+            else:
+                o = put_duration(o, 0.0)
+            o[0] = 13
+            o[1] = 10
+            o += 2
+        return buf[:o - buf]
+
+    def header_lines(self, remaining):
+        """The x-ratelimit-* lines for remaining[i] tokens left in bucket i (backends that take elsewhere)."""
+        cdef Py_ssize_t i
+        if len(remaining) != self.n:
+            raise ValueError("one remaining figure per bucket")
+        for i in range(self.n):
+            self.rem[i] = remaining[i]
+        return self._header_lines()
+
+    def remaining(self, Py_ssize_t i):
+        """Tokens left in bucket i after the last reserve (for a refusal: what the refusing one had)."""
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.rem[i]
+
+    cpdef void settle(self, BucketArena arena, double reserved, double actual, int64_t now_ns=-1) except *:
+        """After the response: every tokens bucket gets `reserved - actual` back (negative: takes more,
+        never refusing). Requests buckets are not touched."""
+        cdef int64_t now = now_ns if now_ns >= 0 else fgw_now_ns()
+        cdef double diff = reserved - actual
+        cdef Py_ssize_t i
+        cdef fgw_slot* s
+        if diff == 0:
+            return
+        for i in range(self.n):
+            if not self.tok[i]:
+                continue
+            s = <fgw_slot*>arena._find(self.keys[i], self.caps[i], now)
+            refill(s, self.caps[i], self.rates[i], now)
+            s.tokens += diff
+            if s.tokens > self.caps[i]:
+                s.tokens = self.caps[i]
+            fgw_unlock(&s.lock)

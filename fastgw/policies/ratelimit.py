@@ -24,6 +24,7 @@ Either way the failure is logged (at most every 5 s) and counted in upstream_err
 from __future__ import annotations
 
 import math
+import operator
 import re
 import time
 from fnmatch import translate
@@ -32,6 +33,7 @@ from typing import Literal, Union
 import msgspec
 import xxhash
 
+from fastgw._core.bucket import BucketPlan
 from fastgw.policies import FieldError, model_label
 from fastgw.policies.limiter_local import LocalLimiter, arena_for
 from fastgw.policy import Policy, Reject
@@ -192,6 +194,36 @@ class _Rule:
         return k
 
 
+_PLAN_CACHE = 4096     # distinct (consumer, model, ...) tuples whose plans are kept
+_NO_PLAN = object()
+
+
+def _no_key(ex) -> tuple:
+    return ()
+
+
+class _Plan:
+    """The buckets one kind of request takes from: a BucketPlan (admission in C), and per bucket its
+    (key, capacity, rate) and (rule, "requests" or "tokens"), for refusal messages and the Redis backends."""
+
+    __slots__ = ("buckets", "base", "kinds", "has_tokens")
+
+    def __init__(self, buckets: BucketPlan, base: list, kinds: list):
+        self.buckets = buckets
+        self.base = base
+        self.kinds = kinds
+        self.has_tokens = buckets.has_tokens
+
+    def items(self, tokens: float) -> list:
+        """(key, capacity, rate, amount) per bucket, for the limiters' take_all."""
+        return [(k, cap, rate, float(tokens) if what == "tokens" else 1.0)
+                for (k, cap, rate), (_, what) in zip(self.base, self.kinds)]
+
+    def settle_items(self, diff: float) -> list:
+        """(key, capacity, rate, diff) per tokens bucket, for the limiters' settle."""
+        return [(k, cap, rate, diff) for (k, cap, rate), (_, what) in zip(self.base, self.kinds) if what == "tokens"]
+
+
 class RateLimit(Policy):
     name = "rate-limit"
     priority = 300
@@ -211,8 +243,22 @@ class RateLimit(Policy):
         self.rules = [_Rule(i, r, config.id) for i, r in enumerate(config.rules)]
         self.backend = config.backend
         self._last_warn = 0.0
+        # What the plan cache is keyed on: only the request attributes and headers some rule looks at.
+        attrs, hdrs = [], []
+        for r in self.rules:
+            attrs += [attr for attr, _ in r.checks] + [kind for kind, _ in r.per if kind != "header"]
+            hdrs += [name for name, _ in r.headers] + [name for kind, name in r.per if kind == "header"]
+        attrs = tuple(dict.fromkeys(attrs))
+        self._key_headers = tuple(dict.fromkeys(hdrs))
+        self._key_of_attrs = operator.attrgetter(*attrs) if attrs else _no_key
+        self._plan_key = self._key_with_headers if self._key_headers else self._key_of_attrs
+        self._headers = config.headers
+        self._default_completion = config.default_completion_tokens
+        self._plans: dict[tuple, _Plan | None] = {}
+        self._arena = None            # the local backend's arena: admission goes straight to it
         if config.backend == "local":
             self.limiter = LocalLimiter(arena_for(ctx.run_dir, config.slots))
+            self._arena = self.limiter.arena
         else:
             from fastgw.policies.limiter_redis import HybridLimiter, RedisLimiter
             from fastgw.policies.redis_client import RedisClient
@@ -235,51 +281,91 @@ class RateLimit(Policy):
             client.close()
 
     # -- admission ---------------------------------------------------------------------------------------
+    #
+    # Which rules apply and which buckets they name depend only on a few strings of the request (consumer,
+    # group, model, path, client address, some headers: only those some rule looks at). So the result, a
+    # _Plan, is computed once per distinct tuple of them and cached; the typical config (rules keyed by
+    # consumer) caches one plan per consumer. The cache is bounded because models, paths and headers are
+    # client-chosen: when full it is emptied, so a client minting names only costs itself the cache misses.
+    # Admission is then one call into C (BucketPlan.reserve): the takes, the rollback on a refusal and the
+    # header lines.
 
-    def _plan(self, ex):
-        """The buckets this request takes from: items (key, capacity, rate, amount) and what each one is."""
-        items, kinds = [], []
-        est = -1
+    def _key_with_headers(self, ex) -> tuple:
+        return self._key_of_attrs(ex), tuple([ex.header(name) for name in self._key_headers])
+
+    def _plan_for(self, ex):
+        key = self._plan_key(ex)
+        plan = self._plans.get(key, _NO_PLAN)
+        if plan is _NO_PLAN:
+            plan = self._new_plan(key, ex)
+        return plan
+
+    def _new_plan(self, key, ex):
+        plan = self._make_plan(ex)
+        if len(self._plans) >= _PLAN_CACHE:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def _make_plan(self, ex):
+        """The buckets of every rule that applies to `ex` (None when none does)."""
+        keys, caps, rates, is_tok, heads, kinds = [], [], [], [], [], []
         for r in self.rules:
             if not r.matches(ex):
                 continue
             kr, kt = r.bucket_keys(ex)
-            if r.requests:
-                items.append((kr, r.requests, r.req_rate, 1.0))
-                kinds.append((r, "requests"))
-            if r.tokens:
-                if est < 0:
-                    est = self._estimate(ex)
-                items.append((kt, r.tokens, r.tok_rate, float(est)))
-                kinds.append((r, "tokens"))
+            for what, key, cap, rate in (("requests", kr, r.requests, r.req_rate), ("tokens", kt, r.tokens, r.tok_rate)):
+                if cap:
+                    keys.append(key)
+                    caps.append(cap)
+                    rates.append(rate)
+                    is_tok.append(what == "tokens")
+                    heads.append(r.hdr[what])
+                    kinds.append((r, what))
             if r.final:
                 break
-        return items, kinds
+        if not keys:
+            return None
+        return _Plan(BucketPlan(keys, caps, rates, is_tok, heads), list(zip(keys, caps, rates)), kinds)
 
     def _estimate(self, ex) -> int:
         prompt = ex.prompt_tokens_estimate
         if ex.endpoint.endswith("/embeddings"):
             return prompt
         f = ex.fields
-        mt = getattr(f, "max_tokens", -1) if f is not None else -1
-        n = getattr(f, "n", -1) if f is not None else -1
-        completion = mt if mt >= 0 else self.config.default_completion_tokens
-        return prompt + completion * (n if n > 1 else 1)
+        if f is None:
+            return prompt + self._default_completion
+        mt = getattr(f, "max_tokens", -1)
+        n = getattr(f, "n", -1)
+        return prompt + (mt if mt >= 0 else self._default_completion) * (n if n > 1 else 1)
 
     def request(self, ex):
-        items, kinds = self._plan(ex)
-        if not items:
+        key = self._plan_key(ex)
+        plan = self._plans.get(key, _NO_PLAN)
+        if plan is _NO_PLAN:
+            plan = self._new_plan(key, ex)
+        if plan is None:
             return None
-        if self.backend == "local":
-            fail, rem = self.limiter.take_all(items)
-            return self._decide(ex, items, kinds, fail, rem)
+        tokens = self._estimate(ex) if plan.has_tokens else 0
+        arena = self._arena
+        if arena is not None:                # local: admission, rollback and header lines in one C call
+            bp = plan.buckets
+            fail = bp.reserve(arena, tokens, self._headers)
+            if fail >= 0:
+                self._refuse(ex, plan, fail, tokens, bp.remaining(fail))
+            scratch = ex.scratch
+            if scratch is None:
+                scratch = ex.scratch = {}
+            scratch[self] = (plan, tokens, bp.headers)
+            return None
+        items = plan.items(tokens)
         if self.backend == "hybrid":
             res = self.limiter.try_take_all(items)
             if res is not None:
-                return self._decide(ex, items, kinds, res[0], res[1])
-        return self._remote_take(ex, items, kinds)
+                return self._decide(ex, plan, tokens, res[0], res[1])
+        return self._remote_take(ex, plan, tokens, items)
 
-    async def _remote_take(self, ex, items, kinds):
+    async def _remote_take(self, ex, plan, tokens, items):
         from fastgw.policies.redis_client import RedisUnavailable
         try:
             fail, rem = await self.limiter.take_all(items)
@@ -290,17 +376,21 @@ class RateLimit(Policy):
             self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "rate_limiter_unavailable")
             raise Reject(503, "The rate limiter is unavailable; please retry shortly.", type="api_error",
                          code="rate_limiter_unavailable", headers=(("retry-after", "1"),)) from None
-        self._decide(ex, items, kinds, fail, rem)
+        self._decide(ex, plan, tokens, fail, rem)
 
-    def _decide(self, ex, items, kinds, fail, rem):
+    def _decide(self, ex, plan, tokens, fail, rem):
         if fail >= 0:
-            self._refuse(ex, items[fail], kinds[fail], rem[fail])
-        ex.new_scratch()[self] = (items, kinds, rem)
+            self._refuse(ex, plan, fail, tokens, rem[fail])
+        hdr = plan.buckets.header_lines(rem) if self.config.headers else b""
+        ex.new_scratch()[self] = (plan, tokens, hdr)
         return None
 
-    def _refuse(self, ex, item, kind, left):
-        rule, what = kind
-        _, cap, rate, amount = item
+    def _refuse(self, ex, plan, i, tokens, left):
+        rule, what = plan.kinds[i]
+        if what == "requests":
+            cap, rate, amount = rule.requests, rule.req_rate, 1.0
+        else:
+            cap, rate, amount = rule.tokens, rule.tok_rate, float(tokens)
         self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "rate_limit")
         unit = f"{what} per {_ABBR[rule.window]} ({'R' if what == 'requests' else 'T'}P{_LETTER[rule.window]})"
         if amount > cap:
@@ -316,30 +406,11 @@ class RateLimit(Policy):
     # -- response ----------------------------------------------------------------------------------------
 
     def response_headers(self, ex) -> None:
-        if not self.config.headers or not ex.scratch:
+        if not ex.scratch:
             return
         st = ex.scratch.get(self)
-        if st is None:
-            return
-        items, kinds, rem = st
-        # The tightest bucket of each kind speaks for it, as a single OpenAI limit would.
-        ir = it = -1
-        for i in range(len(kinds)):
-            if kinds[i][1] == "requests":
-                if ir < 0 or rem[i] < rem[ir]:
-                    ir = i
-            elif it < 0 or rem[i] < rem[it]:
-                it = i
-        out = ex.response_headers
-        for i in (ir, it):
-            if i < 0:
-                continue
-            rule, what = kinds[i]
-            _, cap, rate, _ = items[i]
-            left = rem[i]
-            head, mid = rule.hdr[what]
-            reset = format_duration((cap - left) / rate) if rate > 0 else "0s"
-            out.append(b"%s%d%s%s\r\n" % (head, left if left > 0 else 0, mid, reset.encode()))
+        if st is not None and st[2]:
+            ex.response_headers.append(st[2])
 
     def complete(self, ex):
         if not ex.scratch:
@@ -347,17 +418,21 @@ class RateLimit(Policy):
         st = ex.scratch.pop(self, None)
         if st is None:
             return None
-        items, kinds, _ = st
+        plan, tokens, _ = st
+        if not plan.has_tokens:
+            return None
         if ex.prompt_tokens >= 0:
             actual = float(ex.prompt_tokens + max(ex.completion_tokens, 0))
         elif 200 <= ex.status < 300:
             return None          # answered but usage unknown: keep the estimate
         else:
             actual = 0.0         # refused later or failed upstream: nothing was used
-        settle = [(k, cap, rate, amount - actual) for (k, cap, rate, amount), (_, what) in zip(items, kinds)
-                  if what == "tokens" and amount != actual]
-        if not settle:
+        if tokens == actual:
             return None
+        if self._arena is not None:
+            plan.buckets.settle(self._arena, tokens, actual)
+            return None
+        settle = plan.settle_items(tokens - actual)
         if self.backend == "redis":
             return self._remote_settle(settle)
         self.limiter.settle(settle)

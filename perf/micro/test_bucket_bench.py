@@ -54,6 +54,26 @@ def test_ratelimit_request_local(benchmark, policy_ctx, make_exchange):
     benchmark(one)
 
 
+def test_ratelimit_typical(benchmark, policy_ctx, make_exchange):
+    # The usual config: one request rule and one token rule per consumer, headers on; the whole lifecycle.
+    from fastgw.policies.ratelimit import Config, RateLimit, Rule
+    rl = RateLimit(Config(id="t", rules=[
+        Rule(id="rpm", per=["consumer"], requests=10**9),
+        Rule(id="tpm", per=["consumer"], tokens=10**12),
+    ]), policy_ctx)
+    ex = make_exchange(consumer="alice", group="team-a", prompt=500, max_tokens=200)
+
+    def one():
+        ex.scratch = None
+        ex.response_headers = []
+        rl.request(ex)
+        rl.response_headers(ex)
+        ex.prompt_tokens, ex.completion_tokens, ex.status = 480, 150, 200
+        rl.complete(ex)
+    benchmark(one)
+    assert len(ex.response_headers) == 1 and ex.response_headers[0].count(b"\r\n") == 6
+
+
 def test_auth_access(benchmark, policy_ctx, make_exchange):
     from fastgw.policies.auth import Config, Consumer, KeyAuth, hash_key
     auth = KeyAuth(Config(consumers=[Consumer(f"c{i}", [hash_key(f"sk-{i}")]) for i in range(1000)]), policy_ctx)

@@ -181,3 +181,109 @@ def test_four_processes_admit_exactly_capacity(tmp_path):
     a = BucketArena(path, 1024)
     assert a.used(100, 1) == 4 * tries      # no lost update on the counter either
     a.close()
+
+
+# ---------------------------------------------------------------------------------------------- plans
+
+from fastgw._core.bucket import BucketPlan, format_reset  # noqa: E402
+
+
+def twin_format_duration(s: float) -> str:
+    """OpenAI's reset format, written the plain way (as fastgw.policies.ratelimit.format_duration)."""
+    ms = int(s * 1000 + 0.5)
+    if ms <= 0:
+        return "0s" if s <= 0 else "1ms"
+    if ms < 1000:
+        return f"{ms}ms"
+    m, ms = divmod(ms, 60000)
+    secs = f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms / 1000:.3f}".rstrip("0") + "s"
+    if m == 0:
+        return secs
+    h, m = divmod(m, 60)
+    return f"{h}h{m}m{secs}" if h else f"{m}m{secs}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.floats(-10, 1e9, allow_nan=False), st.integers(0, 10**10).map(lambda ms: ms / 1000),
+                 st.sampled_from([0, 0.0004, 0.0005, 0.9995, 59.9995, 59.9996, 3599.9995, 86400, 7.66])))
+def test_format_reset_like_python(s):
+    assert format_reset(s) == twin_format_duration(s)
+
+
+def heads_for(what, cap):
+    return (b"x-ratelimit-limit-%s: %d\r\nx-ratelimit-remaining-%s: " % (what, cap, what),
+            b"\r\nx-ratelimit-reset-%s: " % what)
+
+
+def twin_headers(plan_spec, rem):
+    """The x-ratelimit-* lines the policy used to build in Python: the tightest bucket of each kind."""
+    out = b""
+    for kind in (False, True):
+        idx = [i for i, (_, _, _, tok) in enumerate(plan_spec) if tok == kind]
+        if not idx:
+            continue
+        i = min(idx, key=lambda j: (rem[j], j))
+        _, cap, rate, tok = plan_spec[i]
+        head, mid = heads_for(b"tokens" if tok else b"requests", int(cap))
+        left = rem[i]
+        reset = twin_format_duration((cap - left) / rate) if rate > 0 else "0s"
+        out += b"%s%d%s%s\r\n" % (head, left if left > 0 else 0, mid, reset.encode())
+    return out
+
+
+PLAN_BUCKETS = [(11, 3.0, 1.0, False), (12, 50.0, 5.0, True), (13, 2.0, 0.1, False), (14, 400.0, 40.0, True),
+                (15, 1.0, 0.0, False)]
+plans = st.lists(st.sampled_from(PLAN_BUCKETS), min_size=1, max_size=4, unique=True)
+plan_ops = st.lists(st.tuples(st.sampled_from(["reserve", "settle"]), st.floats(0, 120).map(lambda x: round(x, 2)),
+                              st.floats(0, 120).map(lambda x: round(x, 2)), st.integers(0, 2_000_000_000)),
+                    max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(plans, plan_ops)
+def test_plan_matches_take_all_on_twin(tmp_path_factory, spec, seq):
+    # reserve = take from each bucket in order, giving back to the earlier ones on the first refusal;
+    # settle = give (reserved - actual) back to every tokens bucket; headers from the remaining figures.
+    a = BucketArena(str(tmp_path_factory.mktemp("p") / "buckets"), 64)
+    plan = BucketPlan([k for k, _, _, _ in spec], [c for _, c, _, _ in spec], [r for _, _, r, _ in spec],
+                      [t for _, _, _, t in spec], [heads_for(b"tokens" if t else b"requests", int(c))
+                                                   for _, c, _, t in spec])
+    assert len(plan) == len(spec) and plan.has_tokens == any(t for _, _, _, t in spec)
+    twin = TwinBucket()
+    now = 10**12
+    for op, x, y, step in seq:
+        now += step
+        if op == "reserve":
+            fail, rem = -1, []
+            for i, (key, cap, rate, tok) in enumerate(spec):
+                ok, r = twin.take(key, cap, rate, x if tok else 1.0, now)
+                rem.append(r)
+                if not ok:
+                    for key2, cap2, rate2, tok2 in spec[:i]:
+                        twin.give_back(key2, cap2, rate2, x if tok2 else 1.0, now)
+                    fail = i
+                    break
+            assert plan.reserve(a, x, True, now) == fail
+            assert [plan.remaining(i) for i in range(len(rem))] == rem
+            assert plan.headers == (twin_headers(spec, rem) if fail < 0 else b"")
+        else:
+            plan.settle(a, x, y, now)
+            for key, cap, rate, tok in spec:
+                if tok and x != y:
+                    twin.give_back(key, cap, rate, x - y, now)
+        for key, cap, rate, _ in spec:
+            assert a.peek(key, cap, rate, now) == twin.peek(key, cap, rate, now)
+    assert plan.header_lines([5.0] * len(spec)) == twin_headers(spec, [5.0] * len(spec))
+    a.close()
+
+
+def test_plan_rolls_back_when_the_table_is_full(tmp_path):
+    a = BucketArena(str(tmp_path / "b"), 8)
+    for k in range(1, 8):
+        a.take(k, 10, 1, 1, 10**12)
+    plan = BucketPlan([1, 100, 101], [10.0] * 3, [1.0] * 3, [False, False, False], [heads_for(b"requests", 10)] * 3)
+    with pytest.raises(BucketTableFull):      # 100 takes the last slot, 101 finds none: 1 and 100 get theirs back
+        plan.reserve(a, 0, False, 10**12)
+    assert a.peek(1, 10, 1, 10**12) == pytest.approx(9, abs=1e-6) and a.peek(100, 10, 1, 10**12) == 10
+    with pytest.raises(ValueError):
+        BucketPlan([1], [1.0], [1.0], [True, False], [heads_for(b"tokens", 1)])
