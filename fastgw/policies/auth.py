@@ -66,6 +66,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     groups: list[Group] = []
 
 
+# The cache of good keys (KeyAuth._seen) holds at most this many header values, then starts again empty.
+# Why it is safe: only values whose key passed the full check (SHA-256 digest found, confirmed with
+# compare_digest) are ever stored, so wrong keys cannot fill it or evict anything, and a wrong key always
+# takes the full path, exactly as before. A lookup compares the presented value with a stored one only when
+# their 64-bit hashes are equal (Python's SipHash, seeded at random per process), so timing cannot be used to
+# guess a stored key byte by byte. Entries hold the key's header value in memory, as the request itself did;
+# they never reach logs or metrics, and a new configuration (a new KeyAuth) starts with an empty cache, so a
+# revoked key stops working on reload.
+_SEEN_MAX = 4096
+
 _MISSING = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
             "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the api-key header.")
 _WRONG = "Incorrect API key provided."
@@ -101,20 +111,37 @@ class KeyAuth(Policy):
                 if d in self._by_hash:
                     raise FieldError(f"consumers[{i}].keys[{j}]", "this key hash already belongs to another consumer")
                 self._by_hash[d] = (c.name, c.group, tuple(c.models), groups.get(c.group, ()), d)
+        # Header values (b"Bearer sk-...", or the api-key header's) that passed the check -> the entry: the hot
+        # path skips SHA-256 for keys already seen. See _SEEN_MAX for why this is safe.
+        self._seen: dict[bytes, tuple] = {}
+        self._seen_api_key: dict[bytes, tuple] = {}
         # (consumer, model) -> allowed; bounded because model names come from clients.
         self._allowed: dict[tuple[str, str], bool] = {}
 
     def access(self, ex) -> None:
-        key = None
         v = ex.header(b"authorization")
+        entry = self._seen.get(v) if v is not None else self._seen_api_key.get(ex.header(b"api-key"))
+        if entry is None:
+            entry = self._check(ex, v)
+        ex.consumer = entry[0]
+        ex.group = entry[1]
+        scratch = ex.scratch
+        if scratch is None:
+            scratch = ex.scratch = {}
+        scratch["auth"] = entry
+
+    def _check(self, ex, v):
+        """The full check: parse, hash, look up, confirm; remembers the header value when the key is good."""
+        key = None
+        seen = self._seen
         if v is not None:
             scheme, _, rest = v.strip().partition(b" ")
             if scheme.lower() == b"bearer":
                 key = rest.strip()
         if not key:
-            key = ex.header(b"api-key")
-            if key is not None:
-                key = key.strip()
+            v = ex.header(b"api-key")
+            seen = self._seen_api_key
+            key = v.strip() if v is not None else None
         if not key:
             self._refuse(_MISSING)
         digest = hashlib.sha256(key).hexdigest()
@@ -124,17 +151,18 @@ class KeyAuth(Policy):
         # The dict found it by digest already; confirm in constant time (defence in depth).
         if not hmac.compare_digest(entry[4], digest):
             self._refuse(_WRONG)
-        ex.consumer = entry[0]
-        ex.group = entry[1]
-        s = ex.new_scratch()
-        s["auth"] = entry
+        if len(seen) >= _SEEN_MAX:
+            seen.clear()
+        seen[v] = entry
+        return entry
 
     def _refuse(self, message: str):
         self.ctx.stats.rejected("", "", "auth")
         raise Reject(401, message, type="invalid_request_error", code="invalid_api_key")
 
     def request(self, ex) -> None:
-        entry = ex.scratch.get("auth") if ex.scratch else None
+        scratch = ex.scratch
+        entry = scratch.get("auth") if scratch else None
         if entry is None:
             return
         c_models, g_models = entry[2], entry[3]

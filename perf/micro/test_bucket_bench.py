@@ -84,3 +84,17 @@ def test_auth_access(benchmark, policy_ctx, make_exchange):
         auth.access(ex)
         auth.request(ex)
     benchmark(one)
+
+
+def test_auth_access_first_time(benchmark, policy_ctx, make_exchange):
+    # A key not seen before (or after the cache of good keys was emptied): SHA-256, lookup, compare_digest.
+    from fastgw.policies.auth import Config, Consumer, KeyAuth, hash_key
+    auth = KeyAuth(Config(consumers=[Consumer(f"c{i}", [hash_key(f"sk-{i}")]) for i in range(1000)]), policy_ctx)
+    ex = make_exchange(headers={"Authorization": "Bearer sk-500"})
+
+    def one():
+        ex.scratch = None
+        auth._seen.clear()
+        auth.access(ex)
+        auth.request(ex)
+    benchmark(one)

@@ -101,3 +101,27 @@ def test_duplicate_key_rejected(policy_ctx):
     with pytest.raises(FieldError) as e:
         KeyAuth(Config(consumers=[Consumer("a", [hash_key("k")]), Consumer("b", [hash_key("k")])]), policy_ctx)
     assert e.value.field == "consumers[1].keys[0]"
+
+
+def test_good_keys_are_remembered_wrong_ones_never(auth, make_exchange, monkeypatch):
+    from fastgw.policies import auth as auth_mod
+    for _ in range(2):
+        assert run(auth, make_exchange(headers={"Authorization": "Bearer sk-alice"}, model="gpt-4o")).consumer == "alice"
+        assert run(auth, make_exchange(headers={"api-key": "sk-carol-2"})).consumer == "carol"
+    assert auth._seen == {b"Bearer sk-alice": auth._by_hash[hash_key("sk-alice")]}
+    assert list(auth._seen_api_key) == [b"sk-carol-2"]
+    for bad in ({"Authorization": "Bearer sk-alicE"}, {"api-key": "sk-nobody"}, {"Authorization": "Basic sk-alice"}):
+        with pytest.raises(GatewayError) as e:
+            run(auth, make_exchange(headers=bad))
+        assert e.value.status == 401
+    assert len(auth._seen) == 1 and len(auth._seen_api_key) == 1
+    # a remembered key still goes through the model check, and a "Basic" header still falls back to api-key
+    with pytest.raises(GatewayError) as e:
+        run(auth, make_exchange(headers={"Authorization": "Bearer sk-alice"}, model="gpt-3.5"))
+    assert e.value.status == 403
+    ex = run(auth, make_exchange(headers={"Authorization": "Basic x", "api-key": "sk-carol-2"}))
+    assert ex.consumer == "carol" and ex.group == "open"
+    monkeypatch.setattr(auth_mod, "_SEEN_MAX", 2)           # bounded: starts again empty when full
+    for h in ("Bearer sk-dave", "Bearer  sk-dave", "bearer sk-dave"):
+        assert run(auth, make_exchange(headers={"Authorization": h}, model="text-x")).consumer == "dave"
+        assert len(auth._seen) <= 2
