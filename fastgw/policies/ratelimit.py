@@ -413,24 +413,28 @@ class RateLimit(Policy):
             ex.response_headers.append(st[2])
 
     def complete(self, ex):
-        if not ex.scratch:
+        scratch = ex.scratch
+        if not scratch:
             return None
-        st = ex.scratch.pop(self, None)
+        st = scratch.pop(self, None)
         if st is None:
             return None
         plan, tokens, _ = st
         if not plan.has_tokens:
             return None
-        if ex.prompt_tokens >= 0:
-            actual = float(ex.prompt_tokens + max(ex.completion_tokens, 0))
+        prompt = ex.prompt_tokens
+        if prompt >= 0:
+            completion = ex.completion_tokens
+            actual = float(prompt + completion if completion > 0 else prompt)
         elif 200 <= ex.status < 300:
             return None          # answered but usage unknown: keep the estimate
         else:
             actual = 0.0         # refused later or failed upstream: nothing was used
         if tokens == actual:
             return None
-        if self._arena is not None:
-            plan.buckets.settle(self._arena, tokens, actual)
+        arena = self._arena
+        if arena is not None:
+            plan.buckets.settle(arena, tokens, actual)
             return None
         settle = plan.settle_items(tokens - actual)
         if self.backend == "redis":
