@@ -57,6 +57,7 @@ class Deployment(msgspec.Struct, forbid_unknown_fields=True):
     key_env: str = ""                     # environment variable holding the provider key; "" = no key
     weight: int = 1
     provider: str = "openai"              # wire format; "openai" is a pass-through
+    ca_file: str = ""                     # https: a PEM file of extra CAs to trust (a private CA); "" = system CAs
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True):

@@ -39,7 +39,7 @@ from fastgw._core.jsonpeek import peek_request, peek_usage, splice
 from fastgw.errors import GatewayError, reason
 from fastgw.proxyproto import ProxyProtocolError, is_trusted
 from fastgw.proxyproto import parse as parse_proxy_header
-from fastgw.router import PROXIED, tls_context
+from fastgw.router import PROXIED
 
 cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _BODY = H.BODY, _END = H.END
 _frame = H.frame_chunk
@@ -461,7 +461,7 @@ cdef class ClientConnection:
             if not data:
                 return
             out = _frame(data)
-            self.deadline = now() + self.gw.stream_gap_timeout
+            self.deadline = self._upstream_deadline(now() + self.gw.stream_gap_timeout)
         else:
             self.parts.append(data)
             if self.own_head:
@@ -609,6 +609,13 @@ cdef class ClientConnection:
     cdef inline void _wait(self, int what) except *:
         self.wait = what
         self.deadline = now() + self.gw.timeouts[what]
+        if what == C_UPSTREAM_WAIT or what == C_STREAMING:
+            self.deadline = self._upstream_deadline(self.deadline)
+
+    cdef inline double _upstream_deadline(self, double d) noexcept:
+        """No upstream wait outlives the request's total timeout."""
+        cdef double total = self.ex.t_start + self.gw.total_timeout if self.ex is not None else d
+        return d if d < total else total
 
     def check_deadline(self, double t):
         """Called by the worker's sweeper (clock: monotonic()) about every second, or more often when
@@ -997,7 +1004,7 @@ cdef class UpstreamConnection:
 
 cdef class Pool:
     """Idle keep-alive connections to one upstream address, in one worker."""
-    cdef readonly object loop, host, server_hostname
+    cdef readonly object loop, host, server_hostname, ssl
     cdef readonly int port, max_idle
     cdef readonly bint tls
     cdef readonly double connect_timeout
@@ -1005,7 +1012,7 @@ cdef class Pool:
 
     def __init__(self, loop, target, int max_idle, double connect_timeout):
         self.loop = loop
-        self.host, self.port, self.tls = target.host, target.port, target.tls
+        self.host, self.port, self.tls, self.ssl = target.host, target.port, target.tls, target.ssl
         self.server_hostname = target.server_hostname
         self.idle = []
         self.max_idle = max_idle
@@ -1024,7 +1031,7 @@ cdef class Pool:
         _, conn = await asyncio.wait_for(
             self.loop.create_connection(
                 lambda: UpstreamConnection(self), self.host, self.port,
-                ssl=tls_context() if self.tls else None, server_hostname=self.server_hostname),
+                ssl=self.ssl, server_hostname=self.server_hostname),
             self.connect_timeout)
         return conn
 

@@ -54,6 +54,7 @@ cdef class Gateway:
                                u.stream_gap_timeout, u.stream_gap_timeout)):
             self.timeouts[i] = t
         self.stream_gap_timeout = u.stream_gap_timeout
+        self.total_timeout = u.total_timeout
         self.keepalive_interval = s.stream_keepalive_interval
         self.tcp_keepalive_idle = s.tcp_keepalive_idle
         self.proxy_protocol = s.proxy_protocol == "required"

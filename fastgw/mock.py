@@ -563,16 +563,17 @@ def _models_body() -> bytes:
 
 # -- entry points --------------------------------------------------------------------------------------
 
-async def start_mock(host: str, port: int, **defaults) -> MockServer:
+async def start_mock(host: str, port: int, *, ssl=None, **defaults) -> MockServer:
     """Listen on host:port (0 = an ephemeral port: read it from `server.port`) on the running loop.
 
     `defaults`: delay_ms, first_token_delay_ms, chunk_delay_ms, chunks (request headers override them).
+    `ssl`: an ssl.SSLContext to serve HTTPS (tests of https upstreams).
     The returned server has `mock_stats` (a MockStats) and the usual AbstractServer methods.
     """
     stats = MockStats()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _MockConnection(stats, defaults), host, port,
-                                      reuse_address=True, backlog=2048)
+                                      reuse_address=True, backlog=2048, ssl=ssl)
     return MockServer(server, stats)
 
 

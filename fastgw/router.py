@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from fastgw.config import Config, provider_key
+from fastgw.config import Config, ConfigError, provider_key
 
 # Endpoints proxied upstream; the part after "/v1" is appended to the deployment's base path.
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -19,17 +19,18 @@ PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/res
 class Target:
     """One deployment, ready to send to."""
 
-    __slots__ = ("name", "pool_key", "host", "port", "tls", "server_hostname", "request_lines",
+    __slots__ = ("name", "pool_key", "host", "port", "tls", "ssl", "server_hostname", "request_lines",
                  "header_lines", "model", "model_json")
 
-    def __init__(self, url: str, model: str, key: str):
+    def __init__(self, url: str, model: str, key: str, ca_file: str = ""):
         parts = urlsplit(url)
         self.tls = parts.scheme == "https"
+        self.ssl = tls_context(ca_file) if self.tls else None
         self.host = parts.hostname
         self.port = parts.port or (443 if self.tls else 80)
         self.server_hostname = self.host if self.tls else None
         self.name = f"{self.host}:{self.port}"   # the metrics label: bounded, from the config
-        self.pool_key = (self.host, self.port, self.tls)
+        self.pool_key = (self.host, self.port, self.tls, ca_file)
         base = parts.path.rstrip("/")
         self.request_lines = {
             ep: b"POST " + (base + ep[3:]).encode() + b" HTTP/1.1\r\n" for ep in PROXIED
@@ -78,7 +79,7 @@ class Router:
             targets = []
             for d in m.deployments:
                 url = mock_url if (mock_url and "mock.invalid" in d.url) else d.url
-                targets.append((Target(url, d.model, provider_key(d, env)), d.weight))
+                targets.append((Target(url, d.model, provider_key(d, env), d.ca_file), d.weight))
             route = Route(m.name, targets)
             if m.name == "*":
                 self.wildcard = route
@@ -95,12 +96,15 @@ class Router:
         return r if r is not None else self.wildcard
 
 
-_TLS: ssl.SSLContext | None = None
+_TLS: dict[str, ssl.SSLContext] = {}
 
 
-def tls_context() -> ssl.SSLContext:
-    """One client TLS context per process (verifying, system CAs)."""
-    global _TLS
-    if _TLS is None:
-        _TLS = ssl.create_default_context()
-    return _TLS
+def tls_context(ca_file: str = "") -> ssl.SSLContext:
+    """One verifying client TLS context per CA file and process (system CAs, plus `ca_file` when given)."""
+    ctx = _TLS.get(ca_file)
+    if ctx is None:
+        try:
+            ctx = _TLS[ca_file] = ssl.create_default_context(cafile=ca_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"ca_file {ca_file!r}: cannot load: {exc}") from None
+    return ctx

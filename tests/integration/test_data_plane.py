@@ -387,3 +387,51 @@ def test_upstream_flag_needs_no_config(mock, start_gateway):
     gw = start_gateway(args=("--upstream", mock.url))
     r = client(gw).chat.completions.create(model="anything-at-all", messages=[{"role": "user", "content": "x"}])
     assert r.model == "anything-at-all"
+
+
+def test_model_name_rewrite_reaches_the_provider(mock, start_gateway):
+    cfg = model_config(mock.url, name="fast").replace('url = ', 'model = "gpt-4o-mini-2024-07-18"\nurl = ')
+    gw = start_gateway(cfg)
+    r = client(gw).chat.completions.create(model="fast", messages=CHAT["messages"])
+    assert r.model == "gpt-4o-mini-2024-07-18"         # the mock answers with the model it was asked for
+    chunks = list(client(gw).chat.completions.create(model="fast", messages=CHAT["messages"], stream=True))
+    assert chunks[0].model == "gpt-4o-mini-2024-07-18"
+
+
+def test_stream_gap_and_total_timeouts_cut_a_stalled_stream(mock, start_gateway):
+    gw = start_gateway(model_config(mock.url, extra="[upstream]\nstream_gap_timeout = 0.5\ntotal_timeout = 30\n"))
+    body = orjson.dumps({**CHAT, "stream": True})
+    t0 = time.monotonic()
+    got = raw_request(gw.port, post(gw.port, body, "x-mock-chunks: 3\r\nx-mock-chunk-delay-ms: 3000\r\n"))
+    assert got.startswith(b"HTTP/1.1 200") and b"[DONE]" not in got and not got.endswith(b"0\r\n\r\n")
+    assert time.monotonic() - t0 < 2.5                  # cut after the 0.5 s gap, not after 9 s of slow chunks
+    gw2 = start_gateway(model_config(mock.url, extra="[upstream]\nstream_gap_timeout = 5\ntotal_timeout = 1.0\n"))
+    t0 = time.monotonic()
+    got = raw_request(gw2.port, post(gw2.port, body, "x-mock-chunks: 20\r\nx-mock-chunk-delay-ms: 300\r\n"))
+    assert b"data: {" in got and b"[DONE]" not in got
+    assert time.monotonic() - t0 < 3                    # the total timeout ends it, though chunks keep coming
+
+
+def test_https_upstream_with_a_private_ca(tmp_path, start_gateway):
+    import trustme
+
+    from tests.integration.conftest import MockThread
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    server_ctx = __import__("ssl").create_default_context(__import__("ssl").Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    m = MockThread(ssl=server_ctx)
+    try:
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        url = f"https://127.0.0.1:{m.port}/v1"
+        gw = start_gateway(model_config(url).replace('url = ', f'ca_file = "{ca_file}"\nurl = '))
+        assert client(gw).chat.completions.create(**CHAT).choices[0].message.content
+        # Without the CA the certificate is not trusted: 502, never an unverified connection.
+        gw2 = start_gateway(model_config(url))
+        with pytest.raises(openai.APIStatusError) as e:
+            client(gw2).chat.completions.create(**CHAT)
+        assert e.value.status_code == 502
+    finally:
+        m.stop()
