@@ -155,6 +155,12 @@ def _check(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: server.workers: must be >= 0 (0 = one per available CPU)")
     if s.proxy_protocol not in ("off", "required"):
         raise ConfigError(f"{source}: server.proxy_protocol: expected 'off' or 'required'")
+    from fastgw.proxyproto import parse_networks
+
+    try:
+        parse_networks(s.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: server.trusted_proxies: {exc}") from None
     for field in ("max_header_bytes", "max_headers", "max_body_bytes"):
         if getattr(s, field) <= 0:
             raise ConfigError(f"{source}: server.{field}: must be > 0")

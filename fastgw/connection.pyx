@@ -629,7 +629,8 @@ cdef class ClientConnection:
             self.closing = True
             self.transport.close()
         elif wait == C_HEAD_WAIT or wait == C_BODY_WAIT:
-            if self.ex is None and not self.parser.buffered and self.proxy_buf is None:
+            # No HTTP yet (or only part of a PROXY header): nothing to answer, just close.
+            if self.proxy_buf is not None or (self.ex is None and not self.parser.buffered):
                 self.closing = True
                 self.transport.close()
             else:
