@@ -41,6 +41,9 @@ def main(argv=None):
     m = sub.add_parser("micro", help="run the pytest-benchmark micro-benchmarks in perf/micro")
     m.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments (e.g. -k sse)")
 
+    rp = sub.add_parser("report", help="re-render a result JSON as Markdown (stdout)")
+    rp.add_argument("result", nargs="?", default=None, help="result JSON (default perf/results/latest.json)")
+
     sub.add_parser("scenarios", help="list the scenarios")
 
     args = p.parse_args(argv)
@@ -64,6 +67,13 @@ def main(argv=None):
     if args.cmd == "micro":
         from perf import micro
         return micro.main(args.pytest_args)
+    if args.cmd == "report":
+        import json
+        import os
+        from perf import report, run
+        with open(args.result or os.path.join(run.RESULTS, "latest.json")) as f:
+            print(report.markdown(json.load(f)), end="")
+        return 0
     if args.cmd == "scenarios":
         for s in SCENARIOS.values():
             print(f"{s.name:14} {s.via:7} {s.payload:7} {s.what}" + (f"  [not available: {s.unavailable}]"

@@ -120,6 +120,11 @@ def markdown(result):
     verdicts = _verdicts(sc)
     if verdicts:
         lines += ["", "Verdict:"] + [f"- {v}" for v in verdicts]
+    if any(e["payload"] == "stream" for e in sc.values()) and m["mock"] == "nginx":
+        lines += ["", "Stream caveat: the nginx mock sends the 29 KB SSE reply at once (a static file), so the "
+                  "relays see a few large reads rather than 100 paced events; per-event costs of a drip-fed "
+                  "stream are what the `_core.sse` micro-benchmarks measure. nginx relays with "
+                  "`proxy_buffering off` (the usual SSE setting), i.e. in pieces of its 4-8 KB proxy buffer."]
     if m.get("skipped"):
         lines += ["", "Not run: " + "; ".join(f"`{k}` ({v})" for k, v in m["skipped"].items())]
     micro = _micro_section()
@@ -132,6 +137,10 @@ def _verdicts(sc):
     out = []
     for name, e in sc.items():
         s = e["summary"]
+        if e["via"] != "direct" and s.get("cpu_util") is not None and s["cpu_util"] < 0.8:
+            out.append(f"`{name}`: the proxy was busy only {s['cpu_util']:.0%} of the time, so its RPS is set by "
+                       "the mock + wrk CPU (and the machine's other load), not by the proxy: judge it by CPU per "
+                       "request, not RPS.")
         if e["via"] != "fastgw":
             continue
         ratio = s.get("cpu_vs_nginx")

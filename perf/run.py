@@ -202,6 +202,8 @@ def summarize(samples):
         out[key] = statistics.median(values)
         mean = statistics.fmean(values)
         noise[key] = statistics.stdev(values) / mean if len(values) > 1 and mean else None
+    if samples and "instructions_per_req" in out:
+        noise["instructions_per_req"] = None   # measured once per run, not per repeat: noise unknown
     out["requests"] = sum(s["requests"] for s in samples)
     out["errors_total"] = sum(s["errors"] for s in samples)
     out["noise"] = noise
@@ -286,7 +288,8 @@ def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, m
             entry["projected_rps_12cpu"] = PROJECTION_CPUS * 1e6 / cpr
             entry["saturates_baseline"] = entry["projected_rps_12cpu"] >= BASELINE_RPS
         result["scenarios"][s.name] = entry
-    shutil.rmtree(work, ignore_errors=True) if not os.environ.get("PERF_KEEP_WORK") else None
+    if not os.environ.get("PERF_KEEP_WORK"):  # set it to inspect configs and logs of a run
+        shutil.rmtree(work, ignore_errors=True)
     if save:
         write(result, results_dir, stamp, baseline)
     return result
