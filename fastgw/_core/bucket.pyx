@@ -18,6 +18,9 @@ with time.
 
 Time: CLOCK_MONOTONIC in nanoseconds, which is system-wide, so a refill computed by one process is valid in all.
 Every operation takes an optional `now_ns` (tests pass explicit times; the gateway passes nothing).
+
+BucketPlan is the rate limiter's hot path: the buckets one kind of request takes from (keys hashed once, when
+the plan is made), reserved all-or-none in one call, with the x-ratelimit-* header lines written in C.
 """
 from libc.stdint cimport uint64_t, int64_t, uint32_t
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
