@@ -492,6 +492,17 @@ cdef extern from *:
         size_t i = 0;
     #if defined(__SSE2__)
         const __m128i q = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\\\');
+        /* 64 bytes per test while nothing is found (long content strings), then 16 to place it */
+        for (; i + 64 <= n; i += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(p + i)), b = _mm_loadu_si128((const __m128i *)(p + i + 16)),
+                    c = _mm_loadu_si128((const __m128i *)(p + i + 32)), d = _mm_loadu_si128((const __m128i *)(p + i + 48));
+            __m128i hit = _mm_or_si128(_mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(a, q), _mm_cmpeq_epi8(a, bs)),
+                                                    _mm_or_si128(_mm_cmpeq_epi8(b, q), _mm_cmpeq_epi8(b, bs))),
+                                       _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(c, q), _mm_cmpeq_epi8(c, bs)),
+                                                    _mm_or_si128(_mm_cmpeq_epi8(d, q), _mm_cmpeq_epi8(d, bs))));
+            if (_mm_movemask_epi8(hit))
+                break;
+        }
         for (; i + 16 <= n; i += 16) {
             __m128i b = _mm_loadu_si128((const __m128i *)(p + i));
             unsigned m = (unsigned)_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(b, q), _mm_cmpeq_epi8(b, bs)));
