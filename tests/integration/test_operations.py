@@ -189,6 +189,9 @@ def test_proxy_bad_or_missing_header_is_closed_without_a_response(proxied):
 def test_proxy_header_timeout_closes_without_an_http_response(proxied):
     assert exchange(proxied.port, v1("203.0.113.7")[:10]) == b""       # half a header, then silence
     assert exchange(proxied.port, v2("203.0.113.7")[:20]) == b""
+    assert exchange(proxied.port) == b""                                # nothing at all (a bare TCP check)
+    time.sleep(0.3)
+    assert proxied.access_lines() == []                                 # no request was ever made up
 
 
 def test_proxy_header_from_an_untrusted_peer_is_never_believed(mock, start_gateway):
