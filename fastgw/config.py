@@ -161,6 +161,9 @@ def _check(cfg: Config, source: str) -> None:
         parse_networks(s.trusted_proxies)
     except ValueError as exc:
         raise ConfigError(f"{source}: server.trusted_proxies: {exc}") from None
+    if s.proxy_protocol == "required" and not s.trusted_proxies:
+        raise ConfigError(f"{source}: server.trusted_proxies: empty while proxy_protocol is 'required', so every "
+                          "connection would be refused; list the load balancers' addresses or CIDRs")
     for field in ("max_header_bytes", "max_headers", "max_body_bytes"):
         if getattr(s, field) <= 0:
             raise ConfigError(f"{source}: server.{field}: must be > 0")

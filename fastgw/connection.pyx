@@ -33,6 +33,7 @@ from fastgw._core.http cimport RequestParser, ResponseParser
 from fastgw._core.sse cimport SSERelay
 from fastgw.exchange cimport Exchange, new_exchange
 from fastgw.gateway cimport Gateway
+from fastgw.router cimport Route, Router, Target
 
 from fastgw._core import http as H
 from fastgw._core.jsonpeek import peek_request, peek_usage, splice
@@ -201,6 +202,7 @@ cdef class ClientConnection:
         self.proxy_buf = None
         if info.command == "PROXY" and info.src_addr:
             self.client_addr = info.src_addr
+        self._wait(C_IDLE)               # the header is in; the connection is now an idle HTTP one
         return buf[consumed:]
 
     cdef void _internal_error(self, str what):
@@ -326,7 +328,7 @@ cdef class ClientConnection:
         model = f.model
         if not model:
             raise GatewayError(400, "You must provide a model parameter.", param="model", code="missing_model")
-        route = gw.router.resolve(model)
+        cdef Route route = (<Router>gw.router).resolve(model)
         if route is None:
             raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
                                param="model", code="model_not_found")
@@ -363,7 +365,7 @@ cdef class ClientConnection:
 
     # -- upstream -----------------------------------------------------------------------------------------
 
-    cdef void _send(self, Exchange ex, target) except *:
+    cdef void _send(self, Exchange ex, Target target) except *:
         cdef Gateway gw = self.gw
         body = ex.body
         f = ex.fields
@@ -388,7 +390,9 @@ cdef class ClientConnection:
             target.request_lines[ex.endpoint],
             target.header_lines + b"x-request-id: " + ex.request_id.encode() + b"\r\n",
             len(body), _DROP)
-        pool = gw.pools.get(target)
+        pool = target.pool                   # cached on the deployment: no Pools lookup per request
+        if pool is None:
+            pool = target.pool = gw.pools.get(target)
         cdef UpstreamConnection conn = pool.acquire()
         self._wait(C_UPSTREAM_WAIT)
         if ex.stream and gw.keepalive_interval > 0:

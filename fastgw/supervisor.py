@@ -10,7 +10,7 @@ sigtimedwait, so there is no busy loop, no handler racing the main code, and no 
   SIGKILL the stragglers; run() returns 0, or 1 if a worker had to be killed. A second SIGINT (Ctrl-C
   twice) kills at once;
 - SIGHUP: reload() in the parent validates the new config; if it returns True, SIGHUP goes to every worker
-  ("config reloaded"), else the workers keep the old config ("config reload refused").
+  ("config validated, reloading workers"; each worker then logs "config reloaded"), else the workers keep the old config ("config reload refused").
 
 Workers start with SIGINT and SIGHUP ignored (the parent turns Ctrl-C into a graceful SIGTERM; a SIGHUP
 arriving before the worker installed its reload handler must not kill it) and SIGTERM at its default.
@@ -222,7 +222,7 @@ class Supervisor:
             ok = False
         if ok:
             self._signal_all(signal.SIGHUP)
-            self.log.info("config reloaded", workers=len(self.workers))
+            self.log.info("config validated, reloading workers", workers=len(self.workers))
         else:
             self.log.warning("config reload refused")
 

@@ -157,7 +157,7 @@ def test_sighup_forwarded_only_when_reload_accepts(tmp_path):
     finally:
         assert stop(sup) == 0
     events = [e["event"] for e in log_events(tmp_path)]
-    assert events.count("config reloaded") == 2 and events.count("config reload refused") == 1
+    assert events.count("config validated, reloading workers") == 2 and events.count("config reload refused") == 1
 
 
 def test_crashing_target_is_logged_and_restarted_with_backoff(tmp_path):
