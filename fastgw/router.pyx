@@ -1,10 +1,11 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
 """Virtual model names -> upstream deployments, with weighted round-robin between a model's deployments.
 
 Everything a request needs from its deployment (request lines, host and key header lines, the spliced model
 value) is computed here once at load time, so routing costs a dict lookup and a counter step per request.
+Compiled (cdef classes, see router.pxd) so that both are C calls from the connection code, not interpreted
+Python functions on every request.
 """
-from __future__ import annotations
-
 import ssl
 from urllib.parse import urlsplit
 
@@ -16,13 +17,10 @@ from fastgw.config import Config, ConfigError, provider_key
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 
 
-class Target:
+cdef class Target:
     """One deployment, ready to send to."""
 
-    __slots__ = ("name", "pool_key", "host", "port", "tls", "ssl", "server_hostname", "request_lines",
-                 "header_lines", "model", "model_json")
-
-    def __init__(self, url: str, model: str, key: str, ca_file: str = ""):
+    def __init__(self, str url, str model, str key, str ca_file=""):
         parts = urlsplit(url)
         self.tls = parts.scheme == "https"
         self.ssl = tls_context(ca_file) if self.tls else None
@@ -43,38 +41,43 @@ class Target:
         self.header_lines = b"".join(lines)
         self.model = model                       # "" = forward the client's model unchanged
         self.model_json = orjson.dumps(model) if model else b""
+        self.pool = None
 
     def __repr__(self) -> str:                   # never shows the key
         return f"Target({self.name}, model={self.model!r})"
 
 
-class Route:
-    """A virtual model and its deployments; pick() is a smooth weighted round-robin."""
+cdef class Route:
+    """A virtual model and its deployments; pick() is a weighted round-robin over them."""
 
-    __slots__ = ("name", "targets", "_cycle", "_i")
-
-    def __init__(self, name: str, targets: list[tuple[Target, int]]):
+    def __init__(self, str name, list targets):
+        """`targets`: (Target, weight) pairs; a weight is a whole number >= 1."""
         self.name = name
-        self.targets = [t for t, _ in targets]
+        self.targets = [<Target?>t for t, _ in targets]
         # Expand weights into a fixed cycle once: picking is then one index step.
         self._cycle = [t for t, w in targets for _ in range(w)]
+        self._n = len(self._cycle)
         self._i = 0
 
-    def pick(self) -> Target:
-        c = self._cycle
-        i = self._i
-        self._i = (i + 1) % len(c)
-        return c[i]
+    cpdef Target pick(self):
+        """The next deployment of the cycle."""
+        cdef Py_ssize_t i = self._i
+        if self._n == 0:
+            raise ValueError(f"route {self.name!r} has no deployment with a positive weight")
+        self._i = i + 1 if i + 1 < self._n else 0
+        return <Target>self._cycle[i]
 
-    def fallbacks(self, first: Target) -> list[Target]:
+    def fallbacks(self, first):
         """Other deployments to try when `first` cannot be reached."""
         return [t for t in self.targets if t is not first]
 
 
-class Router:
-    def __init__(self, cfg: Config, env=None, mock_url: str | None = None):
-        self.routes: dict[str, Route] = {}
-        self.wildcard: Route | None = None
+cdef class Router:
+    """The routes of one config: `routes` by virtual model name, and the "*" route (`wildcard`) or None."""
+
+    def __init__(self, cfg: Config, env=None, mock_url=None):
+        self.routes = {}
+        self.wildcard = None
         for m in cfg.models:
             targets = []
             for d in m.deployments:
@@ -91,15 +94,16 @@ class Router:
             "data": [{"id": n, "object": "model", "created": created, "owned_by": "fastgw"} for n in self.routes],
         })
 
-    def resolve(self, model: str) -> Route | None:
+    cpdef Route resolve(self, model):
+        """The route of a client's model name: its own, else the wildcard, else None."""
         r = self.routes.get(model)
-        return r if r is not None else self.wildcard
+        return <Route>r if r is not None else self.wildcard
 
 
-_TLS: dict[str, ssl.SSLContext] = {}
+_TLS = {}
 
 
-def tls_context(ca_file: str = "") -> ssl.SSLContext:
+def tls_context(str ca_file=""):
     """One verifying client TLS context per CA file and process (system CAs, plus `ca_file` when given)."""
     ctx = _TLS.get(ca_file)
     if ctx is None:

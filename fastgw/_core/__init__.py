@@ -6,7 +6,7 @@ import importlib
 import os
 
 # Every compiled module a working install must have: the sans-IO core, and the connection glue above it.
-MODULES = ("fastgw._core.http", "fastgw._core.sse", "fastgw._core.tokens", "fastgw._core.bucket",
+MODULES = ("fastgw._core.http", "fastgw._core.sse", "fastgw._core.tokens", "fastgw._core.bucket", "fastgw.router",
            "fastgw._core.jsonpeek", "fastgw.exchange", "fastgw.gateway", "fastgw.connection")
 
 
