@@ -1,15 +1,12 @@
 """Shared fixtures: a real redis-server on a free loopback port; Exchanges built from real parsed requests."""
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import types
 
 import pytest
 
-os.environ.setdefault("FASTGW_SKIP_BUILD_CHECK", "1")
 
 
 def free_port() -> int:
@@ -56,26 +53,10 @@ def redis_server():
     server.kill()
 
 
-def _ensure_tokens_module():
-    # Exchange imports the compiled token estimator; while that module is being written in parallel, policy
-    # tests (which always set the estimate explicitly) get a placeholder that fails loudly if ever called.
-    try:
-        import fastgw._core.tokens  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("fastgw._core.tokens")
-
-        def estimate_chat_tokens(body):
-            raise AssertionError("tests must set ex._prompt_estimate: fastgw._core.tokens is not built")
-
-        mod.estimate_chat_tokens = estimate_chat_tokens
-        sys.modules["fastgw._core.tokens"] = mod
-
-
 @pytest.fixture
 def make_exchange():
     """make_exchange(path, headers={...}, model=..., prompt=..., max_tokens=...) -> a real Exchange whose
     parser has parsed a real HTTP request with those headers."""
-    _ensure_tokens_module()
     from fastgw._core.http import HEAD, RequestParser
     from fastgw.exchange import Exchange
 
