@@ -1,10 +1,12 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Read the few top-level fields the gateway needs from a JSON body, in one validating pass over the bytes.
 
-The gateway moves bodies as bytes and must not json.loads/dumps them per request. `peek_request` and
-`peek_usage` walk the raw bytes once, validating the whole document as strictly as orjson does (strings,
-escapes, UTF-8, the number grammar and doubles that overflow to infinity, literals, trailing bytes), skip
-nested values without building anything, and note only the spans of the wanted top-level members. Python
+The gateway moves bodies as bytes and must not json.loads/dumps them per request. `peek_request` walks
+the raw bytes once, validating the whole document as strictly as orjson does (strings, escapes, UTF-8, the
+number grammar and doubles that overflow to infinity, literals, trailing bytes), skips nested values without
+building anything, and notes only the spans of the wanted top-level members. `peek_usage` reads an
+upstream's response, which is forwarded unchanged: it only tells strings, containers and the top level
+apart (no validation), which is all it takes to find the top-level "usage" object. Python
 objects are made only for the returned fields. `splice` rewrites spans (model, stream_options) with one
 allocation.
 
@@ -248,9 +250,46 @@ cdef extern from *:
         while ((unsigned)(*p - 48) < 10) p++;   /* stops at the NUL after the data at the latest */
         return p;
     }
+
+    /* Non-validating skips for peek_usage: the first byte at or after p (before end) that is a quote or a
+       backslash / that is a quote or a bracket ({ } [ ]); end when there is none. */
+    static inline const unsigned char* jp_find_qb(const unsigned char* p, const unsigned char* end) {
+    #if defined(__SSE2__)
+        const __m128i quote = _mm_set1_epi8(0x22), bslash = _mm_set1_epi8(0x5C);
+        while (end - p >= 16) {
+            __m128i v = _mm_loadu_si128((const __m128i*)p);
+            int mask = _mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash)));
+            if (mask) return p + __builtin_ctz((unsigned)mask);
+            p += 16;
+        }
+    #endif
+        while (p < end && *p != 0x22 && *p != 0x5C) p++;
+        return p;
+    }
+
+    static inline const unsigned char* jp_find_struct(const unsigned char* p, const unsigned char* end) {
+    #if defined(__SSE2__)
+        /* b | 0x20 is 0x7B for { and [, 0x7D for } and ] (and for no other byte) */
+        const __m128i quote = _mm_set1_epi8(0x22), open = _mm_set1_epi8(0x7B), close = _mm_set1_epi8(0x7D),
+                      bit = _mm_set1_epi8(0x20);
+        while (end - p >= 16) {
+            __m128i v = _mm_loadu_si128((const __m128i*)p);
+            __m128i f = _mm_or_si128(v, bit);
+            __m128i m = _mm_or_si128(_mm_cmpeq_epi8(v, quote),
+                                     _mm_or_si128(_mm_cmpeq_epi8(f, open), _mm_cmpeq_epi8(f, close)));
+            int mask = _mm_movemask_epi8(m);
+            if (mask) return p + __builtin_ctz((unsigned)mask);
+            p += 16;
+        }
+    #endif
+        while (p < end && *p != 0x22 && (*p | 0x20) != 0x7B && (*p | 0x20) != 0x7D) p++;
+        return p;
+    }
     """
     const uchar* jp_skip_plain(const uchar* p, const uchar* end) nogil
     const uchar* jp_skip_digits(const uchar* p, const uchar* end) nogil
+    const uchar* jp_find_qb(const uchar* p, const uchar* end) nogil
+    const uchar* jp_find_struct(const uchar* p, const uchar* end) nogil
 
 
 cdef const uchar* scan_string(const uchar* p, const uchar* end, bint* esc) noexcept nogil:
@@ -656,6 +695,108 @@ cdef const uchar* scan_object(const uchar* p, const uchar* end, int depth, Field
     return p + 1
 
 
+# -- peek_usage: a light, non-validating scan ---------------------------------------------------------------
+# The usage of an upstream's response is read for accounting only; the body is forwarded unchanged whatever
+# it holds, so validating it buys nothing. The light scan still tells strings, nested containers and the
+# top level apart exactly as a parser does (a "usage" inside a string or a nested object never counts), and
+# never reads outside [s, end] (the NUL after the data included).
+
+# Bytes that end a scalar (number or literal) value.
+cdef bint SCALAR_END[256]
+for _i in range(256):
+    SCALAR_END[_i] = _i in b',:}] \t\r\n"{['
+
+
+cdef inline const uchar* light_string(const uchar* p, const uchar* end) noexcept nogil:
+    """p just after an opening quote. Returns the byte after the closing quote, or NULL at the end."""
+    while True:
+        p = jp_find_qb(p, end)
+        if p >= end:
+            return NULL
+        if p[0] == 34:
+            return p + 1
+        p += 2   # a backslash and the byte it escapes (\u's hex digits are neither quote nor backslash)
+
+
+cdef const uchar* light_value(const uchar* p, const uchar* end) noexcept nogil:
+    """p at the first byte of a value (p <= end). Returns the byte after it, or NULL. Containers are skipped
+    by bracket matching outside strings (any depth, no stack)."""
+    cdef uchar c = p[0]
+    cdef const uchar* s = p
+    cdef Py_ssize_t depth
+    if c == 34:
+        return light_string(p + 1, end)
+    if c == 123 or c == 91:
+        depth = 1
+        p += 1
+        while True:
+            p = jp_find_struct(p, end)
+            if p >= end:
+                return NULL
+            c = p[0]
+            p += 1
+            if c == 34:
+                p = light_string(p, end)
+                if p == NULL:
+                    return NULL
+            elif (c | 0x20) == 123:
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0:
+                    return p
+    while p < end and not SCALAR_END[p[0]]:
+        p += 1
+    return p if p > s else NULL
+
+
+cdef const uchar* light_object(const uchar* p, const uchar* end, Fields* f, int mode) noexcept nogil:
+    """p at '{' of the top-level object (MODE_RESPONSE) or of its "usage" object (MODE_USAGE). Notes the
+    wanted members; returns the byte after the closing brace, or NULL."""
+    cdef const uchar* ks
+    cdef const uchar* vs
+    cdef bint esc
+    cdef int kid
+    cdef uchar kbuf[32]
+    cdef Py_ssize_t kn
+    p = skip_ws(p + 1)
+    if p[0] == 125:
+        return p + 1
+    while True:
+        if p[0] != 34:
+            return NULL
+        ks = p + 1
+        esc = False
+        p = scan_string(ks, end, &esc)   # keys are short: validate them (escaped keys are decoded)
+        if p == NULL:
+            return NULL
+        if not esc:
+            kid = match_key(ks, p - 1 - ks, mode)
+        else:
+            kn = unescape(ks, p - 1, kbuf, 32)
+            kid = match_key(kbuf, kn, mode) if kn >= 0 else K_NONE
+        p = skip_ws(p)
+        if p[0] != 58:
+            return NULL
+        vs = skip_ws(p + 1)
+        if kid == K_USAGE and vs[0] == 123:
+            f.prompt_tokens = f.completion_tokens = f.input_tokens = f.output_tokens = -1
+            p = light_object(vs, end, f, MODE_USAGE)
+        else:
+            p = light_value(vs, end)
+        if p == NULL:
+            return NULL
+        if kid != K_NONE:
+            record(f, kid, vs, p)
+        p = skip_ws(p)
+        if p[0] == 44:
+            p = skip_ws(p + 1)
+        elif p[0] == 125:
+            return p + 1
+        else:
+            return NULL
+
+
 cdef inline void fields_init(Fields* f, const uchar* base) noexcept nogil:
     f.base = base
     f.model_s = f.model_e = f.user_s = f.user_e = f.so_s = f.so_e = f.object_end = NULL
@@ -786,12 +927,26 @@ def peek_usage(body):
 
     Chat/completions/embeddings name them prompt_tokens/completion_tokens, the Responses API
     input_tokens/output_tokens; a count that is missing (embeddings have no completion_tokens) or not a
-    non-negative integer is 0. (-1, -1) when there is no "usage" object or the body is not a valid JSON
-    object.
+    non-negative integer is 0. (-1, -1) when there is no top-level "usage" object or the body is not a
+    JSON object. The body is not validated (it is forwarded as is): on a malformed body the result is
+    (-1, -1) or counts read from it, never a crash or a read out of bounds.
     """
     cdef Fields f
     cdef int64_t prompt, completion
-    if not scan_document(body, &f, MODE_RESPONSE) or not f.usage_is_object:
+    cdef const uchar* s
+    cdef const uchar* p
+    cdef Py_ssize_t n
+    if PyBytes_CheckExact(body):
+        s = <const uchar*>PyBytes_AS_STRING(body)
+        n = PyBytes_GET_SIZE(body)
+    elif PyByteArray_CheckExact(body):
+        s = <const uchar*>PyByteArray_AS_STRING(body)
+        n = PyByteArray_GET_SIZE(body)
+    else:
+        raise TypeError(f"expected bytes or bytearray, got {type(body).__name__}")
+    fields_init(&f, s)
+    p = skip_ws(s)
+    if p[0] != 123 or light_object(p, s + n, &f, MODE_RESPONSE) == NULL or not f.usage_is_object:
         return (-1, -1)
     prompt = f.prompt_tokens if f.prompt_tokens >= 0 else f.input_tokens
     completion = f.completion_tokens if f.completion_tokens >= 0 else f.output_tokens

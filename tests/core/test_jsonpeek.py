@@ -75,7 +75,12 @@ def check_request(body):
 
 def check_usage(body):
     got = peek_usage(body)
+    assert type(got) is tuple and len(got) == 2 and all(type(v) is int for v in got)
     d = orjson_or_none(body)
+    if d is None:
+        # Not validated (the response is forwarded as is): (-1, -1) or counts read from it, never a crash.
+        assert got == (-1, -1) or min(got) >= 0, body
+        return
     if type(d) is not dict or not isinstance(d.get("usage"), dict):
         assert got == (-1, -1), body
         return
@@ -399,14 +404,18 @@ def test_nesting_limit():
                      b'{"a":' * d + b"1" + b"}" * d,
                      b'{"model":"m","stream_options":' + b'{"a":' * (d - 1) + b"1" + b"}" * d):
             assert check_request(body) is not None
-    # Deliberate divergence: orjson accepts deeper documents, jsonpeek does not.
+    # Deliberate divergence: orjson accepts deeper documents, peek_request does not.
     for body in (b'{"a":' + b"[" * NESTING_LIMIT + b"]" * NESTING_LIMIT + b"}",
                  b'{"a":' * (NESTING_LIMIT + 1) + b"1" + b"}" * (NESTING_LIMIT + 1),
                  b'{"stream_options":' + b'{"a":' * NESTING_LIMIT + b"1" + b"}" * (NESTING_LIMIT + 1),
                  b'{"usage":' + b'{"a":' * NESTING_LIMIT + b"1" + b"}" * (NESTING_LIMIT + 1)):
         assert orjson.loads(body) is not None
         assert peek_request(body) is None
-        assert peek_usage(body) == (-1, -1)
+    # peek_usage matches brackets with a counter: any depth, same result as orjson.
+    for body in (b'{"a":' + b"[" * 20000 + b"]" * 20000 + b',"usage":{"prompt_tokens":3}}',
+                 b'{"usage":{"x":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b',"completion_tokens":4}}'):
+        check_usage(body)
+    assert peek_usage(b'{"a":' + b"[" * 20000 + b"]" * 20000 + b',"usage":{"prompt_tokens":3}}') == (3, 0)
 
 
 def test_duplicate_keys_last_wins():
@@ -429,6 +438,46 @@ def test_nested_lookalikes_do_not_count():
     f = check_request(body) and peek_request(body)
     assert (f.model, f.stream, f.max_tokens) == ("real", False, -1)
     assert peek_usage(body) == (-1, -1)
+
+
+def test_usage_lookalikes_in_strings_and_nested_objects_are_not_taken():
+    """A model's output (a string) may hold \"usage\":{...}; only the real top-level member counts."""
+    content = json.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+    tricky = ['\\', '\\\\', '\\"', '"}', '"}]}', '{', '[[', '\\u0022']
+    for tail in tricky:
+        text = content + tail + content
+        for real in (None, {"prompt_tokens": 7, "completion_tokens": 8}):
+            obj = {"choices": [{"message": {"content": text}}], "meta": {"usage": {"prompt_tokens": 5}},
+                   "content": text}
+            if real is not None:
+                obj["usage"] = real
+            for body in _dumps_variants(obj):
+                check_usage(body)
+                assert peek_usage(body) == ((7, 8) if real else (-1, -1))
+    # A key that is a string holding a quote, and a string value right before the real member.
+    body = json.dumps({'a":{"usage":{"prompt_tokens":1}}': "\\", "usage": {"prompt_tokens": 2}}).encode()
+    check_usage(body)
+    assert peek_usage(body) == (2, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_usage_random_bytes_never_crash(body):
+    check_usage(body)
+    check_usage(b'{"usage":{"prompt_tokens":1,' + body)
+    check_usage(b'{"a":"' + body + b'","usage":{"prompt_tokens":1}}')
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_usage_mutated_responses_never_crash(data):
+    obj = data.draw(st.sampled_from(REALISTIC_RESPONSES))
+    body = bytearray(json.dumps(obj, indent=data.draw(st.sampled_from([None, 1]))).encode())
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(body) - 1))
+        body[i] = data.draw(st.sampled_from(b'"\\{}[],:0 x\x00\xff'))
+    check_usage(bytes(body))
+    check_usage(body)
 
 
 def test_rejects_other_types():
