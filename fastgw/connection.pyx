@@ -185,7 +185,11 @@ cdef class ClientConnection:
         self._wait(C_STREAMING if self.ex is not None else C_IDLE)
 
     def eof_received(self):
-        return None                  # half-closed by the client: finish what is in flight, then close
+        # The client half-closed: answer what is in flight (keep the transport open), then close.
+        self.keep_alive = False
+        if self.ex is not None or self.parser.buffered:
+            return True
+        return None
 
     cdef object _proxy_header(self, data):
         buf = self.proxy_buf + data

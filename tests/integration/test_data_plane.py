@@ -435,3 +435,15 @@ def test_https_upstream_with_a_private_ca(tmp_path, start_gateway):
         assert e.value.status_code == 502
     finally:
         m.stop()
+
+
+def test_half_closed_client_still_gets_its_answer(mock, start_gateway):
+    """A client that shuts its sending side after the request (nc -q, some proxies) is answered, then closed."""
+    gw = start_gateway(model_config(mock.url))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(post(gw.port, orjson.dumps(CHAT), "x-mock-delay-ms: 200\r\n"))
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 200") and b'"usage"' in got and b"connection: close" in got.lower()
