@@ -1,8 +1,9 @@
 """Per-worker metrics, summed over workers when /metrics is scraped.
 
 Why not prometheus_client's multiprocess mode: it takes a lock and writes an mmap'ed file on every inc, which
-costs several microseconds per metric; a request updates about ten. Here each worker accumulates in plain
-dicts keyed by label tuples (about a microsecond per request in total), writes a snapshot file once a second
+costs several microseconds per metric; a request updates about ten. Here each worker accumulates in C
+records keyed by label tuples (fastgw.stats.RequestStats, the per-request part, compiled) and plain dicts
+for the rarer events, writes a snapshot file once a second
 (`flush`, tmp + os.replace so a reader never sees half a file), and `render` sums every snapshot in the
 shared directory. Snapshots of exited workers are kept, so counters stay monotonic across worker restarts;
 their gauges are ignored (an exited worker has no open connections).
@@ -14,14 +15,14 @@ from __future__ import annotations
 
 import os
 import re
-from bisect import bisect_left
 from operator import add
 
 import orjson
 
+from fastgw.stats import OVERFLOW, RequestStats
+
 __all__ = ["Stats", "OVERFLOW", "DURATION_BUCKETS", "TTFT_BUCKETS", "OVERHEAD_BUCKETS_US"]
 
-OVERFLOW = "__overflow__"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 OVERHEAD_BUCKETS_US = (5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 20000.0)
@@ -46,56 +47,34 @@ _HISTOGRAMS = {
 }
 
 
-# Layout of one per-(model, upstream, consumer, status) record: a single dict lookup per request updates
-# everything; the per-metric series are derived from the records at snapshot time.
+# Layout of one per-(model, upstream, consumer, status) record (RequestStats.records()): one record per request
+# updates everything; the per-metric series are derived from the records at snapshot time.
 _COUNT, _PROMPT, _COMPLETION, _COST, _DUR_SUM, _TTFT_SUM = range(6)
 _DUR0 = 6
 _TTFT0 = _DUR0 + len(DURATION_BUCKETS) + 1
-_RECORD_LEN = _TTFT0 + len(TTFT_BUCKETS) + 1
 
 
-class Stats:
-    """One worker's metrics. `directory` is shared by all workers; `worker_id` names this worker."""
+class Stats(RequestStats):
+    """One worker's metrics. `directory` is shared by all workers; `worker_id` names this worker.
+
+    Hot path: `request(model, upstream, consumer, status, latency_s, ttft_s, overhead_s, prompt_tokens,
+    completion_tokens, cost)` (compiled, inherited from RequestStats; compiled callers may use its cdef `add`).
+    """
 
     def __init__(self, directory: str, worker_id: str, *, max_series: int = 10_000):
+        super().__init__(DURATION_BUCKETS, TTFT_BUCKETS, OVERHEAD_BUCKETS_US, max_series)
         self.directory = directory
         self.worker_id = str(worker_id)
-        self.max_series = max_series
         self.pid = os.getpid()
         # The pid is in the file name so a restarted worker reusing the same id never overwrites the counters
         # of its predecessor.
         self.path = os.path.join(directory, f"{_PREFIX}{_SAFE.sub('_', self.worker_id)}-{self.pid}.json")
         os.makedirs(directory, exist_ok=True)
-        self._records: dict[tuple, list] = {}
         self._rejections: dict[tuple, int] = {}
         self._upstream_errors: dict[tuple, int] = {}
         self._gauges: dict[str, float] = {}
-        # per-bucket counts (not cumulative), the +Inf bucket, then the sum
-        self._overhead = [0] * (len(OVERHEAD_BUCKETS_US) + 1) + [0.0]
 
-    # -- hot path --------------------------------------------------------------------------------------
-
-    def request(self, model: str, upstream: str, consumer: str, status: int, latency_s: float,
-                ttft_s: float | None, overhead_s: float, prompt_tokens: int, completion_tokens: int,
-                cost: float) -> None:
-        """Account one finished request."""
-        key = (model, upstream, consumer, status)
-        r = self._records.get(key)
-        if r is None:
-            r = self._record_new(key)
-        r[_COUNT] += 1
-        r[_PROMPT] += prompt_tokens
-        r[_COMPLETION] += completion_tokens
-        r[_COST] += cost
-        r[_DUR0 + bisect_left(DURATION_BUCKETS, latency_s)] += 1
-        r[_DUR_SUM] += latency_s
-        if ttft_s is not None:
-            r[_TTFT0 + bisect_left(TTFT_BUCKETS, ttft_s)] += 1
-            r[_TTFT_SUM] += ttft_s
-        us = overhead_s * 1e6
-        h = self._overhead
-        h[bisect_left(OVERHEAD_BUCKETS_US, us)] += 1
-        h[-1] += us
+    # -- per event ---------------------------------------------------------------------------------------
 
     def rejected(self, consumer: str, model: str, reason: str) -> None:
         key = (consumer, model, reason)
@@ -127,21 +106,13 @@ class Stats:
         key = self._admit(series, key)
         series[key] = series.get(key, 0) + 1
 
-    def _record_new(self, key: tuple) -> list:
-        admitted = self._admit(self._records, key)
-        r = self._records.get(admitted)
-        if r is None:
-            r = [0, 0, 0, 0.0, 0.0, 0.0] + [0] * (_RECORD_LEN - 6)
-            self._records[admitted] = r
-        return r
-
     # -- snapshots -------------------------------------------------------------------------------------
 
     def snapshot(self) -> dict:
         """This worker's values in the per-metric form that snapshot files hold."""
         counters: dict[str, dict] = {name: {} for name in _COUNTERS}
         hists: dict[str, dict] = {name: {} for name in _HISTOGRAMS}
-        for key, r in self._records.items():
+        for key, r in self.records().items():
             model, upstream, consumer, status = key
             counters["requests"][key] = r[_COUNT]
             k3 = (model, upstream, consumer)
@@ -153,7 +124,7 @@ class Stats:
                 _merge_into(hists["time_to_first_token_seconds"], (model,), r[_TTFT0:] + [r[_TTFT_SUM]], 1 << 62)
         counters["rejections"] = self._rejections
         counters["upstream_errors"] = self._upstream_errors
-        hists["overhead_microseconds"][()] = self._overhead
+        hists["overhead_microseconds"][()] = self.overhead_histogram()
         return {
             "worker": self.worker_id,
             "pid": self.pid,

@@ -1,10 +1,13 @@
 import os
 import random
+from bisect import bisect_left
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastgw.metrics import DURATION_BUCKETS, OVERFLOW, OVERHEAD_BUCKETS_US, Stats
+from fastgw.metrics import DURATION_BUCKETS, OVERFLOW, OVERHEAD_BUCKETS_US, TTFT_BUCKETS, Stats
 
 
 def parse(text: bytes) -> dict:
@@ -162,3 +165,69 @@ def test_flush_is_atomic_replace(tmp_path):
     (tmp_path / "fastgw-metrics-broken-1.json").write_bytes(b"{not json")
     (tmp_path / "other.txt").write_text("x")
     assert sum(parse(s.render())["fastgw_requests_total"].values()) == 1
+
+
+class ReferenceRecords:
+    """The plain-Python accumulator the compiled RequestStats replaced (the reference for its values)."""
+
+    def __init__(self, max_series):
+        self.max_series = max_series
+        self.records = {}
+        self.overhead = [0] * (len(OVERHEAD_BUCKETS_US) + 1) + [0.0]
+
+    def request(self, model, upstream, consumer, status, latency, ttft, overhead, prompt, completion, cost):
+        key = (model, upstream, consumer, status)
+        r = self.records.get(key)
+        if r is None:
+            if len(self.records) >= self.max_series:
+                key = (OVERFLOW,) * 4
+            r = self.records.setdefault(key, [0, 0, 0, 0.0, 0.0, 0.0] + [0] * (len(DURATION_BUCKETS)
+                                                                               + len(TTFT_BUCKETS) + 2))
+        r[0] += 1
+        r[1] += prompt
+        r[2] += completion
+        r[3] += cost
+        r[6 + bisect_left(DURATION_BUCKETS, latency)] += 1
+        r[4] += latency
+        if ttft is not None:
+            r[7 + len(DURATION_BUCKETS) + bisect_left(TTFT_BUCKETS, ttft)] += 1
+            r[5] += ttft
+        us = overhead * 1e6
+        self.overhead[bisect_left(OVERHEAD_BUCKETS_US, us)] += 1
+        self.overhead[-1] += us
+
+
+# Values on and around every bound (bisect_left: a value equal to a bound is in that bound's bucket).
+_EDGES = [b * f for b in DURATION_BUCKETS + TTFT_BUCKETS for f in (1.0, 1 - 1e-12, 1 + 1e-12)]
+_SECONDS = st.one_of(st.sampled_from(_EDGES), st.floats(0, 500, allow_nan=False), st.just(float("inf")))
+_REQUEST = st.tuples(
+    st.sampled_from(["gpt-4o", "llama", "*"]), st.sampled_from(["a:80", "b:443"]),
+    st.sampled_from(["", "alice", "bob"]), st.sampled_from([200, 429, 502]), _SECONDS,
+    st.one_of(st.none(), _SECONDS), st.one_of(st.sampled_from([b * 1e-6 for b in OVERHEAD_BUCKETS_US]),
+                                              st.floats(0, 0.05, allow_nan=False)),
+    st.integers(0, 10**6), st.integers(0, 10**6), st.floats(0, 10, allow_nan=False))
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests=st.lists(_REQUEST, max_size=40), max_series=st.integers(1, 8))
+def test_compiled_records_match_reference(tmp_path_factory, requests, max_series):
+    s = Stats(str(tmp_path_factory.mktemp("m")), "0", max_series=max_series)
+    ref = ReferenceRecords(max_series)
+    for r in requests:
+        # Fresh string objects now and then: the last-record shortcut compares pointers, the dict compares values.
+        r = (r[0] + "x")[:-1] if len(r[0]) > 1 and r[4] > 250 else r[0], *r[1:]
+        s.request(*r)
+        ref.request(*r)
+    assert s.records() == ref.records      # exact: the same float additions in the same order
+    assert s.overhead_histogram() == ref.overhead
+    assert [type(v) for rec in s.records().values() for v in rec] == \
+        [type(v) for rec in ref.records.values() for v in rec]
+
+
+def test_nan_and_infinite_land_like_bisect(tmp_path):
+    s, ref = Stats(str(tmp_path), "0"), ReferenceRecords(10)
+    for v in (float("nan"), float("inf"), -1.0, 0.0):
+        for acc in (s, ref):
+            acc.request("m", "u", "c", 200, v, v, v, 1, 1, 0.5)
+    assert str(s.records()) == str(ref.records)   # NaN sums compare by text
+    assert str(s.overhead_histogram()) == str(ref.overhead)
