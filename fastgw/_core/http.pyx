@@ -109,6 +109,67 @@ cdef void _init_tables():
 _init_tables()
 
 
+cdef extern from *:
+    """
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
+    /* The first byte at or after p that is not a token char (per the table `token`). 16 bytes at a time
+       while 16 are left before end: a block of letters, digits and '-' (nearly every name) passes with
+       a few compares; at the first other byte the table decides. The caller knows a non-token byte
+       (the line's CR) comes before end, so the byte-wise tail stops in bounds. */
+    static inline const unsigned char* hp_token_end(const unsigned char* p, const unsigned char* end,
+                                                    const unsigned char* token) {
+    #if defined(__SSE2__)
+        const __m128i a1 = _mm_set1_epi8('a' - 1), z1 = _mm_set1_epi8('z' + 1), d0 = _mm_set1_epi8('0' - 1),
+                      d9 = _mm_set1_epi8('9' + 1), dash = _mm_set1_epi8('-'), bit = _mm_set1_epi8(0x20);
+        while (end - p >= 16) {
+            __m128i v = _mm_loadu_si128((const __m128i*)p);
+            __m128i l = _mm_or_si128(v, bit);   /* ASCII lower case; bytes >= 0x80 stay negative */
+            __m128i ok = _mm_or_si128(
+                _mm_or_si128(_mm_and_si128(_mm_cmpgt_epi8(l, a1), _mm_cmpgt_epi8(z1, l)),
+                             _mm_and_si128(_mm_cmpgt_epi8(v, d0), _mm_cmpgt_epi8(d9, v))),
+                _mm_cmpeq_epi8(v, dash));
+            unsigned mask = ~(unsigned)_mm_movemask_epi8(ok) & 0xFFFFu;
+            if (mask) {
+                p += __builtin_ctz(mask);
+                if (!token[*p]) return p;
+                p++;
+                continue;
+            }
+            p += 16;
+        }
+    #endif
+        while (token[*p]) p++;
+        return p;
+    }
+
+    /* The first byte at or after p that is not a field-value char: a control byte other than HTAB, or
+       DEL (per the table `field` for the tail). Same bounds contract as hp_token_end (the CR stops it). */
+    static inline const unsigned char* hp_value_end(const unsigned char* p, const unsigned char* end,
+                                                    const unsigned char* field) {
+    #if defined(__SSE2__)
+        const __m128i c1f = _mm_set1_epi8(0x1F), del = _mm_set1_epi8(0x7F), tab = _mm_set1_epi8(9);
+        while (end - p >= 16) {
+            __m128i v = _mm_loadu_si128((const __m128i*)p);
+            __m128i bad = _mm_or_si128(_mm_cmpeq_epi8(_mm_max_epu8(v, c1f), c1f),   /* v <= 0x1F */
+                                       _mm_cmpeq_epi8(v, del));
+            bad = _mm_andnot_si128(_mm_cmpeq_epi8(v, tab), bad);
+            int mask = _mm_movemask_epi8(bad);
+            if (mask) return p + __builtin_ctz((unsigned)mask);
+            p += 16;
+        }
+    #endif
+        while (field[*p]) p++;
+        return p;
+    }
+    """
+    const unsigned char* hp_token_end(const unsigned char* p, const unsigned char* end,
+                                      const unsigned char* token) noexcept nogil
+    const unsigned char* hp_value_end(const unsigned char* p, const unsigned char* end,
+                                      const unsigned char* field) noexcept nogil
+
+
 cdef inline bint _ieq(const unsigned char* p, const char* lit, Py_ssize_t n) noexcept nogil:
     """p[:n] equals the lowercase literal lit, ignoring ASCII case in p."""
     cdef Py_ssize_t k
@@ -126,9 +187,9 @@ cdef inline bint _ieq2(const unsigned char* a, const unsigned char* b, Py_ssize_
     return True
 
 
-cdef Py_ssize_t _field_line(const unsigned char* b, Py_ssize_t i, Py_ssize_t* ns_end,
+cdef Py_ssize_t _field_line(const unsigned char* b, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* ns_end,
                             Py_ssize_t* vs, Py_ssize_t* ve) noexcept nogil:
-    """Validate the field line starting at b[i], which the caller knows ends in CRLF somewhere.
+    """Validate the field line starting at b[i], which the caller knows ends in CRLF before b[n].
 
     Returns the index just past its CRLF, or -1 (obs-fold), -2 (bad name), -3 (bad value byte).
     """
@@ -136,8 +197,7 @@ cdef Py_ssize_t _field_line(const unsigned char* b, Py_ssize_t i, Py_ssize_t* ns
     cdef unsigned char c = b[i]
     if c == 32 or c == 9:
         return -1
-    while TOKEN[b[j]]:
-        j += 1
+    j = hp_token_end(b + i, b + n, TOKEN) - b
     if j == i or b[j] != 58:     # ':' must follow a non-empty token directly (no space)
         return -2
     ns_end[0] = j
@@ -145,8 +205,7 @@ cdef Py_ssize_t _field_line(const unsigned char* b, Py_ssize_t i, Py_ssize_t* ns
     while b[j] == 32 or b[j] == 9:
         j += 1
     vs[0] = j
-    while FIELD[b[j]]:
-        j += 1
+    j = hp_value_end(b + j, b + n, FIELD) - b
     if b[j] != 13 or b[j + 1] != 10:
         return -3
     e = j
@@ -410,7 +469,7 @@ cdef class _Message:
                 if b[i + 1] != 10:
                     return self._fail(400, "bare CR in header section")
                 return 0
-            nxt = _field_line(b, i, &ne, &vs, &ve)
+            nxt = _field_line(b, i, self.hlen, &ne, &vs, &ve)
             if nxt < 0:
                 if nxt == -1:
                     return self._fail(400, "obsolete line folding is not accepted")
@@ -588,7 +647,7 @@ cdef class _Message:
                     return 1
                 # Framing fields are refused in trailers: nothing may re-frame a message after
                 # the fact (h11 also validates them; we drop trailers, so refusing costs nothing).
-                if _field_line(b, 0, &ne, &vs, &ve) < 0 or (ne == 14 and _ieq(b, b"content-length", 14)) or (
+                if _field_line(b, 0, j + 1, &ne, &vs, &ve) < 0 or (ne == 14 and _ieq(b, b"content-length", 14)) or (
                         ne == 17 and _ieq(b, b"transfer-encoding", 17)):
                     return self._fail(400, "invalid trailer field")
             else:

@@ -437,6 +437,36 @@ def test_fields_and_flags():
         H.RequestParser().start_next()
 
 
+TOKEN_BYTES = frozenset(TOKEN_CHARS.encode())
+FIELD_BYTES = frozenset([9] + list(range(0x20, 0x7F)) + list(range(0x80, 0x100)))
+
+
+@pytest.mark.parametrize("pos", [0, 1, 7, 14, 15, 16, 17, 31, 32, 40])
+def test_every_byte_at_every_block_offset(pos):
+    """Names and values are checked 16 bytes at a time with a table fallback: each byte value, at offsets
+    around the block edges, gets the grammar's verdict (token name; HTAB/SP/VCHAR/obs-text value)."""
+    name = b"x-custom-header-name-that-is-long-enough-for-blocks"
+    value = b"a-value-that-is-long-enough-to-cross-16-byte-blocks"
+    for c in range(256):
+        if c in (13, 10):
+            continue
+        for field in ("name", "value"):
+            n, v = bytearray(name), bytearray(value)
+            (n if field == "name" else v)[pos] = c
+            if field == "name":
+                ok = c in TOKEN_BYTES or (c == 58 and pos > 0)   # an early ':' only moves the value start
+            else:
+                ok = c in FIELD_BYTES
+            p = H.RequestParser()
+            p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n" + bytes(n) + b": " + bytes(v) + b"\r\nAccept: */*\r\n\r\n")
+            ev = p.next_event()
+            assert (ev == H.HEAD) is ok, (field, pos, c)
+            if ok:
+                if field == "value" or c != 58:
+                    assert p.header(bytes(n)) == bytes(v).strip(b" \t")
+                assert p.header(b"accept") == b"*/*"
+
+
 def test_expect_100_ignored_for_http10_and_error_is_sticky():
     msgs, verdict = ours_requests([b"GET / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n"])
     assert verdict == "ok" and not msgs[0]["expect_continue"]
