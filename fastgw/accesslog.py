@@ -1,6 +1,7 @@
 """Access log: one JSON line per request, written by a background thread so the event loop never blocks.
 
-The worker's hot path calls `write(record)` (orjson.dumps + list.append, about a microsecond); a loop timer
+The worker's hot path calls `write_line(line)` (compiled, fastgw.linebuf.LineBuffer: a list append), or
+`write(record)` when a policy edits the record (orjson.dumps first, about a microsecond); a loop timer
 calls `flush()` every `flush_interval` seconds, which hands the whole batch to the writer thread in one queue
 put; the thread does the blocking os.write. `close()` flushes and joins the thread: nothing accepted is lost.
 
@@ -18,32 +19,33 @@ from typing import Any
 
 import orjson
 
+from fastgw.linebuf import LineBuffer
+
 __all__ = ["AccessLog"]
 
 _OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 _STOP = None  # sentinel put on the queue by close()
 
 
-class AccessLog:
-    """`target`: "-" for stdout, "off" for nothing, otherwise a file path opened for appending."""
+class AccessLog(LineBuffer):
+    """`target`: "-" for stdout, "off" for nothing, otherwise a file path opened for appending.
+
+    `write_line(line: bytes)` (inherited, compiled) keeps a serialised line; `dropped` counts the lines dropped
+    since start (bounded memory).
+    """
 
     def __init__(self, target: str, flush_interval: float = 0.2, *,
                  max_queued_bytes: int = 50 * 1024 * 1024, log: Any = None):
+        super().__init__(target != "off", max_queued_bytes)
         self.target = target
         self.flush_interval = flush_interval
-        self.max_queued_bytes = max_queued_bytes
         self.log = log  # a fastgw.logs.Logger (or None) for the "lines dropped" warning
-        self.enabled = target != "off"
-        self.dropped = 0           # lines dropped since start (bounded memory)
         self.write_errors = 0      # failed os.write calls in the writer thread
         self._reported_dropped = 0
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
         # Bytes handed to the thread and bytes it has written: each counter has a single writer thread, so
         # their difference (the backlog) needs no lock.
         self._enqueued_bytes = 0
         self._written_bytes = 0
-        self._closed = False
         self._fd = -1
         self._own_fd = False
         self._thread: threading.Thread | None = None
@@ -68,16 +70,6 @@ class AccessLog:
             self.dropped += 1
             return
         self.write_line(orjson.dumps(record, default=str, option=_OPTS))
-
-    def write_line(self, line: bytes) -> None:
-        """Keep an already serialised JSON line (ending in a newline) for the next flush."""
-        if self._closed or not self.enabled:
-            return
-        if self._pending_bytes > self.max_queued_bytes:
-            self.dropped += 1
-            return
-        self._pending.append(line)
-        self._pending_bytes += len(line)
 
     def flush(self) -> None:
         """Hand the lines written since the last flush to the writer thread (one queue put)."""

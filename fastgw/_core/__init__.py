@@ -6,8 +6,9 @@ import importlib
 import os
 
 # Every compiled module a working install must have: the sans-IO core, and the connection glue above it.
-MODULES = ("fastgw._core.http", "fastgw._core.sse", "fastgw._core.tokens", "fastgw._core.bucket", "fastgw.router",
-           "fastgw._core.jsonpeek", "fastgw.exchange", "fastgw.gateway", "fastgw.connection")
+MODULES = ("fastgw._core.http", "fastgw._core.sse", "fastgw._core.tokens", "fastgw._core.bucket",
+           "fastgw._core.jsonpeek", "fastgw.exchange", "fastgw.gateway", "fastgw.connection", "fastgw.router",
+           "fastgw.stats", "fastgw.linebuf")
 
 
 def check_built() -> None:

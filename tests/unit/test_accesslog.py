@@ -3,6 +3,8 @@ import threading
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastgw.accesslog import AccessLog
 from fastgw.logs import Logger
@@ -122,3 +124,39 @@ def test_schedule_flushes_from_the_loop(tmp_path):
     asyncio.run(main())
     log.close()
     assert read_lines(path) == [{"a": 1}]
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.binary(min_size=1, max_size=40).map(lambda b: b + b"\n"), max_size=60),
+       max_queued=st.integers(0, 600), flush_every=st.integers(1, 20), close_at=st.integers(0, 70))
+def test_write_line_keeps_and_drops_like_reference(lines, max_queued, flush_every, close_at):
+    """The compiled write_line against the plain-Python rule it replaced: a line is kept while at most
+    max_queued_bytes wait, else counted as dropped; after close() lines are ignored."""
+    log = AccessLog(os.devnull, max_queued_bytes=max_queued)
+    try:
+        pending, size, dropped = [], 0, 0
+        for i, line in enumerate(lines):
+            if i == close_at:
+                log.close()                 # flushes what it accepted
+                pending, size, dropped = [], 0, log.dropped
+            log.write_line(line)
+            if i < close_at:
+                if size > max_queued:
+                    dropped += 1
+                else:
+                    pending.append(line)
+                    size += len(line)
+            assert (log._pending, log._pending_bytes, log.dropped) == (pending, size, dropped)
+            if i % flush_every == 0 and i < close_at:
+                log.flush()
+                pending, size = [], 0
+                dropped = log.dropped       # a flush itself drops the batch when the writer is far behind
+    finally:
+        log.close()
+
+
+def test_write_line_needs_bytes(tmp_path):
+    log = AccessLog(str(tmp_path / "a.log"))
+    with pytest.raises(TypeError):
+        log.write_line("not bytes")
+    log.close()
