@@ -57,6 +57,8 @@ cdef bytes _SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n
 cdef bytes _KEEPALIVE_EVENT = _frame(b": keep-alive\n\n")
 cdef bytes _INCLUDE_USAGE = b'{"include_usage":true}'
 cdef bytes _ADD_INCLUDE_USAGE = b',"stream_options":{"include_usage":true}'
+# A non-streamed response body is kept (to read its usage) up to this size; a bigger one is only relayed.
+cdef Py_ssize_t _MAX_KEPT = 16 * 1024 * 1024
 # A client's x-request-id is kept when it is short and plain; anything else is replaced by ours.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}").fullmatch
 
@@ -88,6 +90,7 @@ cdef class ClientConnection:
     cdef public bint closing
     cdef bint keep_alive, chunked, head_sent, own_head, strip_usage, read_paused, advancing
     cdef int wait, attempts
+    cdef Py_ssize_t parts_bytes
     cdef double deadline, next_keepalive
     cdef object proxy_buf, pending_head
     cdef SSERelay relay
@@ -107,6 +110,7 @@ cdef class ClientConnection:
         self.chunked = False
         self.relay = None
         self.parts = None
+        self.parts_bytes = 0
         self.next_keepalive = 0.0
         self.strip_usage = False
         self.attempts = 0
@@ -471,7 +475,12 @@ cdef class ClientConnection:
             out = _frame(data)
             self.deadline = self._upstream_deadline(now() + self.gw.stream_gap_timeout)
         else:
-            self.parts.append(data)
+            parts = self.parts
+            if parts is not None:
+                parts.append(data)
+                self.parts_bytes += len(data)
+                if self.parts_bytes > _MAX_KEPT and not self.own_head:
+                    self.parts = None       # a huge body: relayed, but not kept for its usage
             if self.own_head:
                 return                      # rendered as one SSE error event at the end
             out = _frame(data) if self.chunked else data
@@ -500,7 +509,7 @@ cdef class ClientConnection:
                 _count_streamed(ex, relay)
         else:
             parts = self.parts
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            body = b"" if parts is None else parts[0] if len(parts) == 1 else b"".join(parts)
             if self.own_head:
                 out = _frame(b"data: " + body.replace(b"\n", b"") + b"\n\n") + _LAST_CHUNK
             else:

@@ -6,6 +6,7 @@ another (token buckets, the only shared state on the request path, live in share
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import socket
 from typing import Callable
@@ -155,8 +156,19 @@ class Worker:
         self.loop.call_later(0.05, self._wait_drained, deadline)
 
 
+def raise_fd_limit() -> None:
+    """Each connection holds a descriptor (two when proxied): use the hard limit, not the often-1024 soft one."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
 def run_worker(index: int, cfg: Config, load_config: Callable[[], Config], run_dir: str, log) -> int:
     """Entry point in the forked child."""
+    raise_fd_limit()
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
