@@ -202,17 +202,60 @@ cdef extern from *:
     #if defined(__SSE2__)
     #include <emmintrin.h>
     #endif
+    /* Long strings 32 bytes per step with AVX2 when the CPU has it (checked once at import): VEX's
+       three-operand compares take a third of SSE2's instructions per byte. Each returns at the first stop
+       byte, or with fewer than 32 bytes left (the SSE2 and word loops finish). */
+    #if defined(__GNUC__) && defined(__x86_64__)
+    #include <immintrin.h>
+    #define JP_HAVE_AVX2_PATH 1
+    static int jp_avx2 = 0;
+    static void jp_detect(void) { __builtin_cpu_init(); jp_avx2 = __builtin_cpu_supports("avx2"); }
+    __attribute__((target("avx2")))
+    static const unsigned char* jp_plain_avx2(const unsigned char* p, const unsigned char* end) {
+        const __m256i quote = _mm256_set1_epi8(0x22), bslash = _mm256_set1_epi8(0x5C),
+                      space = _mm256_set1_epi8(0x20);
+        while (end - p >= 32) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)p);
+            __m256i m = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpeq_epi8(v, bslash)),
+                                        _mm256_cmpgt_epi8(space, v));
+            unsigned mask = (unsigned)_mm256_movemask_epi8(m);
+            if (mask) return p + __builtin_ctz(mask);
+            p += 32;
+        }
+        return p;
+    }
+    __attribute__((target("avx2")))
+    static const unsigned char* jp_qb_avx2(const unsigned char* p, const unsigned char* end) {
+        const __m256i quote = _mm256_set1_epi8(0x22), bslash = _mm256_set1_epi8(0x5C);
+        while (end - p >= 32) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)p);
+            unsigned mask = (unsigned)_mm256_movemask_epi8(
+                _mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpeq_epi8(v, bslash)));
+            if (mask) return p + __builtin_ctz(mask);
+            p += 32;
+        }
+        return p;
+    }
+    #else
+    static void jp_detect(void) {}
+    #endif
     /* First byte at or after p that is a quote, a backslash, a control byte (< 0x20) or non-ASCII
        (>= 0x80); or, when none is found, a p with fewer than 8 bytes left before end. */
     static inline const unsigned char* jp_skip_plain(const unsigned char* p, const unsigned char* end) {
     #if defined(__SSE2__)
         const __m128i quote = _mm_set1_epi8(0x22), bslash = _mm_set1_epi8(0x5C), space = _mm_set1_epi8(0x20);
+    #ifdef JP_HAVE_AVX2_PATH
+        if (jp_avx2 && end - p >= 32) {
+            p = jp_plain_avx2(p, end);
+            if (end - p >= 32) return p;
+        }
+    #endif
+        /* signed compare: 0x20 > v holds for 0x00..0x1f and for 0x80..0xff (negative) */
+    #define JP_PLAIN_STOP(v) _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash)), \
+                                          _mm_cmpgt_epi8(space, v))
         while (end - p >= 16) {
             __m128i v = _mm_loadu_si128((const __m128i*)p);
-            /* signed compare: 0x20 > v holds for 0x00..0x1f and for 0x80..0xff (negative) */
-            __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash)),
-                                     _mm_cmpgt_epi8(space, v));
-            int mask = _mm_movemask_epi8(m);
+            int mask = _mm_movemask_epi8(JP_PLAIN_STOP(v));
             if (mask) return p + __builtin_ctz((unsigned)mask);
             p += 16;
         }
@@ -256,9 +299,17 @@ cdef extern from *:
     static inline const unsigned char* jp_find_qb(const unsigned char* p, const unsigned char* end) {
     #if defined(__SSE2__)
         const __m128i quote = _mm_set1_epi8(0x22), bslash = _mm_set1_epi8(0x5C);
+    #ifdef JP_HAVE_AVX2_PATH
+        if (jp_avx2 && end - p >= 32) {
+            p = jp_qb_avx2(p, end);
+            if (end - p >= 32) return p;
+        }
+    #endif
+    #define JP_QB_STOP(v) _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash))
+
         while (end - p >= 16) {
             __m128i v = _mm_loadu_si128((const __m128i*)p);
-            int mask = _mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash)));
+            int mask = _mm_movemask_epi8(JP_QB_STOP(v));
             if (mask) return p + __builtin_ctz((unsigned)mask);
             p += 16;
         }
@@ -272,12 +323,12 @@ cdef extern from *:
         /* b | 0x20 is 0x7B for { and [, 0x7D for } and ] (and for no other byte) */
         const __m128i quote = _mm_set1_epi8(0x22), open = _mm_set1_epi8(0x7B), close = _mm_set1_epi8(0x7D),
                       bit = _mm_set1_epi8(0x20);
+    #define JP_STRUCT_STOP(v) _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_or_si128( \
+            _mm_cmpeq_epi8(_mm_or_si128(v, bit), open), _mm_cmpeq_epi8(_mm_or_si128(v, bit), close)))
+
         while (end - p >= 16) {
             __m128i v = _mm_loadu_si128((const __m128i*)p);
-            __m128i f = _mm_or_si128(v, bit);
-            __m128i m = _mm_or_si128(_mm_cmpeq_epi8(v, quote),
-                                     _mm_or_si128(_mm_cmpeq_epi8(f, open), _mm_cmpeq_epi8(f, close)));
-            int mask = _mm_movemask_epi8(m);
+            int mask = _mm_movemask_epi8(JP_STRUCT_STOP(v));
             if (mask) return p + __builtin_ctz((unsigned)mask);
             p += 16;
         }
@@ -286,10 +337,14 @@ cdef extern from *:
         return p;
     }
     """
+    void jp_detect() nogil
     const uchar* jp_skip_plain(const uchar* p, const uchar* end) nogil
     const uchar* jp_skip_digits(const uchar* p, const uchar* end) nogil
     const uchar* jp_find_qb(const uchar* p, const uchar* end) nogil
     const uchar* jp_find_struct(const uchar* p, const uchar* end) nogil
+
+
+jp_detect()   # use AVX2 for long strings when the CPU has it
 
 
 cdef const uchar* scan_string(const uchar* p, const uchar* end, bint* esc) noexcept nogil:

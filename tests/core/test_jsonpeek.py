@@ -460,6 +460,19 @@ def test_usage_lookalikes_in_strings_and_nested_objects_are_not_taken():
     assert peek_usage(body) == (2, 0)
 
 
+def test_stop_byte_at_every_offset_of_long_strings():
+    """Strings are skipped 32 (AVX2), 16 (SSE2), 8 and 1 bytes at a time: a byte that ends or breaks the
+    plain run, at every offset and string length across those steps, is seen exactly where it is."""
+    for n in (31, 32, 33, 47, 64, 65, 100):
+        for i in range(n):
+            for stop in (b'\\"', b"\\\\", b"\x01", b"\xc3\xa9", b"\xff", b'"', b"\\u0041"):
+                text = b"a" * i + stop + b"b" * (n - i)
+                for body in (b'{"model":"' + text + b'","usage":{"prompt_tokens":5}}',
+                             b'{"x":["' + text + b'"],"usage":{"prompt_tokens":5}}'):
+                    check_request(body)
+                    check_usage(body)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_usage_random_bytes_never_crash(body):
