@@ -34,6 +34,8 @@ from fastgw._core.sse cimport SSERelay
 from fastgw.exchange cimport Exchange, new_exchange
 from fastgw.gateway cimport Gateway
 from fastgw.router cimport Route, Router, Target
+from fastgw.linebuf cimport LineBuffer
+from fastgw.stats cimport RequestStats
 
 from fastgw._core import http as H
 from fastgw._core.jsonpeek import peek_request, peek_usage, splice
@@ -701,14 +703,14 @@ cdef void _record(Gateway gw, Exchange ex) except *:
     cdef double overhead = latency - ex.upstream_wait
     if overhead < 0.0:
         overhead = 0.0
-    route = ex.route
+    cdef Route route = ex.route
+    cdef RequestStats stats = gw.stats
+    cdef LineBuffer al = gw.access_log
     if route is not None or ex.model:
         # Labels come from the config (route name, deployment address), never from the client.
-        gw.stats.request(route.name if route is not None else "", ex.upstream_name, ex.consumer, ex.status,
-                         latency, ttft if ttft >= 0.0 else None, overhead,
-                         ex.prompt_tokens if ex.prompt_tokens > 0 else 0,
-                         ex.completion_tokens if ex.completion_tokens > 0 else 0, ex.cost)
-    al = gw.access_log
+        stats.add(route.name if route is not None else "", ex.upstream_name, ex.consumer, ex.status,
+                  latency, ttft, overhead, ex.prompt_tokens if ex.prompt_tokens > 0 else 0,
+                  ex.completion_tokens if ex.completion_tokens > 0 else 0, ex.cost)
     if not al.enabled:
         return
     cdef object ttfb = _ms(ttft) if ttft >= 0.0 else None
