@@ -5,8 +5,8 @@ cdef class _Message:
     cdef char* buf
     cdef Py_ssize_t pos, end, cap
     # The head of the current message, copied out of buf when complete (so body reading can consume
-    # buf freely while header()/forward_head still work). Header i is at hdr[4i..4i+3] =
-    # (name offset, name length, value offset, value length) into hbuf.
+    # buf freely while header()/forward_head still work). Header i is at hdr[5i..5i+4] =
+    # (name offset, name length, value offset, value length) into hbuf, and its name kind (http.pyx).
     cdef char* hbuf
     cdef Py_ssize_t hlen, hcap
     cdef Py_ssize_t* hdr

@@ -290,29 +290,48 @@ cdef inline char* _put(char* p, const char* s, Py_ssize_t n) noexcept nogil:
     return p + n
 
 
-cdef bint _is_hop_by_hop(const unsigned char* n, Py_ssize_t l, bint request) noexcept nogil:
-    """Names never forwarded: hop-by-hop fields, and the ones the gateway writes itself."""
+# What a field name is, worked out once at parse time and kept as hdr[5k+4]: the low bits say which field
+# decides framing/connection handling, the DROP_* bits which names are never forwarded (hop-by-hop fields,
+# and the ones the gateway writes itself).
+cdef enum:
+    HSTRIDE = 5         # slots per header in hdr: name off, name len, value off, value len, kind
+    NK_OTHER = 0
+    NK_CONTENT_LENGTH = 1
+    NK_TRANSFER_ENCODING = 2
+    NK_CONNECTION = 3
+    NK_HOST = 4
+    NK_EXPECT = 5
+    NK_MASK = 15
+    DROP_REQ = 16       # not forwarded upstream
+    DROP_RESP = 32      # not forwarded to the client
+    DROP_BOTH = 48
+
+
+cdef int _name_kind(const unsigned char* n, Py_ssize_t l) noexcept nogil:
+    """NK_* | DROP_* bits for the field name n[:l] (any case)."""
     if l == 2:
-        return _ieq(n, b"te", 2)
+        return DROP_BOTH if _ieq(n, b"te", 2) else 0
     if l == 4:
-        return request and _ieq(n, b"host", 4)
+        return NK_HOST | DROP_REQ if _ieq(n, b"host", 4) else 0
     if l == 6:
-        return request and _ieq(n, b"expect", 6)
+        return NK_EXPECT | DROP_REQ if _ieq(n, b"expect", 6) else 0
     if l == 7:
-        return _ieq(n, b"trailer", 7) or _ieq(n, b"upgrade", 7)
+        return DROP_BOTH if _ieq(n, b"trailer", 7) or _ieq(n, b"upgrade", 7) else 0
     if l == 10:
-        return _ieq(n, b"connection", 10) or _ieq(n, b"keep-alive", 10)
+        if _ieq(n, b"connection", 10):
+            return NK_CONNECTION | DROP_BOTH
+        return DROP_BOTH if _ieq(n, b"keep-alive", 10) else 0
     if l == 14:
-        return _ieq(n, b"content-length", 14)
+        return NK_CONTENT_LENGTH | DROP_BOTH if _ieq(n, b"content-length", 14) else 0
     if l == 16:
-        return _ieq(n, b"proxy-connection", 16)
+        return DROP_BOTH if _ieq(n, b"proxy-connection", 16) else 0
     if l == 17:
-        return _ieq(n, b"transfer-encoding", 17)
+        return NK_TRANSFER_ENCODING | DROP_BOTH if _ieq(n, b"transfer-encoding", 17) else 0
     if l == 18:
-        return _ieq(n, b"proxy-authenticate", 18)
+        return DROP_BOTH if _ieq(n, b"proxy-authenticate", 18) else 0
     if l == 19:
-        return _ieq(n, b"proxy-authorization", 19)
-    return False
+        return DROP_BOTH if _ieq(n, b"proxy-authorization", 19) else 0
+    return 0
 
 
 cdef class _Message:
@@ -340,7 +359,7 @@ cdef class _Message:
             raise ValueError("max_head_bytes must be >= 64 and max_headers >= 1")
         self.max_head = max_head
         self.max_hdrs = max_hdrs
-        self.hdr = <Py_ssize_t*>malloc(4 * sizeof(Py_ssize_t) * max_hdrs)
+        self.hdr = <Py_ssize_t*>malloc(HSTRIDE * sizeof(Py_ssize_t) * max_hdrs)
         if self.hdr == NULL:
             raise MemoryError()
         self._reset_head()
@@ -478,23 +497,26 @@ cdef class _Message:
                 return self._fail(400, "invalid character in header value")
             if self.nhdr >= self.max_hdrs:
                 return self._fail(431, "too many header fields")
-            h = self.hdr + 4 * self.nhdr
+            h = self.hdr + HSTRIDE * self.nhdr
             h[0] = i
             h[1] = ne - i
             h[2] = vs
             h[3] = ve - vs
+            h[4] = _name_kind(b + i, ne - i)
             self.nhdr += 1
-            if self._special(i, ne - i, vs, ve - vs) < 0:
+            if h[4] & NK_MASK and self._special(i, ne - i, vs, ve - vs) < 0:
                 return -1
             i = nxt
 
     cdef int _special(self, Py_ssize_t ns, Py_ssize_t nl, Py_ssize_t vs, Py_ssize_t vl):
-        """Note the fields that decide framing and connection handling."""
+        """Note the fields that decide framing and connection handling (the last header recorded, whose
+        kind _parse_fields has worked out)."""
         cdef const unsigned char* b = <const unsigned char*>self.hbuf
         cdef const unsigned char* v = b + vs
         cdef Py_ssize_t k, s, e, t
         cdef long long cl = 0
-        if nl == 14 and _ieq(b + ns, b"content-length", 14):
+        cdef int kind = self.hdr[HSTRIDE * (self.nhdr - 1) + 4] & NK_MASK
+        if kind == NK_CONTENT_LENGTH:
             if vl == 0 or vl > 18:
                 return self._fail(400, "invalid Content-Length")
             for k in range(vl):
@@ -504,7 +526,7 @@ cdef class _Message:
             if self.content_length >= 0 and self.content_length != cl:
                 return self._fail(400, "conflicting Content-Length fields")
             self.content_length = cl
-        elif nl == 17 and _ieq(b + ns, b"transfer-encoding", 17) or nl == 10 and _ieq(b + ns, b"connection", 10):
+        elif kind == NK_TRANSFER_ENCODING or kind == NK_CONNECTION:
             # Comma-separated lists; elements trimmed of OWS.
             k = 0
             while k <= vl:
@@ -517,7 +539,7 @@ cdef class _Message:
                     s += 1
                 while e > s and (v[e - 1] == 32 or v[e - 1] == 9):
                     e -= 1
-                if nl == 17:
+                if kind == NK_TRANSFER_ENCODING:
                     if e == s:
                         return self._fail(400, "malformed Transfer-Encoding")
                     for t in range(s, e):
@@ -536,9 +558,9 @@ cdef class _Message:
                     self.conn_tok[2 * self.nconn] = vs + s
                     self.conn_tok[2 * self.nconn + 1] = e - s
                     self.nconn += 1
-        elif nl == 4 and _ieq(b + ns, b"host", 4):
+        elif kind == NK_HOST:
             self.host_count += 1
-        elif nl == 6 and _ieq(b + ns, b"expect", 6):
+        elif kind == NK_EXPECT:
             if vl == 12 and _ieq(v, b"100-continue", 12):
                 self.expect_100 = True
             else:
@@ -666,7 +688,7 @@ cdef class _Message:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(name), k
         cdef Py_ssize_t* h
         for k in range(self.nhdr):
-            h = self.hdr + 4 * k
+            h = self.hdr + HSTRIDE * k
             if h[1] == n and _ieq2(<const unsigned char*>self.hbuf + h[0], q, n):
                 return PyBytes_FromStringAndSize(self.hbuf + h[2], h[3])
         return None
@@ -679,7 +701,7 @@ cdef class _Message:
         cdef bytes name
         cdef char* w
         for k in range(self.nhdr):
-            h = self.hdr + 4 * k
+            h = self.hdr + HSTRIDE * k
             name = PyBytes_FromStringAndSize(NULL, h[1])
             w = PyBytes_AS_STRING(name)
             for m in range(h[1]):
@@ -863,10 +885,10 @@ cdef class RequestParser(_Message):
             if content_length >= 0:
                 total += 18 + _dec_len(content_length)
             for k in range(self.nhdr):
-                h = self.hdr + 4 * k
+                h = self.hdr + HSTRIDE * k
                 nm = <const unsigned char*>self.hbuf + h[0]
                 nl = h[1]
-                keepp[k] = not (_is_hop_by_hop(nm, nl, True) or self._conn_listed(nm, nl))
+                keepp[k] = not (h[4] & DROP_REQ or (self.nconn and self._conn_listed(nm, nl)))
                 if keepp[k]:
                     for d in range(nd):
                         if dl[d] == nl and _ieq2(nm, <const unsigned char*>dp[d], nl):
@@ -879,7 +901,7 @@ cdef class RequestParser(_Message):
             w = _put(w, PyBytes_AS_STRING(request_line), PyBytes_GET_SIZE(request_line))
             for k in range(self.nhdr):
                 if keepp[k]:
-                    h = self.hdr + 4 * k
+                    h = self.hdr + HSTRIDE * k
                     w = _put(w, self.hbuf + h[0], h[1])
                     w = _put(w, b": ", 2)
                     w = _put(w, self.hbuf + h[2], h[3])
@@ -1117,10 +1139,10 @@ cdef class ResponseParser(_Message):
         elif content_length >= 0:
             total += 18 + _dec_len(content_length)
         for k in range(self.nhdr):
-            h = self.hdr + 4 * k
+            h = self.hdr + HSTRIDE * k
             nm = <const unsigned char*>self.hbuf + h[0]
             nl = h[1]
-            if not (_is_hop_by_hop(nm, nl, False) or self._conn_listed(nm, nl)):
+            if not (h[4] & DROP_RESP or (self.nconn and self._conn_listed(nm, nl))):
                 total += nl + h[3] + 4
         out = PyBytes_FromStringAndSize(NULL, total)
         w = PyBytes_AS_STRING(out)
@@ -1130,10 +1152,10 @@ cdef class ResponseParser(_Message):
         w = _put(w, self.hbuf + self.reason_off, self.reason_len)
         w = _put(w, b"\r\n", 2)
         for k in range(self.nhdr):
-            h = self.hdr + 4 * k
+            h = self.hdr + HSTRIDE * k
             nm = <const unsigned char*>self.hbuf + h[0]
             nl = h[1]
-            if not (_is_hop_by_hop(nm, nl, False) or self._conn_listed(nm, nl)):
+            if not (h[4] & DROP_RESP or (self.nconn and self._conn_listed(nm, nl))):
                 w = _put(w, self.hbuf + h[0], h[1])
                 w = _put(w, b": ", 2)
                 w = _put(w, self.hbuf + h[2], h[3])

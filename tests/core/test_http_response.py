@@ -351,6 +351,16 @@ def test_forward_head_and_writers():
         b"x-gw: 1\r\ncontent-length: 2\r\n\r\n")
     assert r.forward_head(b"", True, -1).endswith(b"Retry-After: 5\r\ntransfer-encoding: chunked\r\n\r\n")
     assert r.forward_head(b"", False, -1).endswith(b"Retry-After: 5\r\n\r\n")
+    # Host and Expect are dropped from requests only; every hop-by-hop name in any case, and a
+    # Connection-listed one, from responses.
+    r = H.ResponseParser()
+    r.start()
+    r.feed(b"HTTP/1.1 200 OK\r\nHOST: h\r\nexpect: e\r\nTE: t\r\nPROXY-CONNECTION: p\r\n"
+           b"Transfer-Encoding: chunked\r\nproxy-authorization: a\r\nConnection: keep-alive, x-Listed\r\n"
+           b"X-LISTED: 1\r\nx-listed-not: 2\r\n\r\n0\r\n\r\n")
+    assert r.next_event() == H.HEAD
+    assert r.forward_head(b"", False, 0) == (
+        b"HTTP/1.1 200 OK\r\nHOST: h\r\nexpect: e\r\nx-listed-not: 2\r\ncontent-length: 0\r\n\r\n")
     assert H.frame_chunk(b"") == b""
     assert H.frame_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
     assert H.LAST_CHUNK == b"0\r\n\r\n"
