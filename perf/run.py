@@ -65,9 +65,10 @@ def gateway_cmd(scenario, work, port, upstream_port, python_opts=()):
                       CONFIGS=CONFIGS)
         args = ["serve", "--config", conf, "--workers", "1", "--host", HOST, "--port", str(port)]
     else:
-        # proxy only, like the seed's test: no access log (the policies scenario turns it on)
-        args = ["serve", "--workers", "1", "--host", HOST, "--port", str(port), "--access-log", "off",
-                "--upstream", f"http://{HOST}:{upstream_port}/v1"]
+        # The seed's test with the gateway's own features on, as in production: a JSON access-log line per
+        # request written to a file, and metrics (the yardstick nginx logs nothing).
+        args = ["serve", "--workers", "1", "--host", HOST, "--port", str(port),
+                "--access-log", os.path.join(work, "access.log"), "--upstream", f"http://{HOST}:{upstream_port}/v1"]
     cmd = fastgw_cmd(*args)
     cmd[1:1] = list(python_opts)
     return cmd
