@@ -249,15 +249,18 @@ cdef extern from *:
     static inline const unsigned char* jp_skip_plain(const unsigned char* p, const unsigned char* end) {
     #if defined(__SSE2__)
         const __m128i quote = _mm_set1_epi8(0x22), bslash = _mm_set1_epi8(0x5C), space = _mm_set1_epi8(0x20);
-    #ifdef JP_HAVE_AVX2_PATH
-        if (jp_avx2 && end - p >= 32) {
-            p = jp_plain_avx2(p, end);
-            if (end - p >= 32) return p;
-        }
-    #endif
         /* signed compare: 0x20 > v holds for 0x00..0x1f and for 0x80..0xff (negative) */
     #define JP_PLAIN_STOP(v) _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash)), \
                                           _mm_cmpgt_epi8(space, v))
+    #ifdef JP_HAVE_AVX2_PATH
+        /* most strings (keys, short values) end within 16 bytes: test those inline before the call */
+        if (jp_avx2 && end - p >= 48) {
+            int mask = _mm_movemask_epi8(JP_PLAIN_STOP(_mm_loadu_si128((const __m128i*)p)));
+            if (mask) return p + __builtin_ctz((unsigned)mask);
+            p = jp_plain_avx2(p + 16, end);
+            if (end - p >= 32) return p;
+        }
+    #endif
         while (end - p >= 16) {
             __m128i v = _mm_loadu_si128((const __m128i*)p);
             int mask = _mm_movemask_epi8(JP_PLAIN_STOP(v));
@@ -304,13 +307,15 @@ cdef extern from *:
     static inline const unsigned char* jp_find_qb(const unsigned char* p, const unsigned char* end) {
     #if defined(__SSE2__)
         const __m128i quote = _mm_set1_epi8(0x22), bslash = _mm_set1_epi8(0x5C);
+    #define JP_QB_STOP(v) _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash))
     #ifdef JP_HAVE_AVX2_PATH
-        if (jp_avx2 && end - p >= 32) {
-            p = jp_qb_avx2(p, end);
+        if (jp_avx2 && end - p >= 48) {
+            int mask = _mm_movemask_epi8(JP_QB_STOP(_mm_loadu_si128((const __m128i*)p)));
+            if (mask) return p + __builtin_ctz((unsigned)mask);
+            p = jp_qb_avx2(p + 16, end);
             if (end - p >= 32) return p;
         }
     #endif
-    #define JP_QB_STOP(v) _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bslash))
 
         while (end - p >= 16) {
             __m128i v = _mm_loadu_si128((const __m128i*)p);
