@@ -13,6 +13,7 @@ Fields (all readable and writable from Python policies):
 
 A policy that rewrites `body` must keep it a JSON object; the gateway reads the fields of the new body again.
 """
+from fastgw._core.tokens import estimate_chat_tokens
 
 
 cdef class Exchange:
@@ -28,8 +29,6 @@ cdef class Exchange:
     def prompt_tokens_estimate(self):
         """Estimated prompt tokens of the body (compiled, a few µs for 4 KB); computed once, when first asked."""
         if self._prompt_estimate < 0:
-            from fastgw._core.tokens import estimate_chat_tokens  # only policies that meter tokens pay for it
-
             self._prompt_estimate = estimate_chat_tokens(self.body)
         return self._prompt_estimate
 
