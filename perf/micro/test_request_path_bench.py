@@ -46,14 +46,14 @@ class Transport:
     abort = pause_reading = resume_reading = close
 
 
-def request_bytes(stream=False) -> bytes:
+def request_bytes(stream=False, api_key="sk-test") -> bytes:
     body = CHAT if not stream else CHAT.replace(b'"model"', b'"stream":true,"model"', 1)
     return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAccept-Encoding: gzip, deflate\r\n"
-            b"Connection: keep-alive\r\nauthorization: Bearer sk-test\r\naccept: application/json\r\n"
+            b"Connection: keep-alive\r\nauthorization: Bearer %s\r\naccept: application/json\r\n"
             b"content-type: application/json\r\nuser-agent: OpenAI/Python 1.54.0\r\nx-stainless-lang: python\r\n"
             b"x-stainless-package-version: 1.54.0\r\nx-stainless-os: Linux\r\nx-stainless-arch: x64\r\n"
             b"x-stainless-runtime: CPython\r\nx-stainless-runtime-version: 3.11.7\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            b"content-length: %d\r\n\r\n%s" % (api_key.encode(), len(body), body))
 
 
 def response_bytes() -> bytes:
@@ -85,7 +85,7 @@ def gateway():
     loop.close()
 
 
-def one_exchange(gw, stream=False, chunks=1):
+def one_exchange(gw, stream=False, chunks=1, api_key="sk-test"):
     """Make a client connection with one idle upstream connection in the pool; return a runner."""
     target = gw.router.wildcard.pick()
     pool = gw.pools.get(target)
@@ -96,7 +96,7 @@ def one_exchange(gw, stream=False, chunks=1):
     client = ClientConnection(gw)
     client_t = Transport()
     client.connection_made(client_t)
-    req = request_bytes(stream)
+    req = request_bytes(stream, api_key)
     resp = sse_response_bytes() if stream else response_bytes()
     pieces = [resp] if chunks == 1 else [resp[i:i + len(resp) // chunks + 1]
                                            for i in range(0, len(resp), len(resp) // chunks + 1)]
