@@ -305,6 +305,7 @@ cdef enum:
     DROP_REQ = 16       # not forwarded upstream
     DROP_RESP = 32      # not forwarded to the client
     DROP_BOTH = 48
+    SKIP = 64           # set by forward_head's first pass: not written this time
 
 
 cdef int _name_kind(const unsigned char* n, Py_ssize_t l) noexcept nogil:
@@ -332,6 +333,34 @@ cdef int _name_kind(const unsigned char* n, Py_ssize_t l) noexcept nogil:
     if l == 19:
         return DROP_BOTH if _ieq(n, b"proxy-authorization", 19) else 0
     return 0
+
+
+cdef char* _put_fields(char* w, const char* hb, const Py_ssize_t* hdr, int nhdr) noexcept nogil:
+    """Write the fields not marked SKIP as "name: value\\r\\n". A line received in exactly that shape (one
+    space after the colon, no trailing whitespace; nearly all) is copied from the head as it is, and a run
+    of consecutive ones with a single memcpy."""
+    cdef Py_ssize_t rs = 0, re = 0, ne, ve
+    cdef const Py_ssize_t* h
+    cdef int k
+    for k in range(nhdr):
+        h = hdr + HSTRIDE * k
+        if h[4] & SKIP:
+            continue
+        ne = h[0] + h[1]
+        ve = h[2] + h[3]
+        if h[2] == ne + 2 and hb[ne + 1] == 32 and hb[ve] == 13:
+            if re != h[0]:      # not right after the pending run: write that, start a new one
+                w = _put(w, hb + rs, re - rs)
+                rs = h[0]
+            re = ve + 2
+        else:
+            w = _put(w, hb + rs, re - rs)
+            rs = re = 0
+            w = _put(w, hb + h[0], h[1])
+            w = _put(w, b": ", 2)
+            w = _put(w, hb + h[2], h[3])
+            w = _put(w, b"\r\n", 2)
+    return _put(w, hb + rs, re - rs)
 
 
 cdef class _Message:
@@ -867,8 +896,7 @@ cdef class RequestParser(_Message):
         cdef const unsigned char* nm
         cdef bytes out
         cdef char* w
-        cdef unsigned char keep[512]
-        cdef unsigned char* keepp = keep
+        cdef bint keep
         if drop:
             for name in drop:
                 if nd == MAX_DROP:
@@ -876,45 +904,34 @@ cdef class RequestParser(_Message):
                 dp[nd] = PyBytes_AS_STRING(<bytes?>name)
                 dl[nd] = PyBytes_GET_SIZE(name)
                 nd += 1
-        if self.nhdr > 512:
-            keepp = <unsigned char*>malloc(self.nhdr)
-            if keepp == NULL:
-                raise MemoryError()
-        try:
-            total = PyBytes_GET_SIZE(request_line) + PyBytes_GET_SIZE(extra_headers) + 2
-            if content_length >= 0:
-                total += 18 + _dec_len(content_length)
-            for k in range(self.nhdr):
-                h = self.hdr + HSTRIDE * k
-                nm = <const unsigned char*>self.hbuf + h[0]
-                nl = h[1]
-                keepp[k] = not (h[4] & DROP_REQ or (self.nconn and self._conn_listed(nm, nl)))
-                if keepp[k]:
-                    for d in range(nd):
-                        if dl[d] == nl and _ieq2(nm, <const unsigned char*>dp[d], nl):
-                            keepp[k] = 0
-                            break
-                if keepp[k]:
-                    total += nl + h[3] + 4
-            out = PyBytes_FromStringAndSize(NULL, total)
-            w = PyBytes_AS_STRING(out)
-            w = _put(w, PyBytes_AS_STRING(request_line), PyBytes_GET_SIZE(request_line))
-            for k in range(self.nhdr):
-                if keepp[k]:
-                    h = self.hdr + HSTRIDE * k
-                    w = _put(w, self.hbuf + h[0], h[1])
-                    w = _put(w, b": ", 2)
-                    w = _put(w, self.hbuf + h[2], h[3])
-                    w = _put(w, b"\r\n", 2)
-            w = _put(w, PyBytes_AS_STRING(extra_headers), PyBytes_GET_SIZE(extra_headers))
-            if content_length >= 0:
-                w = _put(w, b"content-length: ", 16)
-                w = _put_dec(w, content_length)
-                w = _put(w, b"\r\n", 2)
-            _put(w, b"\r\n", 2)
-        finally:
-            if keepp != keep:
-                free(keepp)
+        total = PyBytes_GET_SIZE(request_line) + PyBytes_GET_SIZE(extra_headers) + 2
+        if content_length >= 0:
+            total += 18 + _dec_len(content_length)
+        for k in range(self.nhdr):
+            h = self.hdr + HSTRIDE * k
+            nm = <const unsigned char*>self.hbuf + h[0]
+            nl = h[1]
+            keep = not (h[4] & DROP_REQ or (self.nconn and self._conn_listed(nm, nl)))
+            if keep:
+                for d in range(nd):
+                    if dl[d] == nl and _ieq2(nm, <const unsigned char*>dp[d], nl):
+                        keep = False
+                        break
+            if keep:
+                h[4] &= ~SKIP
+                total += nl + h[3] + 4
+            else:
+                h[4] |= SKIP
+        out = PyBytes_FromStringAndSize(NULL, total)
+        w = PyBytes_AS_STRING(out)
+        w = _put(w, PyBytes_AS_STRING(request_line), PyBytes_GET_SIZE(request_line))
+        w = _put_fields(w, self.hbuf, self.hdr, self.nhdr)
+        w = _put(w, PyBytes_AS_STRING(extra_headers), PyBytes_GET_SIZE(extra_headers))
+        if content_length >= 0:
+            w = _put(w, b"content-length: ", 16)
+            w = _put_dec(w, content_length)
+            w = _put(w, b"\r\n", 2)
+        _put(w, b"\r\n", 2)
         return out
 
 
@@ -1143,7 +1160,10 @@ cdef class ResponseParser(_Message):
             nm = <const unsigned char*>self.hbuf + h[0]
             nl = h[1]
             if not (h[4] & DROP_RESP or (self.nconn and self._conn_listed(nm, nl))):
+                h[4] &= ~SKIP
                 total += nl + h[3] + 4
+            else:
+                h[4] |= SKIP
         out = PyBytes_FromStringAndSize(NULL, total)
         w = PyBytes_AS_STRING(out)
         w = _put(w, b"HTTP/1.1 ", 9)
@@ -1151,15 +1171,7 @@ cdef class ResponseParser(_Message):
         w = _put(w, b" ", 1)
         w = _put(w, self.hbuf + self.reason_off, self.reason_len)
         w = _put(w, b"\r\n", 2)
-        for k in range(self.nhdr):
-            h = self.hdr + HSTRIDE * k
-            nm = <const unsigned char*>self.hbuf + h[0]
-            nl = h[1]
-            if not (h[4] & DROP_RESP or (self.nconn and self._conn_listed(nm, nl))):
-                w = _put(w, self.hbuf + h[0], h[1])
-                w = _put(w, b": ", 2)
-                w = _put(w, self.hbuf + h[2], h[3])
-                w = _put(w, b"\r\n", 2)
+        w = _put_fields(w, self.hbuf, self.hdr, self.nhdr)
         w = _put(w, PyBytes_AS_STRING(extra_headers), PyBytes_GET_SIZE(extra_headers))
         if chunked_to_client:
             w = _put(w, b"transfer-encoding: chunked\r\n", 28)

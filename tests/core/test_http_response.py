@@ -361,6 +361,14 @@ def test_forward_head_and_writers():
     assert r.next_event() == H.HEAD
     assert r.forward_head(b"", False, 0) == (
         b"HTTP/1.1 200 OK\r\nHOST: h\r\nexpect: e\r\nx-listed-not: 2\r\ncontent-length: 0\r\n\r\n")
+    # Lines already in "name: value" shape are copied in runs; the others are rewritten in that shape.
+    r = H.ResponseParser()
+    r.start()
+    r.feed(b"HTTP/1.1 200 OK\r\nA: 1\r\nB:2\r\nC: 3  \r\nD:\t 4\r\nE: 5\r\nKeep-Alive: x\r\nF: 6\r\n"
+           b"G:\r\nH: \r\nI: 9\r\nConnection: close\r\n\r\n")
+    assert r.next_event() == H.HEAD
+    assert r.forward_head(b"x: y\r\n", False, -1) == (
+        b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\nF: 6\r\nG: \r\nH: \r\nI: 9\r\nx: y\r\n\r\n")
     assert H.frame_chunk(b"") == b""
     assert H.frame_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
     assert H.LAST_CHUNK == b"0\r\n\r\n"
