@@ -705,37 +705,43 @@ cdef void record(Fields* f, int kid, const uchar* vs, const uchar* ve) noexcept 
         f.output_tokens = int_value(vs, ve) if num else -1
 
 
+cdef inline const uchar* read_key(const uchar* p, const uchar* end, int mode, int* kid) noexcept nogil:
+    """p at the opening quote of a member's key: sets *kid (escaped keys, "mod\\u0065l", are decoded first, as
+    orjson and upstreams read them); returns the start of the value after ':', or NULL if malformed."""
+    cdef const uchar* ks
+    cdef bint esc = False
+    cdef uchar kbuf[32]
+    cdef Py_ssize_t kn
+    if p[0] != 34:
+        return NULL
+    ks = p + 1
+    p = scan_string(ks, end, &esc)   # keys are short: always validated
+    if p == NULL:
+        return NULL
+    if not esc:
+        kid[0] = match_key(ks, p - 1 - ks, mode)
+    else:
+        kn = unescape(ks, p - 1, kbuf, 32)
+        kid[0] = match_key(kbuf, kn, mode) if kn >= 0 else K_NONE
+    p = skip_ws(p)
+    if p[0] != 58:
+        return NULL
+    return skip_ws(p + 1)
+
+
 cdef const uchar* scan_object(const uchar* p, const uchar* end, int depth, Fields* f, int mode) noexcept nogil:
     """p at '{' of an object at nesting level `depth` (top level = 1) whose keys are matched per `mode`.
     Validates it; returns the byte after its closing brace, or NULL."""
-    cdef const uchar* ks
     cdef const uchar* vs
-    cdef bint esc
     cdef int kid
-    cdef uchar kbuf[32]
-    cdef Py_ssize_t kn
     if depth > MAX_DEPTH:
         return NULL
     p = skip_ws(p + 1)
     if p[0] != 125:
         while True:
-            if p[0] != 34:
+            vs = read_key(p, end, mode, &kid)
+            if vs == NULL:
                 return NULL
-            ks = p + 1
-            esc = False
-            p = scan_string(ks, end, &esc)
-            if p == NULL:
-                return NULL
-            if not esc:
-                kid = match_key(ks, p - 1 - ks, mode)
-            else:
-                # An escaped key ("mod\u0065l") is the same key once decoded, for orjson and upstreams.
-                kn = unescape(ks, p - 1, kbuf, 32)
-                kid = match_key(kbuf, kn, mode) if kn >= 0 else K_NONE
-            p = skip_ws(p)
-            if p[0] != 58:
-                return NULL
-            vs = skip_ws(p + 1)
             if kid == K_STREAM_OPTIONS and vs[0] == 123:
                 f.include_usage = False
                 p = scan_object(vs, end, depth + 1, f, MODE_STREAM_OPTIONS)
@@ -818,32 +824,15 @@ cdef const uchar* light_value(const uchar* p, const uchar* end) noexcept nogil:
 cdef const uchar* light_object(const uchar* p, const uchar* end, Fields* f, int mode) noexcept nogil:
     """p at '{' of the top-level object (MODE_RESPONSE) or of its "usage" object (MODE_USAGE). Notes the
     wanted members; returns the byte after the closing brace, or NULL."""
-    cdef const uchar* ks
     cdef const uchar* vs
-    cdef bint esc
     cdef int kid
-    cdef uchar kbuf[32]
-    cdef Py_ssize_t kn
     p = skip_ws(p + 1)
     if p[0] == 125:
         return p + 1
     while True:
-        if p[0] != 34:
+        vs = read_key(p, end, mode, &kid)
+        if vs == NULL:
             return NULL
-        ks = p + 1
-        esc = False
-        p = scan_string(ks, end, &esc)   # keys are short: validate them (escaped keys are decoded)
-        if p == NULL:
-            return NULL
-        if not esc:
-            kid = match_key(ks, p - 1 - ks, mode)
-        else:
-            kn = unescape(ks, p - 1, kbuf, 32)
-            kid = match_key(kbuf, kn, mode) if kn >= 0 else K_NONE
-        p = skip_ws(p)
-        if p[0] != 58:
-            return NULL
-        vs = skip_ws(p + 1)
         if kid == K_USAGE and vs[0] == 123:
             f.prompt_tokens = f.completion_tokens = f.input_tokens = f.output_tokens = -1
             p = light_object(vs, end, f, MODE_USAGE)
