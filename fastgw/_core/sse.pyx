@@ -25,6 +25,7 @@ byte-identical and in order.
 """
 from libc.stdlib cimport free, realloc
 from libc.string cimport memchr, memcmp, memcpy
+from fastgw._core.jsonskip cimport skip_string, skip_value, skip_ws
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 import json
@@ -87,67 +88,7 @@ cdef inline void buf_free(Buf* b) noexcept:
     b.len = b.cap = 0
 
 # ----------------------------------------------------------------------------- minimal JSON scanning
-# All take the buffer d[0:n] and a position; they return the position after the thing, or -1 when the JSON
-# is malformed or cut. They never read outside d[0:n].
-
-cdef inline Py_ssize_t skip_ws(const unsigned char* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and (d[i] == 32 or d[i] == 10 or d[i] == 13 or d[i] == 9):
-        i += 1
-    return i
-
-
-cdef Py_ssize_t skip_string(const unsigned char* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    # d[i] is the opening quote. A quote closes the string when an even number of backslashes precede it.
-    cdef const unsigned char* q
-    cdef Py_ssize_t j, k
-    i += 1
-    while i < n:
-        q = <const unsigned char*>memchr(d + i, 34, n - i)
-        if q == NULL:
-            return -1
-        j = q - d
-        k = j
-        while d[k - 1] == 92:  # the opening quote stops this walk
-            k -= 1
-        if ((j - k) & 1) == 0:
-            return j + 1
-        i = j + 1
-    return -1
-
-
-cdef Py_ssize_t skip_value(const unsigned char* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    cdef unsigned char c
-    cdef Py_ssize_t depth
-    if i >= n:
-        return -1
-    c = d[i]
-    if c == 34:
-        return skip_string(d, i, n)
-    if c == 123 or c == 91:  # { [ : skip to the matching close, strings skipped whole
-        depth = 0
-        while i < n:
-            c = d[i]
-            if c == 34:
-                i = skip_string(d, i, n)
-                if i < 0:
-                    return -1
-                continue
-            if c == 123 or c == 91:
-                depth += 1
-            elif c == 125 or c == 93:
-                depth -= 1
-                if depth == 0:
-                    return i + 1
-            i += 1
-        return -1
-    # number, true, false, null
-    while i < n:
-        c = d[i]
-        if c == 44 or c == 125 or c == 93 or c == 32 or c == 10 or c == 13 or c == 9:
-            break
-        i += 1
-    return i
-
+# (skip_ws, skip_string, skip_value: fastgw/_core/jsonskip.pxd)
 
 cdef Py_ssize_t obj_find(const unsigned char* d, Py_ssize_t s, Py_ssize_t e, const char* key,
                          Py_ssize_t klen, Py_ssize_t* vend) noexcept nogil:

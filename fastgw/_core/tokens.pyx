@@ -23,6 +23,7 @@ About 0.3 ns per byte; tests/core/test_tokens.py checks it against the byte-at-a
 estimate_chat_tokens() walks the raw JSON of a request once, without building Python objects, and prices the
 content strings with the same estimator (JSON escapes decoded on the fly), plus OpenAI's framing overhead.
 """
+from fastgw._core.jsonskip cimport skip_scalar, skip_string, skip_value, skip_ws
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 ctypedef unsigned char uchar
@@ -470,23 +471,6 @@ cdef extern from *:
         return fgw_est_finish(e);
     }
 
-    /* The first '"' of p[0:n], or n (memchr without the call: most strings skipped are short keys) */
-    static inline size_t fgw_find_quote(const unsigned char *p, size_t n) {
-        size_t i = 0;
-    #if defined(__SSE2__)
-        const __m128i q = _mm_set1_epi8('"');
-        for (; i + 16 <= n; i += 16) {
-            unsigned m = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(p + i)), q));
-            if (m)
-                return i + (size_t)__builtin_ctz(m);
-        }
-    #endif
-        for (; i < n; i++)
-            if (p[i] == '"')
-                return i;
-        return n;
-    }
-
     /* The first '"' or '\\\\' of p[0:n], or n */
     static inline size_t fgw_find_stop(const unsigned char *p, size_t n) {
         size_t i = 0;
@@ -528,7 +512,6 @@ cdef extern from *:
     long long fgw_est_finish(fgw_est* e) nogil
     long long fgw_est_feed_last(fgw_est* e, const uchar* p, size_t n, size_t avail) nogil
     size_t fgw_find_stop(const uchar* p, size_t n) nogil
-    size_t fgw_find_quote(const uchar* p, size_t n) nogil
     const int* FGW_WORD
 
 
@@ -600,67 +583,6 @@ cdef struct Walk:
     const fgw_prices* P
     long long total
     Py_ssize_t messages
-
-
-cdef inline Py_ssize_t skip_ws(const uchar* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and (d[i] == 32 or d[i] == 10 or d[i] == 13 or d[i] == 9):
-        i += 1
-    return i
-
-
-cdef Py_ssize_t skip_string(const uchar* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    # d[i] is the opening quote; a quote closes the string when an even number of backslashes precede it
-    cdef Py_ssize_t j, k
-    i += 1
-    while i < n:
-        j = i + <Py_ssize_t>fgw_find_quote(d + i, <size_t>(n - i))
-        if j >= n:
-            return -1
-        k = j
-        while d[k - 1] == 92:
-            k -= 1
-        if ((j - k) & 1) == 0:
-            return j + 1
-        i = j + 1
-    return -1
-
-
-cdef Py_ssize_t skip_value(const uchar* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    cdef uchar c
-    cdef Py_ssize_t depth = 0
-    if i >= n:
-        return -1
-    c = d[i]
-    if c == 34:
-        return skip_string(d, i, n)
-    if c == 123 or c == 91:
-        while i < n:
-            c = d[i]
-            if c == 34:
-                i = skip_string(d, i, n)
-                if i < 0:
-                    return -1
-                continue
-            if c == 123 or c == 91:
-                depth += 1
-            elif c == 125 or c == 93:
-                depth -= 1
-                if depth == 0:
-                    return i + 1
-            i += 1
-        return -1
-    return skip_scalar(d, i, n)
-
-
-cdef inline Py_ssize_t skip_scalar(const uchar* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t s = i
-    cdef uchar c
-    while i < n:
-        c = d[i]
-        if c == 44 or c == 125 or c == 93 or c == 32 or c == 10 or c == 13 or c == 9 or c == 58:
-            break
-        i += 1
-    return i if i > s else -1
 
 
 cdef inline int hexval(uchar c) noexcept nogil:
@@ -779,8 +701,6 @@ cdef int text_key(const uchar* d, Py_ssize_t ks, Py_ssize_t kl) noexcept nogil:
             or key_is(d, ks, kl, b"refusal", 7) or key_is(d, ks, kl, b"output", 6)):
         return V_TEXT
     return V_OTHER
-
-
 
 
 cdef Py_ssize_t walk_object(Walk* w, Py_ssize_t i, bint is_msg, int depth) noexcept nogil:
