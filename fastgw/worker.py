@@ -9,18 +9,17 @@ import asyncio
 import resource
 import signal
 import socket
+import time
 from typing import Callable
 
 import uvloop
 
-import time
-
 from fastgw import admin
 from fastgw.accesslog import AccessLog
 from fastgw.config import Config, ConfigError
+from fastgw.connection import ClientConnection, monotonic
 from fastgw.gateway import Gateway
 from fastgw.metrics import Stats
-from fastgw.connection import ClientConnection, monotonic
 
 STATS_FLUSH_INTERVAL = 1.0
 
