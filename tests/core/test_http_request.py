@@ -8,22 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgw._core import http as H
-
-
-
-def split(data: bytes, cuts) -> list:
-    """Cut data at the given (sorted, deduplicated) offsets."""
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return out
-
-
-def bytewise(data: bytes) -> list:
-    return [data[i : i + 1] for i in range(len(data))]
+from tests.core.http_messages import bytewise, chunked, feeds, split
 
 
 # -- requests -----------------------------------------------------------------------------------
@@ -100,8 +85,6 @@ def h11_requests(data: bytes):
             raise AssertionError(f"unexpected h11 event {ev!r}")
 
 
-
-
 # -- strategies ---------------------------------------------------------------------------------
 
 TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -124,20 +107,6 @@ values = st.lists(
 ).flatmap(lambda words: st.sampled_from([b" ", b"\t"]).map(lambda sep: sep.join(words)))
 
 
-def chunked(body: bytes, sizes, ext: bool, trailers) -> bytes:
-    out, i = [], 0
-    for s in sizes:
-        if i >= len(body):
-            break
-        part = body[i : i + max(1, s)]
-        i += len(part)
-        out.append(b"%x%s\r\n%s\r\n" % (len(part), b';a=b;c="d e"' if ext else b"", part))
-    if i < len(body):
-        out.append(b"%X\r\n%s\r\n" % (len(body) - i, body[i:]))
-    out.append(b"0\r\n" + b"".join(b"%s: %s\r\n" % t for t in trailers) + b"\r\n")
-    return b"".join(out)
-
-
 @st.composite
 def requests(draw, allow_close=True):
     method = draw(methods)
@@ -158,21 +127,13 @@ def requests(draw, allow_close=True):
         extra.append((b"Transfer-Encoding", b"chunked"))
         sizes = draw(st.lists(st.integers(1, 120), max_size=6))
         trailers = draw(st.lists(st.tuples(names, values), max_size=2))
-        payload = chunked(body, sizes, draw(st.booleans()), trailers)
+        payload = chunked(body, sizes, b';a=b;c="d e"' if draw(st.booleans()) else b"", trailers)
     else:
         body = payload = b""
     fields = draw(st.permutations(fields + extra))
     head = b"%s %s HTTP/%s\r\n" % (method, draw(targets), version)
     head += b"".join(b"%s:%s%s\r\n" % (n, draw(st.sampled_from([b"", b" ", b"  \t"])), v) for n, v in fields)
     return head + b"\r\n" + payload, body
-
-
-def feeds(data, how, cuts):
-    if how == "whole":
-        return [data]
-    if how == "bytes":
-        return bytewise(data)
-    return split(data, cuts)
 
 
 def comparable(msg):

@@ -7,22 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgw._core import http as H
-
-
-
-def split(data: bytes, cuts) -> list:
-    """Cut data at the given (sorted, deduplicated) offsets."""
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return out
-
-
-def bytewise(data: bytes) -> list:
-    return [data[i : i + 1] for i in range(len(data))]
+from tests.core.http_messages import bytewise, chunked, feeds, split
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -116,20 +101,6 @@ values = st.lists(st.lists(value_chars, min_size=1, max_size=8).map(b"".join), m
 reasons = st.sampled_from([b"OK", b"Not Found", b"", b"Too Many Requests", b"caf\xc3\xa9 \tx"])
 
 
-def chunked(body: bytes, sizes, ext: bool, trailers) -> bytes:
-    out, i = [], 0
-    for s in sizes:
-        if i >= len(body):
-            break
-        part = body[i : i + max(1, s)]
-        i += len(part)
-        out.append(b"%x%s\r\n%s\r\n" % (len(part), b";a=b" if ext else b"", part))
-    if i < len(body):
-        out.append(b"%X\r\n%s\r\n" % (len(body) - i, body[i:]))
-    out.append(b"0\r\n" + b"".join(b"%s: %s\r\n" % t for t in trailers) + b"\r\n")
-    return b"".join(out)
-
-
 @st.composite
 def responses(draw):
     """(bytes, expected body, head_request, needs_eof)"""
@@ -148,7 +119,7 @@ def responses(draw):
         payload = body
     elif framing == "chunked":
         fields.append((b"Transfer-Encoding", b"chunked"))
-        payload = chunked(body, draw(st.lists(st.integers(1, 120), max_size=6)), draw(st.booleans()),
+        payload = chunked(body, draw(st.lists(st.integers(1, 120), max_size=6)), b';a=b' if draw(st.booleans()) else b"",
                           draw(st.lists(st.tuples(names, values), max_size=2)))
     else:
         payload = body
@@ -160,14 +131,6 @@ def responses(draw):
     head = b"HTTP/%s %d%s\r\n" % (version, status, b" " + reason if reason or draw(st.booleans()) else b"")
     head += b"".join(b"%s:%s%s\r\n" % (n, draw(st.sampled_from([b"", b" "])), v) for n, v in fields)
     return interim + head + b"\r\n" + payload, body, method, framing == "close" and not no_body
-
-
-def feeds(data, how, cuts):
-    if how == "whole":
-        return [data]
-    if how == "bytes":
-        return bytewise(data)
-    return split(data, cuts)
 
 
 @settings(max_examples=120, deadline=None)
