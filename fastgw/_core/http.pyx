@@ -290,6 +290,13 @@ cdef inline char* _put(char* p, const char* s, Py_ssize_t n) noexcept nogil:
     return p + n
 
 
+cdef inline char* _put_length(char* w, long long content_length) noexcept nogil:
+    """The content-length line of a head being written (the caller sized the buffer for it)."""
+    w = _put(w, b"content-length: ", 16)
+    w = _put_dec(w, content_length)
+    return _put(w, b"\r\n", 2)
+
+
 # What a field name is, worked out once at parse time and kept as hdr[5k+4]: the low bits say which field
 # decides framing/connection handling, the DROP_* bits which names are never forwarded (hop-by-hop fields,
 # and the ones the gateway writes itself).
@@ -928,9 +935,7 @@ cdef class RequestParser(_Message):
         w = _put_fields(w, self.hbuf, self.hdr, self.nhdr)
         w = _put(w, PyBytes_AS_STRING(extra_headers), PyBytes_GET_SIZE(extra_headers))
         if content_length >= 0:
-            w = _put(w, b"content-length: ", 16)
-            w = _put_dec(w, content_length)
-            w = _put(w, b"\r\n", 2)
+            w = _put_length(w, content_length)
         _put(w, b"\r\n", 2)
         return out
 
@@ -1176,9 +1181,7 @@ cdef class ResponseParser(_Message):
         if chunked_to_client:
             w = _put(w, b"transfer-encoding: chunked\r\n", 28)
         elif content_length >= 0:
-            w = _put(w, b"content-length: ", 16)
-            w = _put_dec(w, content_length)
-            w = _put(w, b"\r\n", 2)
+            w = _put_length(w, content_length)
         _put(w, b"\r\n", 2)
         return out
 
@@ -1233,8 +1236,6 @@ def response_head(int status, bytes reason, list headers_lines, long long conten
     for line in headers_lines:
         w = _put(w, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line))
     if content_length >= 0:
-        w = _put(w, b"content-length: ", 16)
-        w = _put_dec(w, content_length)
-        w = _put(w, b"\r\n", 2)
+        w = _put_length(w, content_length)
     _put(w, b"\r\n", 2)
     return out
