@@ -93,7 +93,7 @@ class KeyAuth(Policy):
             if g.name in groups:
                 raise FieldError(f"groups[{i}].name", f"duplicate group {g.name!r}")
             groups[g.name] = tuple(g.models)
-        self._by_hash: dict[str, tuple] = {}   # digest -> (consumer, group, models, group models, digest)
+        self._by_hash: dict[str, tuple] = {}   # digest -> (consumer, group, digest)
         names = set()
         for i, c in enumerate(config.consumers):
             if c.name in names:
@@ -110,11 +110,14 @@ class KeyAuth(Policy):
                                      "`fastgw hash-key KEY` prints it), not a key")
                 if d in self._by_hash:
                     raise FieldError(f"consumers[{i}].keys[{j}]", "this key hash already belongs to another consumer")
-                self._by_hash[d] = (c.name, c.group, tuple(c.models), groups.get(c.group, ()), d)
+                self._by_hash[d] = (c.name, c.group, d)
         # Header values (b"Bearer sk-...", or the api-key header's) that passed the check -> the entry: the hot
         # path skips SHA-256 for keys already seen. See _SEEN_MAX for why this is safe.
         self._seen: dict[bytes, tuple] = {}
         self._seen_api_key: dict[bytes, tuple] = {}
+        # Consumer name -> (its allowed models, its group's), for the consumers restricted by either.
+        self._restricted = {c.name: (tuple(c.models), groups.get(c.group, ())) for c in config.consumers
+                            if c.models or groups.get(c.group)}
         # (consumer, model) -> allowed; bounded because model names come from clients.
         self._allowed: dict[tuple[str, str], bool] = {}
 
@@ -125,10 +128,6 @@ class KeyAuth(Policy):
             entry = self._check(ex, v)
         ex.consumer = entry[0]
         ex.group = entry[1]
-        scratch = ex.scratch
-        if scratch is None:
-            scratch = ex.scratch = {}
-        scratch["auth"] = entry
 
     def _check(self, ex, v):
         """The full check: parse, hash, look up, confirm; remembers the header value when the key is good."""
@@ -149,7 +148,7 @@ class KeyAuth(Policy):
         if entry is None:
             self._refuse(_WRONG)
         # The dict found it by digest already; confirm in constant time (defence in depth).
-        if not hmac.compare_digest(entry[4], digest):
+        if not hmac.compare_digest(entry[2], digest):
             self._refuse(_WRONG)
         if len(seen) >= _SEEN_MAX:
             seen.clear()
@@ -161,17 +160,13 @@ class KeyAuth(Policy):
         raise Reject(401, message, type="invalid_request_error", code="invalid_api_key")
 
     def request(self, ex) -> None:
-        scratch = ex.scratch
-        entry = scratch.get("auth") if scratch else None
-        if entry is None:
-            return
-        c_models, g_models = entry[2], entry[3]
-        if not c_models and not g_models:
-            return
-        k = (entry[0], ex.model)
+        # ex.consumer is the name access() set (names are unique), or another identity policy's: only the
+        # consumers configured here with a model restriction are checked.
+        k = (ex.consumer, ex.model)
         ok = self._allowed.get(k)
         if ok is None:
-            ok = all(not pats or any(fnmatchcase(ex.model, p) for p in pats) for pats in (c_models, g_models))
+            rules = self._restricted.get(ex.consumer)
+            ok = rules is None or all(not pats or any(fnmatchcase(ex.model, p) for p in pats) for pats in rules)
             if len(self._allowed) > 8192:
                 self._allowed.clear()
             self._allowed[k] = ok

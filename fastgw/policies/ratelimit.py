@@ -328,16 +328,9 @@ class RateLimit(Policy):
             return None
         return _Plan(BucketPlan(keys, caps, rates, is_tok, heads), list(zip(keys, caps, rates)), kinds)
 
-    def _estimate(self, ex) -> int:
-        prompt = ex.prompt_tokens_estimate
-        if ex.endpoint.endswith("/embeddings"):
-            return prompt
-        f = ex.fields
-        if f is None:
-            return prompt + self._default_completion
-        mt = getattr(f, "max_tokens", -1)
-        n = getattr(f, "n", -1)
-        return prompt + (mt if mt >= 0 else self._default_completion) * (n if n > 1 else 1)
+    # The x-ratelimit-* lines are added to ex.response_headers at admission (there is no response_headers
+    # hook: one Python call less per request); every response to the request carries them, refusals by
+    # later policies and upstream errors included, as OpenAI's do.
 
     def request(self, ex):
         key = self._plan_key(ex)
@@ -346,17 +339,29 @@ class RateLimit(Policy):
             plan = self._new_plan(key, ex)
         if plan is None:
             return None
-        tokens = self._estimate(ex) if plan.has_tokens else 0
+        if plan.has_tokens:   # the estimate: prompt + max_tokens (or the default) per choice
+            tokens = ex.prompt_tokens_estimate
+            f = ex.fields
+            if f is None:
+                tokens += self._default_completion
+            elif not ex.endpoint.endswith("/embeddings"):
+                mt = f.max_tokens
+                n = f.n
+                tokens += (mt if mt >= 0 else self._default_completion) * (n if n > 1 else 1)
+        else:
+            tokens = 0
         arena = self._arena
         if arena is not None:                # local: admission, rollback and header lines in one C call
             bp = plan.buckets
             fail = bp.reserve(arena, tokens, self._headers)
             if fail >= 0:
                 self._refuse(ex, plan, fail, tokens, bp.remaining(fail))
+            if self._headers:
+                ex.response_headers.append(bp.headers)
             scratch = ex.scratch
             if scratch is None:
                 scratch = ex.scratch = {}
-            scratch[self] = (plan, tokens, bp.headers)
+            scratch[self] = (plan, tokens)
             return None
         items = plan.items(tokens)
         if self.backend == "hybrid":
@@ -381,8 +386,9 @@ class RateLimit(Policy):
     def _decide(self, ex, plan, tokens, fail, rem):
         if fail >= 0:
             self._refuse(ex, plan, fail, tokens, rem[fail])
-        hdr = plan.buckets.header_lines(rem) if self.config.headers else b""
-        ex.new_scratch()[self] = (plan, tokens, hdr)
+        if self._headers:
+            ex.response_headers.append(plan.buckets.header_lines(rem))
+        ex.new_scratch()[self] = (plan, tokens)
         return None
 
     def _refuse(self, ex, plan, i, tokens, left):
@@ -405,13 +411,6 @@ class RateLimit(Policy):
 
     # -- response ----------------------------------------------------------------------------------------
 
-    def response_headers(self, ex) -> None:
-        if not ex.scratch:
-            return
-        st = ex.scratch.get(self)
-        if st is not None and st[2]:
-            ex.response_headers.append(st[2])
-
     def complete(self, ex):
         scratch = ex.scratch
         if not scratch:
@@ -419,7 +418,7 @@ class RateLimit(Policy):
         st = scratch.pop(self, None)
         if st is None:
             return None
-        plan, tokens, _ = st
+        plan, tokens = st
         if not plan.has_tokens:
             return None
         prompt = ex.prompt_tokens

@@ -48,7 +48,6 @@ def test_ratelimit_request_local(benchmark, policy_ctx, make_exchange):
         ex.scratch = None
         ex.response_headers = []
         rl.request(ex)
-        rl.response_headers(ex)
         ex.prompt_tokens, ex.completion_tokens, ex.status = 480, 150, 200
         rl.complete(ex)
     benchmark(one)
@@ -67,7 +66,6 @@ def test_ratelimit_typical(benchmark, policy_ctx, make_exchange):
         ex.scratch = None
         ex.response_headers = []
         rl.request(ex)
-        rl.response_headers(ex)
         ex.prompt_tokens, ex.completion_tokens, ex.status = 480, 150, 200
         rl.complete(ex)
     benchmark(one)

@@ -172,6 +172,15 @@ tokens = 1000000
     remaining = int(r.headers["x-ratelimit-remaining-tokens"])
     assert remaining < 1000000 - (14 + 14 + exact)                     # what streamed was charged
     assert r.headers["x-ratelimit-limit-tokens"] == "1000000"
+    # An upstream error still carries the limits (set at admission), and its whole reservation comes back:
+    # the next, identical request sees what the failed one saw (plus a little refill), not that much less.
+    auth = {"authorization": f"Bearer {KEYS['alice']}"}
+    r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers={**auth, "x-mock-status": "500"})
+    assert r.status_code == 500 and r.json()["error"]["message"]
+    after_error = int(r.headers["x-ratelimit-remaining-tokens"])
+    time.sleep(0.2)
+    r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers=auth)
+    assert 0 <= int(r.headers["x-ratelimit-remaining-tokens"]) - after_error < 50
 
 
 def test_budget_stops_spend_at_the_limit(tmp_path, mock, start_gateway):
