@@ -74,11 +74,15 @@ cdef extern from *:
         int cjk, hangul, other3, char4;
     } fgw_prices;
 
-    typedef struct {
+    typedef struct {          /* what one block hands to the next */
         const fgw_prices *P;
         long long total;      /* hundredths of a token */
         /* the previous block's masks (bit 63 = the position just before this block) */
         uint64_t hW, hA2, hA4, hLOWX, hD, hE, hWS, hPRE, hNLR, hP;
+    } fgw_state;
+
+    typedef struct {
+        fgw_state s;
         int fill;             /* bytes waiting in buf */
         unsigned char buf[64] __attribute__((aligned(16)));
     } fgw_est;
@@ -214,15 +218,16 @@ cdef extern from *:
     #endif
     }
 
-    /* Price the m (1..64) positions at p (no continuation bytes among them; p has 64 readable bytes) and
-       carry the masks. Only the last block of a text may be short: it classifies only the 16-byte lanes it
-       needs (most strings of a chat body, roles and names, are a few bytes). */
+    /* Price the m (1..64) classified positions of a block and carry the masks in e (a local copy of the
+       state, so that a run of blocks keeps it in registers). Only the last block of a text may be short: it
+       classifies only the 16-byte lanes it needs (most strings of a chat body, roles and names, are a few
+       bytes). */
     static inline __attribute__((always_inline)) void fgw_block_impl(
-            fgw_est *e, const unsigned char *p, int m,
+            fgw_state *e, int m,
             uint64_t LET, uint64_t LOW, uint64_t D, uint64_t S, uint64_t N, uint64_t H, const fgw_hi *hm) {
         const fgw_prices *P = e->P;
         const uint64_t V = m >= 64 ? ~0ULL : ((1ULL << m) - 1);
-        uint64_t PU, U2 = 0, W, UP, A2, A4, R, LOWX, E = 0, WS, PRE = 0, NLR = 0, P1;
+        uint64_t PU, U2 = 0, W, W1, UP, A2, A4, R, LOWX, E = 0, WS, PRE = 0, NLR = 0, P1;
         long long t = 0;
         int k;
         LET &= V; LOW &= V; D &= V; S &= V; N &= V; H &= V;
@@ -239,8 +244,9 @@ cdef extern from *:
         /* words: 1 token at the first letter, then the increments of the length table */
         W = LET | U2;
         UP = LET & ~LOW;
-        t += 100 * FGW_PC(W & ~FGW_SH(W, e->hW, 1));
-        A2 = W & FGW_SH(W, e->hW, 1);                     /* letters with >= 1 letter before them */
+        W1 = FGW_SH(W, e->hW, 1);
+        t += 100 * FGW_PC(W & ~W1);
+        A2 = W & W1;                                      /* letters with >= 1 letter before them */
         A4 = A2 & FGW_SH(A2, e->hA2, 2);                  /* >= 3 */
         R = A4 & FGW_SH(A4, e->hA4, 3);                   /* >= 6: the 7th letter of a word and later */
         k = 7;
@@ -295,33 +301,40 @@ cdef extern from *:
         e->hPRE = PRE; e->hNLR = NLR; e->hP = PU;
     }
 
-    /* fgw_full_X: a whole block; fgw_tail_X: the last, short one (only the 16- or 32-byte lanes it needs).
-       With ascii_only, a block holding a byte >= 0x80 is left alone and 0 returned (the caller then copies
-       it through buf, dropping continuation bytes); classifying first makes that check free. */
-    #define FGW_BLOCK_FUNCS(SUFFIX, ATTR, CLASSIFY, LANE)                                                \\
-        ATTR static int fgw_full_##SUFFIX(fgw_est *e, const unsigned char *p, int ascii_only) {           \\
-            uint64_t L, Lo, D, S, N, H;                                                                   \\
-            fgw_hi hm = {0, 0, 0, 0, 0, 0, 0};                                                           \\
-            CLASSIFY(p, 64 / LANE, &L, &Lo, &D, &S, &N, &H);                                              \\
-            if (H) {                                                                                      \\
-                if (ascii_only)                                                                           \\
-                    return 0;                                                                             \\
-                fgw_classify_hi(p, 4, &hm);                                                               \\
-            }                                                                                             \\
-            fgw_block_impl(e, p, 64, L, Lo, D, S, N, H, &hm);                                             \\
-            return 1;                                                                                     \\
-        }                                                                                                 \\
-        ATTR static int fgw_tail_##SUFFIX(fgw_est *e, const unsigned char *p, int m, int ascii_only) {    \\
-            uint64_t L, Lo, D, S, N, H;                                                                   \\
-            fgw_hi hm = {0, 0, 0, 0, 0, 0, 0};                                                           \\
-            CLASSIFY(p, (m + LANE - 1) / LANE, &L, &Lo, &D, &S, &N, &H);                                  \\
-            if (H & ((1ULL << m) - 1)) {                                                                  \\
-                if (ascii_only)                                                                           \\
-                    return 0;                                                                             \\
-                fgw_classify_hi(p, (m + 15) / 16, &hm);                                                   \\
-            }                                                                                             \\
-            fgw_block_impl(e, p, m, L, Lo, D, S, N, H, &hm);                                              \\
-            return 1;                                                                                     \\
+    /* fgw_run_X: whole blocks, n of them at p, in one call (the constants and the state stay in registers);
+       fgw_tail_X: the last, short one (only the 16- or 32-byte lanes it needs). With ascii_only, the run
+       stops before a block holding a byte >= 0x80 (the caller then copies it through buf, dropping
+       continuation bytes; classifying first makes that check free) and a tail with one is left alone.
+       Both return how many blocks they priced. */
+    #define FGW_BLOCK_FUNCS(SUFFIX, ATTR, CLASSIFY, LANE)                                                \
+        ATTR static size_t fgw_run_##SUFFIX(fgw_est *e, const unsigned char *p, size_t n, int ascii_only) { \
+            fgw_state st = e->s;                                                                          \
+            size_t i;                                                                                     \
+            for (i = 0; i < n; i++, p += 64) {                                                            \
+                uint64_t L, Lo, D, S, N, H;                                                               \
+                fgw_hi hm = {0, 0, 0, 0, 0, 0, 0};                                                       \
+                CLASSIFY(p, 64 / LANE, &L, &Lo, &D, &S, &N, &H);                                          \
+                if (H) {                                                                                  \
+                    if (ascii_only)                                                                       \
+                        break;                                                                            \
+                    fgw_classify_hi(p, 4, &hm);                                                           \
+                }                                                                                         \
+                fgw_block_impl(&st, 64, L, Lo, D, S, N, H, &hm);                                          \
+            }                                                                                             \
+            e->s = st;                                                                                    \
+            return i;                                                                                     \
+        }                                                                                                 \
+        ATTR static int fgw_tail_##SUFFIX(fgw_est *e, const unsigned char *p, int m, int ascii_only) {    \
+            uint64_t L, Lo, D, S, N, H;                                                                   \
+            fgw_hi hm = {0, 0, 0, 0, 0, 0, 0};                                                           \
+            CLASSIFY(p, (m + LANE - 1) / LANE, &L, &Lo, &D, &S, &N, &H);                                  \
+            if (H & ((1ULL << m) - 1)) {                                                                  \
+                if (ascii_only)                                                                           \
+                    return 0;                                                                             \
+                fgw_classify_hi(p, (m + 15) / 16, &hm);                                                   \
+            }                                                                                             \
+            fgw_block_impl(&e->s, m, L, Lo, D, S, N, H, &hm);                                             \
+            return 1;                                                                                     \
         }
 
     FGW_BLOCK_FUNCS(generic, , fgw_classify, 16)
@@ -358,7 +371,7 @@ cdef extern from *:
     FGW_BLOCK_FUNCS(popcnt, __attribute__((target("popcnt,bmi"))), fgw_classify, 16)
     FGW_BLOCK_FUNCS(avx2, __attribute__((target("avx2,popcnt,bmi"))), fgw_classify_avx2, 32)
     #endif
-    static int (*fgw_full)(fgw_est *, const unsigned char *, int) = fgw_full_generic;
+    static size_t (*fgw_run)(fgw_est *, const unsigned char *, size_t, int) = fgw_run_generic;
     static int (*fgw_tail)(fgw_est *, const unsigned char *, int, int) = fgw_tail_generic;
 
     /* Use variant v (0 generic, 1 popcnt, 2 avx2) if the CPU has it; returns whether it does. */
@@ -367,18 +380,18 @@ cdef extern from *:
         __builtin_cpu_init();
         if (v == 2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")
                 && __builtin_cpu_supports("bmi")) {
-            fgw_full = fgw_full_avx2;
+            fgw_run = fgw_run_avx2;
             fgw_tail = fgw_tail_avx2;
             return 1;
         }
         if (v == 1 && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi")) {
-            fgw_full = fgw_full_popcnt;
+            fgw_run = fgw_run_popcnt;
             fgw_tail = fgw_tail_popcnt;
             return 1;
         }
     #endif
         if (v == 0) {
-            fgw_full = fgw_full_generic;
+            fgw_run = fgw_run_generic;
             fgw_tail = fgw_tail_generic;
             return 1;
         }
@@ -392,7 +405,7 @@ cdef extern from *:
 
     static inline void fgw_est_init(fgw_est *e, const fgw_prices *P) {
         memset(e, 0, offsetof(fgw_est, buf));
-        e->P = P;
+        e->s.P = P;
     }
 
     static inline int fgw_ascii(const unsigned char *p, size_t n) {
@@ -412,11 +425,10 @@ cdef extern from *:
     static void fgw_est_feed(fgw_est *e, const unsigned char *p, size_t n) {
         while (n) {
             size_t take, j;
-            if (e->fill == 0) {
-                while (n >= 64 && fgw_full(e, p, 1)) {
-                    p += 64;
-                    n -= 64;
-                }
+            if (e->fill == 0 && n >= 64) {
+                size_t k = fgw_run(e, p, n / 64, 1);
+                p += 64 * k;
+                n -= 64 * k;
                 if (!n)
                     return;
             }
@@ -438,10 +450,14 @@ cdef extern from *:
             p += take;
             n -= take;
             if (e->fill == 64) {
-                fgw_full(e, e->buf, 0);
+                fgw_run(e, e->buf, 1, 0);
                 e->fill = 0;
             }
         }
+    }
+
+    static inline long long fgw_est_total(const fgw_est *e) {
+        return (e->s.total + 50) / 100;
     }
 
     static inline long long fgw_est_finish(fgw_est *e) {
@@ -449,7 +465,7 @@ cdef extern from *:
             fgw_tail(e, e->buf, e->fill, 0);
             e->fill = 0;
         }
-        return (e->total + 50) / 100;
+        return fgw_est_total(e);
     }
 
     /* Feed the last n bytes of a text and return the estimate; p[0:avail] is readable, avail >= n. The
@@ -457,15 +473,16 @@ cdef extern from *:
        the ends of its strings), not copied. */
     static inline long long fgw_est_feed_last(fgw_est *e, const unsigned char *p, size_t n, size_t avail) {
         if (e->fill == 0) {
-            while (n >= 64 && fgw_full(e, p, 1)) {
-                p += 64;
-                n -= 64;
-                avail -= 64;
+            if (n >= 64) {
+                size_t k = fgw_run(e, p, n / 64, 1);
+                p += 64 * k;
+                n -= 64 * k;
+                avail -= 64 * k;
             }
             if (n == 0)
-                return (e->total + 50) / 100;
+                return fgw_est_total(e);
             if (n < 64 && avail >= 64 && fgw_tail(e, p, (int)n, 1))
-                return (e->total + 50) / 100;
+                return fgw_est_total(e);
         }
         fgw_est_feed(e, p, n);
         return fgw_est_finish(e);
@@ -503,7 +520,7 @@ cdef extern from *:
     ctypedef struct fgw_prices:
         int camel, u2l, u2x, punc, punc_more, spaces, newlines, cjk, hangul, other3, char4
     ctypedef struct fgw_est:
-        long long total
+        int fill
     void fgw_init()
     void fgw_init_cpu()
     int fgw_use_variant(int v)

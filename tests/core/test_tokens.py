@@ -297,6 +297,19 @@ def test_every_code_variant(variant):
         tokens._best_variant()
 
 
+def test_words_of_every_length_at_every_block_offset():
+    # A long word is priced where it ends, from its length: words that cross one or more 64-byte blocks, end
+    # exactly at a block's end, or end the text (in a whole block, in a short last one, in a JSON string).
+    for length in (1, 6, 7, 8, 16, 17, 18, 63, 64, 65, 127, 128, 129, 200):
+        for offset in range(0, 70):
+            for after in ("", " ", "é", "1"):
+                text = ("." * offset + "w" * length + after).encode()
+                for enc in ENCODINGS:
+                    assert estimate_text_tokens(text, enc) == reference_text(text, enc), (length, offset, after)
+            raw = b'{"prompt":"' + b"." * offset + b"w" * length + b'"}'
+            assert estimate_chat_tokens(raw) == reference_text(b"." * offset + b"w" * length, "o200k_base")
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300), st.sampled_from(ENCODINGS))
 def test_bytes_match_run_model(b, encoding):
