@@ -3,6 +3,7 @@
 Judged, for every fastgw scenario present in both files (lower is better unless noted):
   cpu_us_per_req        CPU per request of the gateway's process tree
   cpu_vs_nginx          the same as a multiple of nginx's, measured in the same run (cancels machine drift)
+  cpu_vs_base           a feature scenario's CPU as a multiple of its base's (policies / proxy), same run
   rps_vs_direct         higher is better: fraction of the mock's ceiling reached in the same run
   instructions_per_req  callgrind count, when both files have it (nearly noise-free)
 
@@ -23,6 +24,7 @@ K = 3.0
 JUDGED = {  # metric: (better, floor)
     "cpu_us_per_req": ("lower", 0.10),
     "cpu_vs_nginx": ("lower", 0.10),
+    "cpu_vs_base": ("lower", 0.10),
     "rps_vs_direct": ("higher", 0.10),
     "instructions_per_req": ("lower", 0.02),
 }

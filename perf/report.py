@@ -148,6 +148,11 @@ def _verdicts(sc):
             target = " (target ≤ 1.2×: met)" if ratio <= 1.2 else " (target ≤ 1.2×: **missed**)"
             out.append(f"`{name}`: fastgw spends {ratio:.2f}× nginx's CPU per request"
                        + (target if name == "proxy" else "") + ".")
+        ratio = s.get("cpu_vs_base")
+        if ratio is not None:   # what the features cost (issue #4's bar for policies: <= 1.3x proxy)
+            target = " (target ≤ 1.3×: met)" if ratio <= 1.3 else " (target ≤ 1.3×: **missed**)"
+            out.append(f"`{name}`: {ratio:.2f}× `{e['base']}`'s CPU per request (median of the per-repeat ratios, "
+                       "each from neighbouring runs)" + (target if name == "policies" else "") + ".")
         if e.get("projected_rps_12cpu") is not None:
             out.append(f"`{name}`: 12 CPUs of fastgw would serve ~{e['projected_rps_12cpu']:,.0f} RPS: "
                        + ("enough to saturate" if e["saturates_baseline"] else "**not enough** to saturate")

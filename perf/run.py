@@ -190,7 +190,7 @@ def measure(scenario, opts, work, mock, cpu):
 
 
 NUMERIC = ["rps", "p50_ms", "p95_ms", "p99_ms", "max_ms", "errors", "cpu_us_per_req", "cpu_util", "peak_rss_mb",
-           "mock_cpu_us_per_req", "rps_vs_direct", "cpu_vs_nginx", "instructions_per_req"]
+           "mock_cpu_us_per_req", "rps_vs_direct", "cpu_vs_nginx", "cpu_vs_base", "instructions_per_req"]
 
 
 def summarize(samples):
@@ -212,7 +212,8 @@ def summarize(samples):
 
 
 def add_ratios(per_scenario):
-    """Per repeat: gateway RPS / direct RPS and fastgw CPU / nginx CPU (same payload, same repeat)."""
+    """Per repeat: gateway RPS / direct RPS, fastgw CPU / nginx CPU (same payload, same repeat), and a
+    scenario's CPU / its base scenario's (policies / proxy: what the features cost, measured side by side)."""
     for name, samples in per_scenario.items():
         s = SCENARIOS[name]
         direct = reference(s, "direct")
@@ -224,6 +225,10 @@ def add_ratios(per_scenario):
                 ref = per_scenario[nginx.name][i]["cpu_us_per_req"]
                 if ref and sample["cpu_us_per_req"]:
                     sample["cpu_vs_nginx"] = sample["cpu_us_per_req"] / ref
+            if s.base and s.base in per_scenario:
+                ref = per_scenario[s.base][i]["cpu_us_per_req"]
+                if ref and sample["cpu_us_per_req"]:
+                    sample["cpu_vs_base"] = sample["cpu_us_per_req"] / ref
 
 
 def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, mock_kind="nginx",
@@ -284,6 +289,8 @@ def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, m
         summary = summarize(per_scenario[s.name])
         entry = {"via": s.via, "payload": s.payload, "what": s.what, "summary": summary,
                  "samples": per_scenario[s.name]}
+        if s.base and s.base in per_scenario:
+            entry["base"] = s.base
         cpr = summary.get("cpu_us_per_req")
         if cpr:
             entry["projected_rps_12cpu"] = PROJECTION_CPUS * 1e6 / cpr

@@ -37,6 +37,7 @@ class Scenario:
     config: str | None = None    # fastgw TOML template under perf/configs/ (None: `serve --upstream`)
     api_key: str | None = None   # bearer key wrk sends
     unavailable: str | None = None  # why it cannot run yet
+    base: str | None = None      # the fastgw scenario this one adds features to (its cost is judged against it)
 
     @property
     def is_gateway(self):
@@ -58,7 +59,7 @@ SCENARIOS = {s.name: s for s in [
     Scenario("stream", "fastgw", "stream", "fastgw relaying the 100-chunk SSE reply, access log + metrics on"),
     Scenario("policies", "fastgw", "chat",
              "fastgw with key auth + token rate limit + metrics + access log",
-             config="policies.toml", api_key="sk-perf-0001", unavailable=_policies_unavailable()),
+             config="policies.toml", api_key="sk-perf-0001", unavailable=_policies_unavailable(), base="proxy"),
     Scenario("cache-hit", "fastgw", "chat", "fastgw answering from its response cache",
              unavailable="no response cache in fastgw yet"),
 ]}
@@ -75,8 +76,12 @@ def reference(scenario, via):
 
 
 def with_references(names):
-    """The requested scenarios plus their direct/nginx references, references first, order kept."""
+    """The requested scenarios plus their direct/nginx references and bases, references first, order kept
+    (a base runs right before the scenarios built on it, so each repeat compares neighbours in time)."""
     wanted = [SCENARIOS[n] for n in names]
+    for s in list(wanted):
+        if s.base and SCENARIOS[s.base] not in wanted:
+            wanted.insert(wanted.index(s), SCENARIOS[s.base])
     refs = []
     for s in wanted:
         for via in ("direct", "nginx"):

@@ -102,3 +102,20 @@ def test_compare_catches_a_really_slowed_gateway(result, results_dir, tmp_path):
                           **SHORT)
     assert slowed["scenarios"]["proxy"]["summary"]["requests"] > 0
     assert compare.main(slowed["files"]["json"], result["files"]["json"]) == 1
+
+
+def test_policies_brings_its_base_and_is_judged_against_it():
+    # The bar for policies is a multiple of proxy's CPU: proxy runs right before it in every repeat,
+    # and each repeat's ratio comes from that neighbouring pair.
+    from perf.scenarios import with_references
+    assert [s.name for s in with_references(["policies"])] == ["direct", "nginx", "proxy", "policies"]
+    samples = {"direct": [{"rps": 100.0}] * 2, "nginx": [{"rps": 80.0, "cpu_us_per_req": 20.0}] * 2,
+               "proxy": [{"rps": 60.0, "cpu_us_per_req": 25.0}, {"rps": 60.0, "cpu_us_per_req": 40.0}],
+               "policies": [{"rps": 50.0, "cpu_us_per_req": 30.0}, {"rps": 50.0, "cpu_us_per_req": 44.0}]}
+    perf_run.add_ratios(samples)
+    assert [s["cpu_vs_base"] for s in samples["policies"]] == [pytest.approx(1.2), pytest.approx(1.1)]
+    assert "cpu_vs_base" not in samples["proxy"][0]
+    summary = perf_run.summarize([{**s, "requests": 1000, "errors": 0} for s in samples["policies"]])
+    assert summary["cpu_vs_base"] == pytest.approx(1.15)
+    entry = {"via": "fastgw", "base": "proxy", "summary": {**summary, "errors_total": 0}}
+    assert any("1.15× `proxy`" in v and "met" in v for v in report._verdicts({"policies": entry}))
