@@ -25,6 +25,7 @@ content strings with the same estimator (JSON escapes decoded on the fly), plus 
 """
 from fastgw._core.jsonskip cimport skip_scalar, skip_string, skip_value, skip_ws
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memcpy
 
 ctypedef unsigned char uchar
 
@@ -623,14 +624,22 @@ cdef int hex4(const uchar* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     return v
 
 
+cdef enum:
+    DECODED_MAX = 4096   # a string with escapes is decoded into a stack buffer of this size, then priced
+
+
 cdef Py_ssize_t price_string(Walk* w, Py_ssize_t i) noexcept nogil:
-    """Price the JSON string at d[i] (opening quote) as its decoded text; position after it, or -1."""
+    """Price the JSON string at d[i] (opening quote) as its decoded text; position after it, or -1.
+
+    Without escapes the text is priced where it lies. With escapes (a prompt's every newline is one) it is
+    decoded into a buffer and priced from there in pieces of up to DECODED_MAX bytes: feeding the pieces
+    between escapes one by one would send a block through the estimator's copy path after each escape."""
     cdef const uchar* d = w.d
-    cdef Py_ssize_t n = w.n
+    cdef Py_ssize_t n = w.n, k = 0, take
     cdef fgw_est e
-    cdef uchar buf[4]
+    cdef uchar out[DECODED_MAX]
     cdef uchar c
-    cdef int cp, lo, blen
+    cdef int cp, lo
     cdef Py_ssize_t j = i + 1
     # A single lowercase word ("user", "assistant", ...: every role) is priced by the length table alone.
     while j < n and 97 <= d[j] <= 122 and j - i <= 17:
@@ -640,16 +649,29 @@ cdef Py_ssize_t price_string(Walk* w, Py_ssize_t i) noexcept nogil:
         return j + 1
     fgw_est_init(&e, w.P)
     i += 1
+    j = i + <Py_ssize_t>fgw_find_stop(d + i, <size_t>(n - i))
+    if j >= n:
+        return -1
+    if d[j] == 34:
+        w.total += fgw_est_feed_last(&e, d + i, <size_t>(j - i), <size_t>(n - i))
+        return j + 1
     while True:
-        j = i + <Py_ssize_t>fgw_find_stop(d + i, <size_t>(n - i))
-        if j >= n:
-            return -1
+        while i < j:              # the plain text before the stop, into the buffer
+            take = min(j - i, DECODED_MAX - k)
+            memcpy(out + k, d + i, take)
+            k += take
+            i += take
+            if k == DECODED_MAX:
+                fgw_est_feed(&e, out, k)
+                k = 0
         if d[j] == 34:
-            w.total += fgw_est_feed_last(&e, d + i, <size_t>(j - i), <size_t>(n - i))
+            fgw_est_feed(&e, out, k)
+            w.total += fgw_est_finish(&e)
             return j + 1
-        fgw_est_feed(&e, d + i, <size_t>(j - i))
-        i = j
-        # backslash escape
+        # a backslash escape: at most 4 bytes of UTF-8
+        if k > DECODED_MAX - 4:
+            fgw_est_feed(&e, out, k)
+            k = 0
         if i + 1 >= n:
             return -1
         c = d[i + 1]
@@ -665,40 +687,42 @@ cdef Py_ssize_t price_string(Walk* w, Py_ssize_t i) noexcept nogil:
                     cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
                     i += 6
             if cp < 0x80:
-                buf[0] = cp
-                blen = 1
+                out[k] = cp
+                k += 1
             elif cp < 0x800:
-                buf[0] = 0xC0 | (cp >> 6)
-                buf[1] = 0x80 | (cp & 0x3F)
-                blen = 2
+                out[k] = 0xC0 | (cp >> 6)
+                out[k + 1] = 0x80 | (cp & 0x3F)
+                k += 2
             elif cp < 0x10000:
-                buf[0] = 0xE0 | (cp >> 12)
-                buf[1] = 0x80 | ((cp >> 6) & 0x3F)
-                buf[2] = 0x80 | (cp & 0x3F)
-                blen = 3
+                out[k] = 0xE0 | (cp >> 12)
+                out[k + 1] = 0x80 | ((cp >> 6) & 0x3F)
+                out[k + 2] = 0x80 | (cp & 0x3F)
+                k += 3
             else:
-                buf[0] = 0xF0 | (cp >> 18)
-                buf[1] = 0x80 | ((cp >> 12) & 0x3F)
-                buf[2] = 0x80 | ((cp >> 6) & 0x3F)
-                buf[3] = 0x80 | (cp & 0x3F)
-                blen = 4
-            fgw_est_feed(&e, buf, blen)
-            continue
-        if c == 110:
-            buf[0] = 10
-        elif c == 116:
-            buf[0] = 9
-        elif c == 114:
-            buf[0] = 13
-        elif c == 98:
-            buf[0] = 8
-        elif c == 102:
-            buf[0] = 12
-        elif c == 34 or c == 92 or c == 47:
-            buf[0] = c
+                out[k] = 0xF0 | (cp >> 18)
+                out[k + 1] = 0x80 | ((cp >> 12) & 0x3F)
+                out[k + 2] = 0x80 | ((cp >> 6) & 0x3F)
+                out[k + 3] = 0x80 | (cp & 0x3F)
+                k += 4
         else:
+            if c == 110:
+                out[k] = 10
+            elif c == 116:
+                out[k] = 9
+            elif c == 114:
+                out[k] = 13
+            elif c == 98:
+                out[k] = 8
+            elif c == 102:
+                out[k] = 12
+            elif c == 34 or c == 92 or c == 47:
+                out[k] = c
+            else:
+                return -1
+            k += 1
+        j = i + <Py_ssize_t>fgw_find_stop(d + i, <size_t>(n - i))
+        if j >= n:
             return -1
-        fgw_est_feed(&e, buf, 1)
 
 
 cdef inline bint key_is(const uchar* d, Py_ssize_t ks, Py_ssize_t kl, const char* name, Py_ssize_t nl) noexcept nogil:

@@ -310,6 +310,18 @@ def test_words_of_every_length_at_every_block_offset():
             assert estimate_chat_tokens(raw) == reference_text(b"." * offset + b"w" * length, "o200k_base")
 
 
+def test_long_strings_with_escapes_across_the_decode_buffer():
+    # A string with escapes is decoded into a 4 KB buffer and priced in pieces: escapes (1 to 4 decoded bytes)
+    # and plain text landing on either side of a piece's end must not change the estimate.
+    base = "Lighthouses marked harbours; keepers logged every ship. " * 200      # 11.2 KB
+    for at in range(4086, 4100):
+        for esc, ch in (("\\n", "\n"), ("\\u00e9", "é"), ("\\u65e5", "日"), ("\\ud83d\\ude42", "🙂")):
+            text = base[:at] + ch + base[at:8190] + ch + base[8190:]
+            raw = ('{"messages":[{"role":"user","content":"' + base[:at] + esc + base[at:8190] + esc + base[8190:]
+                   + '"}]}').encode()
+            assert estimate_chat_tokens(raw) == estimate_text_tokens(text.encode()) + 3 + 1 + 3, (at, esc)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300), st.sampled_from(ENCODINGS))
 def test_bytes_match_run_model(b, encoding):
