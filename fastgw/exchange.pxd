@@ -1,9 +1,11 @@
 # One request's state (see exchange.pyx). A cdef class: made once per request with direct C stores.
+from fastgw._core.http cimport _Message
 
 cdef class Exchange:
     cdef public str request_id, client_addr, path, endpoint, model, consumer, group, upstream_name, error
     cdef public bytes method, body
-    cdef public object _parser, fields, route, deployment, scratch
+    cdef public _Message _parser     # the request's parser (None once the request is over)
+    cdef public object fields, route, deployment, scratch
     cdef public bint stream, client_wants_usage
     cdef public long long _prompt_estimate
     cdef public int status, events

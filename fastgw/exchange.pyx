@@ -22,7 +22,7 @@ cdef class Exchange:
 
     def header(self, bytes lower_name):
         """The client's request header (first value), by lowercase name; None when absent."""
-        p = self._parser
+        cdef _Message p = self._parser   # typed: a direct C call, not a Python method lookup
         return p.header(lower_name) if p is not None else None
 
     @property

@@ -51,6 +51,7 @@ cdef class _Message:
     cdef int _framing(self)
     cdef int _dechunk(self, long long limit, long long done) except -2
     cdef bint _conn_listed(self, const unsigned char* n, Py_ssize_t l)
+    cpdef object header(self, bytes name)
 
 
 cdef class RequestParser(_Message):

@@ -718,7 +718,7 @@ cdef class _Message:
         """Bytes fed but not consumed yet (for backpressure and pipelining limits)."""
         return self.end - self.pos
 
-    def header(self, bytes name):
+    cpdef object header(self, bytes name):
         """First value of the field `name` (matched case-insensitively), or None."""
         cdef const unsigned char* q = <const unsigned char*>PyBytes_AS_STRING(name)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(name), k
