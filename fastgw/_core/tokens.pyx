@@ -284,7 +284,9 @@ cdef extern from *:
            rest of the run. Then: +newlines at the first newline, +spaces at the 2nd leading space, and
            -spaces at a first newline after 2+ leading spaces. */
         WS = S | N;
-        if (WS | e->hWS) {
+        if (!N && !(WS & FGW_SH(WS, e->hWS, 1))) {
+            PRE = S;   /* the usual block of prose: single spaces, none touching another: free, NLR = 0 */
+        } else {
             uint64_t seed = (WS & ~FGW_SH(WS, e->hWS, 1) & S) | (S & (e->hPRE >> 63));
             uint64_t FN, Q1, Q2;
             PRE = S & ~(S + seed);
