@@ -309,35 +309,35 @@ cdef extern from *:
        stops before a block holding a byte >= 0x80 (the caller then copies it through buf, dropping
        continuation bytes; classifying first makes that check free) and a tail with one is left alone.
        Both return how many blocks they priced. */
-    #define FGW_BLOCK_FUNCS(SUFFIX, ATTR, CLASSIFY, LANE)                                                \
-        ATTR static size_t fgw_run_##SUFFIX(fgw_est *e, const unsigned char *p, size_t n, int ascii_only) { \
-            fgw_state st = e->s;                                                                          \
-            size_t i;                                                                                     \
-            for (i = 0; i < n; i++, p += 64) {                                                            \
-                uint64_t L, Lo, D, S, N, H;                                                               \
-                fgw_hi hm = {0, 0, 0, 0, 0, 0, 0};                                                       \
-                CLASSIFY(p, 64 / LANE, &L, &Lo, &D, &S, &N, &H);                                          \
-                if (H) {                                                                                  \
-                    if (ascii_only)                                                                       \
-                        break;                                                                            \
-                    fgw_classify_hi(p, 4, &hm);                                                           \
-                }                                                                                         \
-                fgw_block_impl(&st, 64, L, Lo, D, S, N, H, &hm);                                          \
-            }                                                                                             \
-            e->s = st;                                                                                    \
-            return i;                                                                                     \
-        }                                                                                                 \
-        ATTR static int fgw_tail_##SUFFIX(fgw_est *e, const unsigned char *p, int m, int ascii_only) {    \
-            uint64_t L, Lo, D, S, N, H;                                                                   \
-            fgw_hi hm = {0, 0, 0, 0, 0, 0, 0};                                                           \
-            CLASSIFY(p, (m + LANE - 1) / LANE, &L, &Lo, &D, &S, &N, &H);                                  \
-            if (H & ((1ULL << m) - 1)) {                                                                  \
-                if (ascii_only)                                                                           \
-                    return 0;                                                                             \
-                fgw_classify_hi(p, (m + 15) / 16, &hm);                                                   \
-            }                                                                                             \
-            fgw_block_impl(&e->s, m, L, Lo, D, S, N, H, &hm);                                             \
-            return 1;                                                                                     \
+    #define FGW_BLOCK_FUNCS(SUFFIX, ATTR, CLASSIFY, LANE)                                                \\
+        ATTR static size_t fgw_run_##SUFFIX(fgw_est *e, const unsigned char *p, size_t n, int ascii_only) { \\
+            fgw_state st = e->s;                                                                          \\
+            size_t i;                                                                                     \\
+            for (i = 0; i < n; i++, p += 64) {                                                            \\
+                uint64_t L, Lo, D, S, N, H;                                                               \\
+                fgw_hi hm = {0, 0, 0, 0, 0, 0, 0};                                                       \\
+                CLASSIFY(p, 64 / LANE, &L, &Lo, &D, &S, &N, &H);                                          \\
+                if (H) {                                                                                  \\
+                    if (ascii_only)                                                                       \\
+                        break;                                                                            \\
+                    fgw_classify_hi(p, 4, &hm);                                                           \\
+                }                                                                                         \\
+                fgw_block_impl(&st, 64, L, Lo, D, S, N, H, &hm);                                          \\
+            }                                                                                             \\
+            e->s = st;                                                                                    \\
+            return i;                                                                                     \\
+        }                                                                                                 \\
+        ATTR static int fgw_tail_##SUFFIX(fgw_est *e, const unsigned char *p, int m, int ascii_only) {    \\
+            uint64_t L, Lo, D, S, N, H;                                                                   \\
+            fgw_hi hm = {0, 0, 0, 0, 0, 0, 0};                                                           \\
+            CLASSIFY(p, (m + LANE - 1) / LANE, &L, &Lo, &D, &S, &N, &H);                                  \\
+            if (H & ((1ULL << m) - 1)) {                                                                  \\
+                if (ascii_only)                                                                           \\
+                    return 0;                                                                             \\
+                fgw_classify_hi(p, (m + 15) / 16, &hm);                                                   \\
+            }                                                                                             \\
+            fgw_block_impl(&e->s, m, L, Lo, D, S, N, H, &hm);                                             \\
+            return 1;                                                                                     \\
         }
 
     FGW_BLOCK_FUNCS(generic, , fgw_classify, 16)

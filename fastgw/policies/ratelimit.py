@@ -341,13 +341,14 @@ class RateLimit(Policy):
             return None
         if plan.has_tokens:   # the estimate: prompt + max_tokens (or the default) per choice
             tokens = ex.prompt_tokens_estimate
-            f = ex.fields
-            if f is None:
-                tokens += self._default_completion
-            elif not ex.endpoint.endswith("/embeddings"):
-                mt = f.max_tokens
-                n = f.n
-                tokens += (mt if mt >= 0 else self._default_completion) * (n if n > 1 else 1)
+            if not ex.endpoint.endswith("/embeddings"):
+                f = ex.fields
+                if f is None:
+                    tokens += self._default_completion
+                else:
+                    mt = f.max_tokens
+                    n = f.n
+                    tokens += (mt if mt >= 0 else self._default_completion) * (n if n > 1 else 1)
         else:
             tokens = 0
         arena = self._arena
