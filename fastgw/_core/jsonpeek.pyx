@@ -24,6 +24,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_CheckExact
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint64_t, int64_t
+from fastgw._core.jsonskip cimport put_utf8
 from libc.string cimport memcpy, memcmp, memchr
 from libc.stdlib cimport malloc, free
 
@@ -583,24 +584,7 @@ cdef Py_ssize_t unescape(const uchar* s, const uchar* e, uchar* out, Py_ssize_t 
             s += 1
             continue
         s = scan_escape(s + 1, &cp)
-        if cp < 0x80:
-            out[n] = cp
-            n += 1
-        elif cp < 0x800:
-            out[n] = 0xC0 | (cp >> 6)
-            out[n + 1] = 0x80 | (cp & 0x3F)
-            n += 2
-        elif cp < 0x10000:
-            out[n] = 0xE0 | (cp >> 12)
-            out[n + 1] = 0x80 | ((cp >> 6) & 0x3F)
-            out[n + 2] = 0x80 | (cp & 0x3F)
-            n += 3
-        else:
-            out[n] = 0xF0 | (cp >> 18)
-            out[n + 1] = 0x80 | ((cp >> 12) & 0x3F)
-            out[n + 2] = 0x80 | ((cp >> 6) & 0x3F)
-            out[n + 3] = 0x80 | (cp & 0x3F)
-            n += 4
+        n += put_utf8(out + n, cp)
     return n
 
 

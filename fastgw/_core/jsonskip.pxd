@@ -1,8 +1,30 @@
 # Skipping over JSON without reading it, shared by the compiled modules that look into request and event
 # bodies (sse, tokens). All take the buffer d[0:n] and a position; they return the position after the thing,
 # or -1 when the JSON is malformed or cut. They never read outside d[0:n]. Inline: these run per byte run.
+# Also put_utf8, which writes the code point of a decoded \uXXXX escape (jsonpeek, tokens).
 
 from libc.string cimport memchr
+
+
+cdef inline Py_ssize_t put_utf8(unsigned char* out, int cp) noexcept nogil:
+    """Write code point cp (< 0x110000; lone surrogates as UTF-8-style bytes) at out; returns 1 to 4 bytes."""
+    if cp < 0x80:
+        out[0] = cp
+        return 1
+    if cp < 0x800:
+        out[0] = 0xC0 | (cp >> 6)
+        out[1] = 0x80 | (cp & 0x3F)
+        return 2
+    if cp < 0x10000:
+        out[0] = 0xE0 | (cp >> 12)
+        out[1] = 0x80 | ((cp >> 6) & 0x3F)
+        out[2] = 0x80 | (cp & 0x3F)
+        return 3
+    out[0] = 0xF0 | (cp >> 18)
+    out[1] = 0x80 | ((cp >> 12) & 0x3F)
+    out[2] = 0x80 | ((cp >> 6) & 0x3F)
+    out[3] = 0x80 | (cp & 0x3F)
+    return 4
 
 
 cdef inline Py_ssize_t skip_ws(const unsigned char* d, Py_ssize_t i, Py_ssize_t n) noexcept nogil:

@@ -23,7 +23,7 @@ About 0.3 ns per byte; tests/core/test_tokens.py checks it against the byte-at-a
 estimate_chat_tokens() walks the raw JSON of a request once, without building Python objects, and prices the
 content strings with the same estimator (JSON escapes decoded on the fly), plus OpenAI's framing overhead.
 """
-from fastgw._core.jsonskip cimport skip_scalar, skip_string, skip_value, skip_ws
+from fastgw._core.jsonskip cimport put_utf8, skip_scalar, skip_string, skip_value, skip_ws
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memcpy
 
@@ -688,24 +688,7 @@ cdef Py_ssize_t price_string(Walk* w, Py_ssize_t i) noexcept nogil:
                 if 0xDC00 <= lo < 0xE000:
                     cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
                     i += 6
-            if cp < 0x80:
-                out[k] = cp
-                k += 1
-            elif cp < 0x800:
-                out[k] = 0xC0 | (cp >> 6)
-                out[k + 1] = 0x80 | (cp & 0x3F)
-                k += 2
-            elif cp < 0x10000:
-                out[k] = 0xE0 | (cp >> 12)
-                out[k + 1] = 0x80 | ((cp >> 6) & 0x3F)
-                out[k + 2] = 0x80 | (cp & 0x3F)
-                k += 3
-            else:
-                out[k] = 0xF0 | (cp >> 18)
-                out[k + 1] = 0x80 | ((cp >> 12) & 0x3F)
-                out[k + 2] = 0x80 | ((cp >> 6) & 0x3F)
-                out[k + 3] = 0x80 | (cp & 0x3F)
-                k += 4
+            k += put_utf8(out + k, cp)
         else:
             if c == 110:
                 out[k] = 10
