@@ -162,11 +162,13 @@ class KeyAuth(Policy):
     def request(self, ex) -> None:
         # ex.consumer is the name access() set (names are unique), or another identity policy's: only the
         # consumers configured here with a model restriction are checked.
+        rules = self._restricted.get(ex.consumer)
+        if rules is None:
+            return
         k = (ex.consumer, ex.model)
         ok = self._allowed.get(k)
         if ok is None:
-            rules = self._restricted.get(ex.consumer)
-            ok = rules is None or all(not pats or any(fnmatchcase(ex.model, p) for p in pats) for pats in rules)
+            ok = all(not pats or any(fnmatchcase(ex.model, p) for p in pats) for pats in rules)
             if len(self._allowed) > 8192:
                 self._allowed.clear()
             self._allowed[k] = ok
