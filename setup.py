@@ -19,14 +19,15 @@ cflags = ["-O0", "-g"] if debug else ["-O3"]
 if profile:
     cflags += ["-g", "-fno-omit-frame-pointer"]
 
-# fastgw/_core/*.pyx: the sans-IO core; fastgw/*.pyx: the compiled connection glue and request state.
+# fastgw/_core/*.pyx: the sans-IO core; fastgw/*.pyx: the compiled connection glue and request state;
+# fastgw/policies/*.pyx: the per-request paths of built-in policies.
 extensions = [
     Extension(
         os.path.splitext(path)[0].replace("/", "."),
         [path],
         extra_compile_args=cflags,
     )
-    for path in sorted(glob("fastgw/_core/*.pyx") + glob("fastgw/*.pyx"))
+    for path in sorted(glob("fastgw/_core/*.pyx") + glob("fastgw/*.pyx") + glob("fastgw/policies/*.pyx"))
 ]
 
 setup(

@@ -13,5 +13,7 @@ cdef class Exchange:
     cdef public long long prompt_tokens, completion_tokens, bytes_in, bytes_out
     cdef public double cost, t_start, t_sent, t_first_byte, t_end, upstream_wait
 
+    cdef long long prompt_estimate(self) except? -2
+
 
 cdef Exchange new_exchange(str request_id, str client_addr, bytes method, str path, object parser, double t_start)

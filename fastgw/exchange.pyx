@@ -28,6 +28,10 @@ cdef class Exchange:
     @property
     def prompt_tokens_estimate(self):
         """Estimated prompt tokens of the body (compiled, a few µs for 4 KB); computed once, when first asked."""
+        return self.prompt_estimate()
+
+    cdef long long prompt_estimate(self) except? -2:
+        # The same for compiled callers (the rate limiter's admission), without a Python attribute lookup.
         if self._prompt_estimate < 0:
             self._prompt_estimate = estimate_chat_tokens(self.body)
         return self._prompt_estimate

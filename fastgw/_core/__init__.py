@@ -5,10 +5,11 @@ There is no slow pure-Python fallback: `import fastgw` fails loudly when an exte
 import importlib
 import os
 
-# Every compiled module a working install must have: the sans-IO core, and the connection glue above it.
+# Every compiled module a working install must have: the sans-IO core, the connection glue above it, and
+# the compiled paths of built-in policies.
 MODULES = ("fastgw._core.http", "fastgw._core.sse", "fastgw._core.tokens", "fastgw._core.bucket",
            "fastgw._core.jsonpeek", "fastgw.exchange", "fastgw.gateway", "fastgw.connection", "fastgw.router",
-           "fastgw.stats", "fastgw.linebuf")
+           "fastgw.stats", "fastgw.linebuf", "fastgw.policies.ratelimit_admission")
 
 
 def check_built() -> None:
