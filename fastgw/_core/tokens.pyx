@@ -374,6 +374,48 @@ cdef extern from *:
     FGW_BLOCK_FUNCS(popcnt, __attribute__((target("popcnt,bmi"))), fgw_classify, 16)
     FGW_BLOCK_FUNCS(avx2, __attribute__((target("avx2,popcnt,bmi"))), fgw_classify_avx2, 32)
     #endif
+    /* fgw_copy_stop_X: copy p[0:n] to out up to the first '"' or '\\\\' and return its offset (n when there
+       is none): a string with escapes is decoded in one pass over its plain text, not found then copied.
+       Whole lanes are stored, so out[offset:n] may be overwritten too (never past out[n]). */
+    static size_t fgw_copy_stop_generic(unsigned char *out, const unsigned char *p, size_t n) {
+        size_t i = 0;
+    #if defined(__SSE2__)
+        const __m128i q = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\\\');
+        for (; i + 16 <= n; i += 16) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(p + i));
+            unsigned m = (unsigned)_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(b, q), _mm_cmpeq_epi8(b, bs)));
+            _mm_storeu_si128((__m128i *)(out + i), b);
+            if (m)
+                return i + (size_t)__builtin_ctz(m);
+        }
+    #endif
+        for (; i < n; i++) {
+            if (p[i] == '"' || p[i] == '\\\\')
+                return i;
+            out[i] = p[i];
+        }
+        return n;
+    }
+    #if defined(__GNUC__) && defined(__x86_64__)
+    __attribute__((target("avx2,bmi"))) static size_t fgw_copy_stop_avx2(unsigned char *out, const unsigned char *p,
+                                                                         size_t n) {
+        size_t i = 0;
+        const __m256i q = _mm256_set1_epi8('"'), bs = _mm256_set1_epi8('\\\\');
+        for (; i + 64 <= n; i += 64) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(p + i)), b = _mm256_loadu_si256((const __m256i *)(p + i + 32));
+            uint64_t m = (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_or_si256(_mm256_cmpeq_epi8(a, q),
+                                                                                   _mm256_cmpeq_epi8(a, bs)))
+                         | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_or_si256(_mm256_cmpeq_epi8(b, q),
+                                                                                     _mm256_cmpeq_epi8(b, bs))) << 32;
+            _mm256_storeu_si256((__m256i *)(out + i), a);
+            _mm256_storeu_si256((__m256i *)(out + i + 32), b);
+            if (m)
+                return i + (size_t)__builtin_ctzll(m);
+        }
+        return i + fgw_copy_stop_generic(out + i, p + i, n - i);
+    }
+    #endif
+    static size_t (*fgw_copy_stop)(unsigned char *, const unsigned char *, size_t) = fgw_copy_stop_generic;
     static size_t (*fgw_run)(fgw_est *, const unsigned char *, size_t, int) = fgw_run_generic;
     static int (*fgw_tail)(fgw_est *, const unsigned char *, int, int) = fgw_tail_generic;
 
@@ -385,17 +427,20 @@ cdef extern from *:
                 && __builtin_cpu_supports("bmi")) {
             fgw_run = fgw_run_avx2;
             fgw_tail = fgw_tail_avx2;
+            fgw_copy_stop = fgw_copy_stop_avx2;
             return 1;
         }
         if (v == 1 && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi")) {
             fgw_run = fgw_run_popcnt;
             fgw_tail = fgw_tail_popcnt;
+            fgw_copy_stop = fgw_copy_stop_generic;
             return 1;
         }
     #endif
         if (v == 0) {
             fgw_run = fgw_run_generic;
             fgw_tail = fgw_tail_generic;
+            fgw_copy_stop = fgw_copy_stop_generic;
             return 1;
         }
         return 0;
@@ -532,6 +577,7 @@ cdef extern from *:
     long long fgw_est_finish(fgw_est* e) nogil
     long long fgw_est_feed_last(fgw_est* e, const uchar* p, size_t n, size_t avail) nogil
     size_t fgw_find_stop(const uchar* p, size_t n) nogil
+    size_t fgw_copy_stop(uchar* out, const uchar* p, size_t n) nogil
     const int* FGW_WORD
 
 
@@ -634,13 +680,14 @@ cdef Py_ssize_t price_string(Walk* w, Py_ssize_t i) noexcept nogil:
     """Price the JSON string at d[i] (opening quote) as its decoded text; position after it, or -1.
 
     Without escapes the text is priced where it lies. With escapes (a prompt's every newline is one) it is
-    decoded into a buffer and priced from there in pieces of up to DECODED_MAX bytes: feeding the pieces
-    between escapes one by one would send a block through the estimator's copy path after each escape."""
+    decoded into a buffer, its plain text copied while the next stop is looked for (fgw_copy_stop), and priced
+    from there in pieces of up to DECODED_MAX bytes: feeding the pieces between escapes one by one would send a
+    block through the estimator's copy path after each escape."""
     cdef const uchar* d = w.d
-    cdef Py_ssize_t n = w.n, k = 0, take
+    cdef Py_ssize_t n = w.n, k = 0, lim, c
     cdef fgw_est e
     cdef uchar out[DECODED_MAX]
-    cdef uchar c
+    cdef uchar ch
     cdef int cp, lo
     cdef Py_ssize_t j = i + 1
     # A single lowercase word ("user", "assistant", ...: every role) is priced by the length table alone.
@@ -658,27 +705,31 @@ cdef Py_ssize_t price_string(Walk* w, Py_ssize_t i) noexcept nogil:
         w.total += fgw_est_feed_last(&e, d + i, <size_t>(j - i), <size_t>(n - i))
         return j + 1
     while True:
-        while i < j:              # the plain text before the stop, into the buffer
-            take = min(j - i, DECODED_MAX - k)
-            memcpy(out + k, d + i, take)
-            k += take
-            i += take
-            if k == DECODED_MAX:
-                fgw_est_feed(&e, out, k)
-                k = 0
-        if d[j] == 34:
+        # the plain text up to the next stop, into the buffer (flushed whenever it fills)
+        while True:
+            lim = min(n - i, DECODED_MAX - k)
+            c = <Py_ssize_t>fgw_copy_stop(out + k, d + i, <size_t>lim)
+            k += c
+            i += c
+            if c < lim:
+                break             # d[i] is a stop
+            if i >= n:
+                return -1         # no closing quote
+            fgw_est_feed(&e, out, k)
+            k = 0
+        if d[i] == 34:
             fgw_est_feed(&e, out, k)
             w.total += fgw_est_finish(&e)
-            return j + 1
+            return i + 1
         # a backslash escape: at most 4 bytes of UTF-8
         if k > DECODED_MAX - 4:
             fgw_est_feed(&e, out, k)
             k = 0
         if i + 1 >= n:
             return -1
-        c = d[i + 1]
+        ch = d[i + 1]
         i += 2
-        if c == 117:  # \uXXXX, surrogate pairs joined, lone surrogates as UTF-8-style bytes (surrogatepass)
+        if ch == 117:  # \uXXXX, surrogate pairs joined, lone surrogates as UTF-8-style bytes (surrogatepass)
             cp = hex4(d, i, n)
             if cp < 0:
                 return -1
@@ -690,24 +741,21 @@ cdef Py_ssize_t price_string(Walk* w, Py_ssize_t i) noexcept nogil:
                     i += 6
             k += put_utf8(out + k, cp)
         else:
-            if c == 110:
+            if ch == 110:
                 out[k] = 10
-            elif c == 116:
+            elif ch == 116:
                 out[k] = 9
-            elif c == 114:
+            elif ch == 114:
                 out[k] = 13
-            elif c == 98:
+            elif ch == 98:
                 out[k] = 8
-            elif c == 102:
+            elif ch == 102:
                 out[k] = 12
-            elif c == 34 or c == 92 or c == 47:
-                out[k] = c
+            elif ch == 34 or ch == 92 or ch == 47:
+                out[k] = ch
             else:
                 return -1
             k += 1
-        j = i + <Py_ssize_t>fgw_find_stop(d + i, <size_t>(n - i))
-        if j >= n:
-            return -1
 
 
 cdef inline bint key_is(const uchar* d, Py_ssize_t ks, Py_ssize_t kl, const char* name, Py_ssize_t nl) noexcept nogil:

@@ -293,6 +293,13 @@ def test_every_code_variant(variant):
             b = b if isinstance(b, bytes) else b.encode()
             for enc in ENCODINGS:
                 assert estimate_text_tokens(b, enc) == reference_text(b, enc)
+        # JSON strings with escapes: their plain text is copied while the next '"' or '\' is looked for, in
+        # lanes of 16 or 64 bytes; an escape or the closing quote at every offset of a lane, and truncations.
+        for off in range(0, 140):
+            text = "w" * off + "\n" + "x y" * (off % 7) + '"' + "z" * (off % 70)
+            raw = json.dumps({"prompt": text}).encode()
+            assert estimate_chat_tokens(raw) == reference_text(text.encode(), "o200k_base"), off
+            assert estimate_chat_tokens(raw[:len(raw) - 2]) == -1, off    # no closing quote
     finally:
         tokens._best_variant()
 
