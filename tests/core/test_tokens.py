@@ -279,7 +279,7 @@ def test_text_matches_run_model(s, encoding):
     assert estimate_text_tokens(b, encoding) == reference_text(b, encoding)
 
 
-@pytest.mark.parametrize("variant", ["generic", "popcnt", "avx2"])
+@pytest.mark.parametrize("variant", ["generic", "popcnt", "avx2", "avx512"])
 def test_every_code_variant(variant):
     # The block pricer is compiled three times (baseline x86-64, +POPCNT, +AVX2) and picked by CPU at import;
     # each must give the model's figures, the ones this CPU does not run included when it can.
