@@ -263,7 +263,7 @@ cdef class ClientConnection:
         cdef Gateway gw = self.gw
         target = p.target
         q = target.find(b"?")
-        path = (target if q < 0 else target[:q]).decode("latin-1")
+        cdef str path = (target if q < 0 else target[:q]).decode("latin-1")
         rid = p.header(b"x-request-id")
         rid = rid.decode("ascii") if rid is not None and _REQUEST_ID(rid) else gw.next_request_id()
         cdef Exchange ex = new_exchange(rid, self.client_addr, p.method, path, p, now())
