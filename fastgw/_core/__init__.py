@@ -9,7 +9,8 @@ import os
 # the compiled paths of built-in policies.
 MODULES = ("fastgw._core.http", "fastgw._core.sse", "fastgw._core.tokens", "fastgw._core.bucket",
            "fastgw._core.jsonpeek", "fastgw.exchange", "fastgw.gateway", "fastgw.connection", "fastgw.router",
-           "fastgw.stats", "fastgw.linebuf", "fastgw.policies.ratelimit_admission")
+           "fastgw.stats", "fastgw.linebuf", "fastgw.policies.auth_lookup",
+           "fastgw.policies.ratelimit_admission")
 
 
 def check_built() -> None:

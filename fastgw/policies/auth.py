@@ -19,6 +19,7 @@ from fnmatch import fnmatchcase
 import msgspec
 
 from fastgw.policies import FieldError, model_label
+from fastgw.policies.auth_lookup import KeyLookup
 from fastgw.policy import Policy, Reject
 
 __all__ = ["KeyAuth", "hash_key", "new_key", "hash_key_main"]
@@ -120,6 +121,11 @@ class KeyAuth(Policy):
                             if c.models or groups.get(c.group)}
         # (consumer, model) -> allowed; bounded because model names come from clients.
         self._allowed: dict[tuple[str, str], bool] = {}
+        # Every request runs the compiled copy of access() and request() below (auth_lookup.pyx: the same
+        # lookups, one C call each instead of a Python frame); the Python methods stay its reference.
+        fast = KeyLookup(self)
+        self.access = fast.access
+        self.request = fast.request
 
     def access(self, ex) -> None:
         v = ex.header(b"authorization")
@@ -168,11 +174,19 @@ class KeyAuth(Policy):
         k = (ex.consumer, ex.model)
         ok = self._allowed.get(k)
         if ok is None:
-            ok = all(not pats or any(fnmatchcase(ex.model, p) for p in pats) for pats in rules)
-            if len(self._allowed) > 8192:
-                self._allowed.clear()
-            self._allowed[k] = ok
+            ok = self._model_allowed(k, rules)
         if not ok:
-            self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "model_not_allowed")
-            raise Reject(403, f"The model `{ex.model}` is not allowed for this API key.",
-                         type="invalid_request_error", param="model", code="model_not_allowed")
+            self._refuse_model(ex)
+
+    def _model_allowed(self, k: tuple[str, str], rules: tuple) -> bool:
+        """Whether model k[1] is allowed by every pattern list of `rules` (consumer's, group's); cached."""
+        ok = all(not pats or any(fnmatchcase(k[1], p) for p in pats) for pats in rules)
+        if len(self._allowed) > 8192:
+            self._allowed.clear()
+        self._allowed[k] = ok
+        return ok
+
+    def _refuse_model(self, ex):
+        self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "model_not_allowed")
+        raise Reject(403, f"The model `{ex.model}` is not allowed for this API key.",
+                     type="invalid_request_error", param="model", code="model_not_allowed")

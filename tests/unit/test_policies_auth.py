@@ -125,3 +125,42 @@ def test_good_keys_are_remembered_wrong_ones_never(auth, make_exchange, monkeypa
     for h in ("Bearer sk-dave", "Bearer  sk-dave", "bearer sk-dave"):
         assert run(auth, make_exchange(headers={"Authorization": h}, model="text-x")).consumer == "dave"
         assert len(auth._seen) <= 2
+
+
+def test_compiled_hooks_match_the_python_reference(policy_ctx, make_exchange):
+    # Every request runs auth_lookup.pyx; KeyAuth.access and KeyAuth.request are its plain-Python reference.
+    # Two policies from one config, the same random requests (good, wrong, missing keys in either header,
+    # allowed and forbidden models, repeated so the caches of seen keys and of model rights are hit): the same
+    # consumers, groups and refusals.
+    import random
+
+    cfg = Config(groups=[Group("research", ["gpt-4o*", "o3*"]), Group("open")],
+                 consumers=[Consumer("alice", [hash_key("sk-alice")], group="research"),
+                            Consumer("bob", [hash_key("sk-bob")], group="research", models=["gpt-4o-mini*"]),
+                            Consumer("carol", [hash_key("sk-carol")], group="open"),
+                            Consumer("dave", [hash_key("sk-dave")], models=["text-*"])])
+    fast, ref = KeyAuth(cfg, policy_ctx), KeyAuth(cfg, policy_ctx)
+    assert fast.access.__self__.__class__.__name__ == "KeyLookup"
+    rng = random.Random(3)
+    keys = ["sk-alice", "sk-bob", "sk-carol", "sk-dave", "sk-eve", ""]
+    headers = [lambda k: {"Authorization": f"Bearer {k}"}, lambda k: {"authorization": f"bearer  {k} "},
+               lambda k: {"api-key": k}, lambda k: {"Authorization": k}, lambda k: {},
+               lambda k: {"Authorization": f"Basic {k}", "api-key": k}]
+
+    def outcome(access, request, ex):
+        try:
+            access(ex)
+            request(ex)
+        except GatewayError as err:
+            return err.status, orjson.loads(err.body())
+        return ex.consumer, ex.group
+
+    seen = set()
+    for _ in range(800):
+        h = rng.choice(headers)(rng.choice(keys))
+        model = rng.choice(["gpt-4o", "gpt-4o-mini", "o3-mini", "text-embedding-3-small", "claude"])
+        a = outcome(fast.access, fast.request, make_exchange(headers=h, model=model))
+        b = outcome(KeyAuth.access.__get__(ref), KeyAuth.request.__get__(ref), make_exchange(headers=h, model=model))
+        assert a == b, (h, model)
+        seen.add(a[0])
+    assert {401, 403, "alice", "bob", "carol", "dave"} <= seen
