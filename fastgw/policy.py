@@ -36,6 +36,11 @@ Example (a policy that refuses requests without a `user` field):
                 raise Reject(400, self.config.message, param="user", code="missing_user")
 
 Policies are configured by files in `policies/` (see policies/README.md and fastgw/policies/).
+
+The pipeline takes each hook from the policy instance, so `__init__` may replace an overridden hook with a
+faster callable of the same meaning: the built-in key-auth and rate-limit (local backend) install compiled
+copies of their per-request hooks this way (fastgw/policies/*.pyx) and keep their Python methods as the
+reference the tests compare them with.
 """
 from __future__ import annotations
 

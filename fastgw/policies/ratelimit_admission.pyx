@@ -9,18 +9,17 @@ with the real usage. The steps are those of the Python path the Redis backends t
 RateLimit.complete); tests/unit/test_policies_ratelimit.py runs the local backend through this one.
 """
 from cpython.dict cimport PyDict_GetItemWithError
-from cpython.ref cimport PyObject
+from cpython.ref cimport PyObject, Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from cpython.ref cimport Py_INCREF
 
 from fastgw._core.bucket cimport BucketArena, BucketPlan
 from fastgw.exchange cimport Exchange
 
-# The request attributes a plan key can be made of (RateLimit._key_attrs), as codes for a C switch.
+# The request attributes a plan key can be made of (those the rules look at), as codes for a C switch.
 cdef enum:
     A_CONSUMER, A_GROUP, A_MODEL, A_PATH, A_CLIENT
+    MAX_KEY = 8     # attributes in a key; more (never, with five kinds) falls back to policy._plan_key
 _ATTRS = {"consumer": A_CONSUMER, "group": A_GROUP, "model": A_MODEL, "path": A_PATH, "client_addr": A_CLIENT}
-DEF MAX_KEY = 8
 
 
 cdef inline str _attr(Exchange ex, int code):
