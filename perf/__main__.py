@@ -1,4 +1,4 @@
-"""python -m perf {run,compare,micro,scenarios}: see perf/README.md."""
+"""python -m perf {run,pair,compare,micro,report,scenarios}: see perf/README.md."""
 import argparse
 import sys
 
@@ -34,6 +34,15 @@ def main(argv=None):
     r.add_argument("--results-dir", default=None, help="where to write results (default perf/results)")
     r.add_argument("--no-save", action="store_true", help="print only")
 
+    pr = sub.add_parser("pair", help="a scenario against its base in interleaved slices (a noise-proof ratio)")
+    pr.add_argument("scenario", nargs="?", default="policies", help="a scenario with a base (default: policies)")
+    pr.add_argument("--pairs", type=int, default=20, help="pairs of slices (default 20)")
+    pr.add_argument("--slice", type=int, default=2, help="seconds of load per slice (default 2)")
+    pr.add_argument("--warmup", type=float, default=3, help="warm-up seconds per gateway (default 3)")
+    pr.add_argument("--connections", type=int, default=64, help="wrk keep-alive connections (default 64)")
+    pr.add_argument("--results-dir", default=None, help="where to write results (default perf/results)")
+    pr.add_argument("--no-save", action="store_true", help="print only")
+
     c = sub.add_parser("compare", help="compare a result with the baseline; exit 1 on a regression")
     c.add_argument("result", nargs="?", default=None, help="result JSON (default perf/results/latest.json)")
     c.add_argument("--baseline", default=None, help="baseline JSON (default perf/results/baseline.json)")
@@ -60,6 +69,13 @@ def main(argv=None):
         print(report.markdown(result))
         if "files" in result:
             print(f"written: {result['files']['json']} and .md", file=sys.stderr)
+        return 0
+    if args.cmd == "pair":
+        from perf import pair, run
+        result = pair.run_pair(args.scenario, pairs=args.pairs, slice_s=args.slice, warmup=args.warmup,
+                               connections=args.connections, results_dir=args.results_dir or run.RESULTS,
+                               save=not args.no_save, argv=argv)
+        print(pair.markdown(result), end="")
         return 0
     if args.cmd == "compare":
         from perf import compare

@@ -119,3 +119,22 @@ def test_policies_brings_its_base_and_is_judged_against_it():
     assert summary["cpu_vs_base"] == pytest.approx(1.15)
     entry = {"via": "fastgw", "base": "proxy", "summary": {**summary, "errors_total": 0}}
     assert any("1.15× `proxy`" in v and "met" in v for v in report._verdicts({"policies": entry}))
+
+
+def test_pair_measures_a_scenario_against_its_base_in_turns(tmp_path):
+    # `perf pair`: both gateways up, loaded in turn; every slice is a real wrk run against a real gateway, and
+    # the ratio is the policies slice's CPU per request over the proxy slice's of the same pair.
+    from perf import pair
+    if perf_run.SCENARIOS["policies"].unavailable:
+        pytest.skip(perf_run.SCENARIOS["policies"].unavailable)
+    res = pair.run_pair("policies", pairs=2, slice_s=1, warmup=1, connections=4, results_dir=str(tmp_path),
+                        argv=["pair", "--pairs", "2"])
+    assert [list(row) for row in res["samples"]] == [["proxy", "policies"], ["policies", "proxy"]]
+    for row, ratio in zip(res["samples"], res["ratios"]):
+        for s in row.values():
+            assert s["requests"] > 100 and s["errors"] == 0 and 0 < s["cpu_us_per_req"] < 10_000
+        assert ratio == pytest.approx(row["policies"]["cpu_us_per_req"] / row["proxy"]["cpu_us_per_req"])
+    md = (tmp_path / "pair-latest.md").read_text()
+    assert f"**{res['median_ratio']:.2f}×**" in md and json.loads((tmp_path / "pair-latest.json").read_text())["ratios"]
+    with pytest.raises(SystemExit):
+        pair.run_pair("proxy")             # proxy has no base

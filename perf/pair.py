@@ -1,0 +1,122 @@
+"""`python -m perf pair [SCENARIO]`: a scenario against its base (default: policies against proxy) in short
+interleaved slices, for a ratio that the machine's speed swings do not move.
+
+On a shared VM whose speed swings from minute to minute, two 13-second runs taken one after the other can
+land in different phases, and their ratio then says more about the neighbours than about fastgw (`perf run`'s
+per-repeat policies/proxy ratios once spread from 1.15 to 1.81 in one run). Here both gateways stay up, warm,
+on the gateway CPU, and are loaded in turn for a slice of a few seconds each (wrk and the mock on the load
+CPU, as in `perf run`): only the gateway being measured is busy, so each slice is a solo run, and the two
+slices of a pair are seconds apart. Pairs alternate their order (base first, then the scenario first) so a
+drift within a pair cancels out over the pairs. The figure is the median of the per-pair ratios of CPU per
+request (utime+stime of each gateway's process tree over its slice, divided by the requests it served).
+
+Writes perf/results/pair-<date>-<commit>.{json,md} and pair-latest.{json,md}.
+"""
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+from perf import report
+from perf.mocks import WORK_ROOT, start_mock
+from perf.procs import free_port, tree_cpu_seconds, wait_port
+from perf.run import HOST, RESULTS, Cpu, check_reply, start_gateway, wrk
+from perf.scenarios import SCENARIOS
+
+TARGET = 1.3   # issue 4: policies cost at most 1.3x proxy's CPU per request
+
+
+def _slice(s, port, gw, seconds, connections, cpu):
+    """Load one gateway for `seconds`; its sample."""
+    c0 = tree_cpu_seconds(gw.pid)
+    t0 = time.monotonic()
+    w = wrk(s, port, seconds, connections, 1, cpu.load)
+    wall = time.monotonic() - t0
+    used = tree_cpu_seconds(gw.pid) - c0
+    if not gw.alive():
+        raise RuntimeError(f"{gw.name} died during the run:\n{gw.log_tail()}")
+    n = w["requests"]
+    return {"requests": n, "rps": n / (w["duration_us"] / 1e6), "errors": sum(w["errors"].values()),
+            "cpu_us_per_req": used * 1e6 / n if n else None, "cpu_util": used / wall}
+
+
+def run_pair(name, pairs=20, slice_s=2, warmup=3.0, connections=64, results_dir=RESULTS, save=True, argv=None):
+    scenario = SCENARIOS.get(name)
+    if scenario is None or not scenario.base:
+        raise SystemExit(f"{name!r} has no base scenario; scenarios with one: "
+                         f"{', '.join(s.name for s in SCENARIOS.values() if s.base)}")
+    if scenario.unavailable:
+        raise SystemExit(f"{name} is not available: {scenario.unavailable}")
+    base = SCENARIOS[scenario.base]
+    cpu = Cpu()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = os.path.join(WORK_ROOT, "runs", "pair-" + stamp)
+    os.makedirs(work, exist_ok=True)
+    mock_port = free_port()
+    proc, mock_desc = start_mock("nginx", work, HOST, mock_port, cpu.load)
+    gws = {}
+    rows = []
+    try:
+        for s in (base, scenario):
+            port = free_port()
+            gws[s.name] = (s, port, start_gateway(s, work, port, mock_port, cpu.gateway))
+        for s, port, gw in gws.values():
+            wait_port(HOST, port, gw, 60)
+            check_reply(s, port)
+            wrk(s, port, warmup, connections, 1, cpu.load)
+        for i in range(pairs):
+            order = (base.name, scenario.name) if i % 2 == 0 else (scenario.name, base.name)
+            print(f"[{i + 1}/{pairs}] {order[0]} then {order[1]}: {slice_s:g}s each ...", file=sys.stderr, flush=True)
+            rows.append({n: _slice(*gws[n], slice_s, connections, cpu) for n in order})
+    finally:
+        for _, _, gw in gws.values():
+            gw.stop()
+        proc.stop()
+    ratios = [row[scenario.name]["cpu_us_per_req"] / row[base.name]["cpu_us_per_req"] for row in rows]
+    result = {
+        "meta": report.machine() | {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "command": "python -m perf " + " ".join(argv) if argv else None,
+                                    "mock_description": mock_desc, "pinning": cpu.note, "slice_s": slice_s,
+                                    "warmup_s": warmup, "connections": connections, "pairs": pairs},
+        "base": base.name, "scenario": scenario.name, "samples": rows, "ratios": ratios,
+        "median_ratio": statistics.median(ratios),
+        "median_cpu_us_per_req": {n: statistics.median(row[n]["cpu_us_per_req"] for row in rows)
+                                  for n in (base.name, scenario.name)},
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    if save:
+        commit = result["meta"].get("git_commit") or "nocommit"
+        os.makedirs(results_dir, exist_ok=True)
+        for stem in (f"pair-{stamp}-{commit[:7]}", "pair-latest"):
+            with open(os.path.join(results_dir, stem + ".json"), "w") as f:
+                json.dump(result, f, indent=1)
+            with open(os.path.join(results_dir, stem + ".md"), "w") as f:
+                f.write(markdown(result))
+    return result
+
+
+def markdown(result):
+    m, base, name = result["meta"], result["base"], result["scenario"]
+    dirty = " (uncommitted changes)" if m.get("git_dirty") else ""
+    ratios = sorted(result["ratios"])
+    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    med = result["median_ratio"]
+    lines = [f"# fastgw pair: `{name}` against `{base}`, interleaved — {m['date']}", "",
+             f"Commit `{(m.get('git_commit') or '?')[:10]}`{dirty}. Machine: {m.get('cpu_model', '?')}. "
+             f"{m['pinning']}. Both gateways up for the whole run, loaded in turn: {m['pairs']} pairs of "
+             f"{m['slice_s']:g}-second slices (order alternating), wrk with {m['connections']} connections, "
+             f"{m['warmup_s']:g} s warm-up each. Command: `{m.get('command') or '?'}`.", "",
+             f"`{name}` costs **{med:.2f}×** `{base}`'s CPU per request: the median of the per-pair ratios "
+             f"(quartiles {q1:.2f}-{q3:.2f}; target ≤ {TARGET}×: {'met' if med <= TARGET else '**missed**'}). "
+             f"Median CPU per request: {base} {result['median_cpu_us_per_req'][base]:.1f} µs, "
+             f"{name} {result['median_cpu_us_per_req'][name]:.1f} µs.", "",
+             f"| pair | {base} CPU µs/req | {name} CPU µs/req | ratio | {base} RPS | {name} RPS | CPU busy | errors |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, row in enumerate(result["samples"]):
+        a, b = row[base], row[name]
+        lines.append(f"| {i + 1} | {a['cpu_us_per_req']:.1f} | {b['cpu_us_per_req']:.1f} | "
+                     f"{result['ratios'][i]:.2f} | {a['rps']:,.0f} | {b['rps']:,.0f} | "
+                     f"{a['cpu_util']:.0%} / {b['cpu_util']:.0%} | {a['errors'] + b['errors']} |")
+    return "\n".join(lines) + "\n"
