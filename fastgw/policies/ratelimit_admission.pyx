@@ -119,7 +119,7 @@ cdef class LocalAdmission:
         cdef BucketPlan bp
         if not ex.scratch:
             return None
-        st = ex.scratch.pop(self.policy, None)
+        st = (<dict?>ex.scratch).pop(self.policy, None)   # typed: a C call, not a method lookup
         if st is None:
             return None
         plan, tokens = st
