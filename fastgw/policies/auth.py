@@ -122,10 +122,12 @@ class KeyAuth(Policy):
         # (consumer, model) -> allowed; bounded because model names come from clients.
         self._allowed: dict[tuple[str, str], bool] = {}
         # Every request runs the compiled copy of access() and request() below (auth_lookup.pyx: the same
-        # lookups, one C call each instead of a Python frame); the Python methods stay its reference.
-        fast = KeyLookup(self)
-        self.access = fast.access
-        self.request = fast.request
+        # lookups, one C call each instead of a Python frame); the Python methods stay its reference. Not
+        # when a subclass overrides either: its own code must run.
+        if type(self).access is KeyAuth.access and type(self).request is KeyAuth.request:
+            fast = KeyLookup(self)
+            self.access = fast.access
+            self.request = fast.request
 
     def access(self, ex) -> None:
         v = ex.header(b"authorization")

@@ -259,11 +259,12 @@ class RateLimit(Policy):
             self.limiter = LocalLimiter(arena_for(ctx.run_dir, config.slots))
             # Every request of the local backend runs the compiled copy of request() and complete() below
             # (ratelimit_admission.pyx: the same steps, one C call each instead of ~100 bytecodes); the
-            # Python methods stay the reference it is tested against.
-            fast = LocalAdmission(self, self.limiter.arena, None if self._key_headers else attrs, config.headers,
-                                  config.default_completion_tokens)
-            self.request = fast.request
-            self.complete = fast.complete
+            # Python methods stay the reference it is tested against. Not when a subclass overrides either.
+            if type(self).request is RateLimit.request and type(self).complete is RateLimit.complete:
+                fast = LocalAdmission(self, self.limiter.arena, None if self._key_headers else attrs,
+                                      config.headers, config.default_completion_tokens)
+                self.request = fast.request
+                self.complete = fast.complete
         else:
             from fastgw.policies.limiter_redis import HybridLimiter, RedisLimiter
             from fastgw.policies.redis_client import RedisClient

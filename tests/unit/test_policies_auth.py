@@ -164,3 +164,17 @@ def test_compiled_hooks_match_the_python_reference(policy_ctx, make_exchange):
         assert a == b, (h, model)
         seen.add(a[0])
     assert {401, 403, "alice", "bob", "carol", "dave"} <= seen
+
+
+def test_a_subclass_overriding_a_hook_keeps_its_own_code(policy_ctx, make_exchange):
+    # The compiled hooks replace KeyAuth's own methods only: an override in a subclass runs as written.
+    class Audited(KeyAuth):
+        def access(self, ex):
+            super().access(ex)
+            ex.group = "audited:" + ex.group
+
+    cfg = Config(consumers=[Consumer("alice", [hash_key("sk-alice")], group="g")])
+    ex = make_exchange(headers={"Authorization": "Bearer sk-alice"})
+    Audited(cfg, policy_ctx).access(ex)
+    assert (ex.consumer, ex.group) == ("alice", "audited:g")
+    assert KeyAuth(cfg, policy_ctx).access.__self__.__class__.__name__ == "KeyLookup"

@@ -270,3 +270,19 @@ def test_compiled_local_path_matches_the_python_reference(policy_ctx, make_excha
         RateLimit.complete(ref, exs[1])
         assert not exs[0].scratch and not exs[1].scratch
     assert 50 < refused < 550      # both sides of the limits were exercised
+
+
+def test_a_subclass_overriding_a_hook_keeps_its_own_code(policy_ctx, make_exchange):
+    # The compiled local path replaces RateLimit's own methods only: an override in a subclass runs as written.
+    seen = []
+
+    class Counted(RateLimit):
+        def request(self, ex):
+            seen.append(ex.consumer)
+            return super().request(ex)
+
+    rl = Counted(Config(rules=[Rule(requests=5)], id="t"), policy_ctx)
+    ex = make_exchange(consumer="alice")
+    assert rl.request(ex) is None and seen == ["alice"] and ex.scratch[rl][1] == 0
+    rl.complete(ex)                           # RateLimit.complete (Python): settles nothing for requests only
+    assert not ex.scratch
