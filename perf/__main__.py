@@ -36,6 +36,8 @@ def main(argv=None):
 
     pr = sub.add_parser("pair", help="a scenario against its base in interleaved slices (a noise-proof ratio)")
     pr.add_argument("scenario", nargs="?", default="policies", help="a scenario with a base (default: policies)")
+    pr.add_argument("--against", default=None, metavar="OTHER",
+                    help="measure against this scenario instead of the base (e.g. proxy --against nginx)")
     pr.add_argument("--pairs", type=int, default=20, help="pairs of slices (default 20)")
     pr.add_argument("--slice", type=int, default=2, help="seconds of load per slice (default 2)")
     pr.add_argument("--warmup", type=float, default=3, help="warm-up seconds per gateway (default 3)")
@@ -74,7 +76,7 @@ def main(argv=None):
         from perf import pair, run
         result = pair.run_pair(args.scenario, pairs=args.pairs, slice_s=args.slice, warmup=args.warmup,
                                connections=args.connections, results_dir=args.results_dir or run.RESULTS,
-                               save=not args.no_save, argv=argv)
+                               save=not args.no_save, argv=argv, against=args.against)
         print(pair.markdown(result), end="")
         return 0
     if args.cmd == "compare":

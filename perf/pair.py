@@ -1,5 +1,6 @@
-"""`python -m perf pair [SCENARIO]`: a scenario against its base (default: policies against proxy) in short
-interleaved slices, for a ratio that the machine's speed swings do not move.
+"""`python -m perf pair [SCENARIO] [--against OTHER]`: a scenario against its base (default: policies against
+proxy), or against another proxy (`proxy --against nginx`), in short interleaved slices, for a ratio that the
+machine's speed swings do not move.
 
 On a shared VM whose speed swings from minute to minute, two 13-second runs taken one after the other can
 land in different phases, and their ratio then says more about the neighbours than about fastgw (`perf run`'s
@@ -10,7 +11,7 @@ slices of a pair are seconds apart. Pairs alternate their order (base first, the
 drift within a pair cancels out over the pairs. The figure is the median of the per-pair ratios of CPU per
 request (utime+stime of each gateway's process tree over its slice, divided by the requests it served).
 
-Writes perf/results/pair-<date>-<commit>.{json,md} and pair-latest.{json,md}.
+Writes perf/results/pair-<scenario>-<other>-<date>-<commit>.{json,md} and pair-<scenario>-<other>-latest.{json,md}.
 """
 import json
 import os
@@ -25,7 +26,8 @@ from perf.procs import free_port, tree_cpu_seconds, wait_port
 from perf.run import HOST, RESULTS, Cpu, check_reply, start_gateway, wrk
 from perf.scenarios import SCENARIOS
 
-TARGET = 1.3   # issue 4: policies cost at most 1.3x proxy's CPU per request
+# The bars: policies at most 1.3x proxy's CPU per request (issue 4), fastgw at most 1.2x nginx's (the data plane).
+TARGETS = {("policies", "proxy"): 1.3, ("proxy", "nginx"): 1.2}
 
 
 def _slice(s, port, gw, seconds, connections, cpu):
@@ -42,14 +44,20 @@ def _slice(s, port, gw, seconds, connections, cpu):
             "cpu_us_per_req": used * 1e6 / n if n else None, "cpu_util": used / wall}
 
 
-def run_pair(name, pairs=20, slice_s=2, warmup=3.0, connections=64, results_dir=RESULTS, save=True, argv=None):
+def run_pair(name, pairs=20, slice_s=2, warmup=3.0, connections=64, results_dir=RESULTS, save=True, argv=None,
+             against=None):
+    """`name` against `against` (default: its base scenario); both must be proxies (fastgw or nginx)."""
     scenario = SCENARIOS.get(name)
-    if scenario is None or not scenario.base:
-        raise SystemExit(f"{name!r} has no base scenario; scenarios with one: "
-                         f"{', '.join(s.name for s in SCENARIOS.values() if s.base)}")
-    if scenario.unavailable:
-        raise SystemExit(f"{name} is not available: {scenario.unavailable}")
-    base = SCENARIOS[scenario.base]
+    against = against or (scenario.base if scenario else None)
+    if scenario is None or against not in SCENARIOS:
+        raise SystemExit(f"{name!r}: nothing to measure it against; give --against, or one of the scenarios with "
+                         f"a base: {', '.join(s.name for s in SCENARIOS.values() if s.base)}")
+    base = SCENARIOS[against]
+    for s in (scenario, base):
+        if s.unavailable:
+            raise SystemExit(f"{s.name} is not available: {s.unavailable}")
+        if s.via == "direct":
+            raise SystemExit(f"{s.name} is no proxy: there is no gateway CPU to measure")
     cpu = Cpu()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = os.path.join(WORK_ROOT, "runs", "pair-" + stamp)
@@ -89,7 +97,8 @@ def run_pair(name, pairs=20, slice_s=2, warmup=3.0, connections=64, results_dir=
     if save:
         commit = result["meta"].get("git_commit") or "nocommit"
         os.makedirs(results_dir, exist_ok=True)
-        for stem in (f"pair-{stamp}-{commit[:7]}", "pair-latest"):
+        tag = f"pair-{scenario.name}-{base.name}"
+        for stem in (f"{tag}-{stamp}-{commit[:7]}", f"{tag}-latest"):
             with open(os.path.join(results_dir, stem + ".json"), "w") as f:
                 json.dump(result, f, indent=1)
             with open(os.path.join(results_dir, stem + ".md"), "w") as f:
@@ -103,13 +112,15 @@ def markdown(result):
     ratios = sorted(result["ratios"])
     q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
     med = result["median_ratio"]
+    target = TARGETS.get((name, base))
+    verdict = f"; target ≤ {target}×: {'met' if med <= target else '**missed**'}" if target else ""
     lines = [f"# fastgw pair: `{name}` against `{base}`, interleaved — {m['date']}", "",
              f"Commit `{(m.get('git_commit') or '?')[:10]}`{dirty}. Machine: {m.get('cpu_model', '?')}. "
              f"{m['pinning']}. Both gateways up for the whole run, loaded in turn: {m['pairs']} pairs of "
              f"{m['slice_s']:g}-second slices (order alternating), wrk with {m['connections']} connections, "
              f"{m['warmup_s']:g} s warm-up each. Command: `{m.get('command') or '?'}`.", "",
              f"`{name}` costs **{med:.2f}×** `{base}`'s CPU per request: the median of the per-pair ratios "
-             f"(quartiles {q1:.2f}-{q3:.2f}; target ≤ {TARGET}×: {'met' if med <= TARGET else '**missed**'}). "
+             f"(quartiles {q1:.2f}-{q3:.2f}{verdict}). "
              f"Median CPU per request: {base} {result['median_cpu_us_per_req'][base]:.1f} µs, "
              f"{name} {result['median_cpu_us_per_req'][name]:.1f} µs.", "",
              f"| pair | {base} CPU µs/req | {name} CPU µs/req | ratio | {base} RPS | {name} RPS | CPU busy | errors |",

@@ -134,7 +134,10 @@ def test_pair_measures_a_scenario_against_its_base_in_turns(tmp_path):
         for s in row.values():
             assert s["requests"] > 100 and s["errors"] == 0 and 0 < s["cpu_us_per_req"] < 10_000
         assert ratio == pytest.approx(row["policies"]["cpu_us_per_req"] / row["proxy"]["cpu_us_per_req"])
-    md = (tmp_path / "pair-latest.md").read_text()
-    assert f"**{res['median_ratio']:.2f}×**" in md and json.loads((tmp_path / "pair-latest.json").read_text())["ratios"]
+    md = (tmp_path / "pair-policies-proxy-latest.md").read_text()
+    assert f"**{res['median_ratio']:.2f}×**" in md and "target ≤ 1.3×" in md
+    assert json.loads((tmp_path / "pair-policies-proxy-latest.json").read_text())["ratios"] == res["ratios"]
     with pytest.raises(SystemExit):
-        pair.run_pair("proxy")             # proxy has no base
+        pair.run_pair("proxy")             # proxy has no base: it needs --against
+    with pytest.raises(SystemExit):
+        pair.run_pair("proxy", against="direct")   # the mock alone has no gateway CPU
