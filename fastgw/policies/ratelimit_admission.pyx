@@ -84,7 +84,10 @@ cdef class LocalAdmission:
         cdef PyObject* found = PyDict_GetItemWithError(self.plans, key)
         cdef object plan
         cdef BucketPlan bp
-        cdef long long tokens = 0, mt, n
+        # A double, as the buckets hold: a client's max_tokens x n can pass 2**63 (then it is refused as too
+        # large), where an integer would wrap around and the reservation turn into a gift.
+        cdef double tokens = 0.0
+        cdef long long mt, n
         cdef Py_ssize_t fail
         if found == NULL:
             plan = self.new_plan(key, ex)
@@ -102,8 +105,8 @@ cdef class LocalAdmission:
                 else:
                     mt = f.max_tokens
                     n = f.n
-                    tokens += (mt if mt >= 0 else self.default_completion) * (n if n > 1 else 1)
-        fail = bp.reserve(self.arena, <double>tokens, self.headers)
+                    tokens += <double>(mt if mt >= 0 else self.default_completion) * <double>(n if n > 1 else 1)
+        fail = bp.reserve(self.arena, tokens, self.headers)
         if fail >= 0:
             self.policy._refuse(ex, plan, fail, tokens, bp.remaining(fail))
         if self.headers:
@@ -114,8 +117,7 @@ cdef class LocalAdmission:
         return None
 
     def complete(self, Exchange ex):
-        cdef double actual
-        cdef long long tokens
+        cdef double actual, tokens
         cdef BucketPlan bp
         if not ex.scratch:
             return None
@@ -133,6 +135,6 @@ cdef class LocalAdmission:
             return None          # answered but usage unknown: keep the estimate
         else:
             actual = 0.0         # refused later or failed upstream: nothing was used
-        if <double>tokens != actual:
-            bp.settle(self.arena, <double>tokens, actual)
+        if tokens != actual:
+            bp.settle(self.arena, tokens, actual)
         return None
