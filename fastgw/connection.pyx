@@ -82,6 +82,35 @@ def monotonic():
     return now()
 
 
+cdef bytes _id_and_overhead_lines(bytes request_id, long long overhead_us):
+    """b"x-request-id: <id>\\r\\nx-fastgw-overhead-us: <µs>\\r\\n" for every response head, written by hand
+    (bytes % formatting cost ~1k instructions per request)."""
+    cdef const char* a = b"x-request-id: "
+    cdef const char* b = b"\r\nx-fastgw-overhead-us: "
+    cdef char digits[24]
+    cdef int k = 0
+    cdef Py_ssize_t n = len(request_id), i
+    cdef unsigned long long v = overhead_us if overhead_us > 0 else 0
+    while True:
+        digits[k] = <char>(48 + v % 10)
+        k += 1
+        v //= 10
+        if v == 0:
+            break
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 14 + n + 24 + k + 2)
+    cdef char* o = <char*>out
+    memcpy(o, a, 14)
+    memcpy(o + 14, <const char*>request_id, n)
+    o += 14 + n
+    memcpy(o, b, 24)
+    o += 24
+    for i in range(k):
+        o[i] = digits[k - 1 - i]
+    o[k] = 13
+    o[k + 1] = 10
+    return out
+
+
 cdef class ClientConnection:
     cdef readonly Gateway gw
     cdef readonly object transport
@@ -449,7 +478,7 @@ cdef class ClientConnection:
             return
         # Overhead so far: before the request was sent, plus this head's processing.
         cdef long overhead_us = <long>(((ex.t_sent - ex.t_start) + (now() - t)) * 1e6)
-        extra = b"x-request-id: %s\r\nx-fastgw-overhead-us: %d\r\n" % (ex.request_id.encode(), overhead_us)
+        extra = _id_and_overhead_lines(ex.request_id.encode(), overhead_us)
         if ex.response_headers:
             extra += b"".join(ex.response_headers)
         if not self.keep_alive:
@@ -823,6 +852,11 @@ cdef void _put_fixed(long long scaled, int decimals) noexcept:
 
 cdef inline long long _scaled(double v, double by) noexcept:
     return <long long>(v * by + (0.5 if v >= 0 else -0.5))
+
+
+def id_and_overhead_lines(bytes request_id, long long overhead_us):
+    """_id_and_overhead_lines for tests."""
+    return _id_and_overhead_lines(request_id, overhead_us)
 
 
 def format_access_line(Exchange ex, double latency, double ttft, double overhead):
