@@ -19,10 +19,11 @@ import asyncio
 import re
 import socket
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeLatin1
 from cpython.exc cimport PyErr_Clear
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy, strlen
+from libc.string cimport memchr, memcpy, strlen
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 
@@ -51,7 +52,8 @@ cdef frozenset _PROXIED = frozenset(PROXIED)
 cdef frozenset _LOCAL = frozenset(("/healthz", "/readyz", "/metrics", "/v1/models"))
 # Client headers that never reach a provider: its key (the provider key replaces it), our request id (re-added),
 # and accept-encoding (a compressed response could not be metered or relayed event by event).
-cdef frozenset _DROP = frozenset((b"authorization", b"api-key", b"x-api-key", b"x-request-id", b"accept-encoding"))
+# A tuple, not a set: forward_head walks it once per request, and a tuple walks by index (a set by iterator).
+cdef tuple _DROP = (b"authorization", b"api-key", b"x-api-key", b"x-request-id", b"accept-encoding")
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes _JSON = b"content-type: application/json\r\n"
 cdef bytes _SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
@@ -290,9 +292,12 @@ cdef class ClientConnection:
     cdef void _on_head(self) except *:
         cdef RequestParser p = self.parser
         cdef Gateway gw = self.gw
-        target = p.target
-        q = target.find(b"?")
-        cdef str path = (target if q < 0 else target[:q]).decode("latin-1")
+        cdef bytes target = p.target
+        # The path is the target up to '?', as received (latin-1): found with memchr, not bytes.find (a
+        # method call with argument parsing).
+        cdef const char* t = PyBytes_AS_STRING(target)
+        cdef const char* q = <const char*>memchr(t, 63, PyBytes_GET_SIZE(target))
+        cdef str path = PyUnicode_DecodeLatin1(t, q - t if q != NULL else PyBytes_GET_SIZE(target), NULL)
         rid = p.header(b"x-request-id")
         rid = rid.decode("ascii") if rid is not None and _REQUEST_ID(rid) else gw.next_request_id()
         cdef Exchange ex = new_exchange(rid, self.client_addr, p.method, path, p, now())

@@ -447,3 +447,15 @@ def test_half_closed_client_still_gets_its_answer(mock, start_gateway):
         while chunk := s.recv(65536):
             got += chunk
     assert got.startswith(b"HTTP/1.1 200") and b'"usage"' in got and b"connection: close" in got.lower()
+
+
+def test_query_strings_do_not_change_the_route(mock, start_gateway):
+    # The path is the target up to '?': clients that add a query (Azure-style api-version, probes with a
+    # cache-buster) reach the same endpoint; the path in an error message is the path, as received.
+    gw = start_gateway(model_config(mock.url))
+    h = httpx.Client(base_url=gw.base, timeout=10)
+    assert h.post("/v1/chat/completions?api-version=2024-10-21", json=CHAT).json()["object"] == "chat.completion"
+    assert h.get("/healthz?probe=1").json() == {"status": "ok"}
+    assert h.get("/v1/models?").status_code == 200
+    r = h.get("/v1/caf\xe9?x=?y".encode("latin-1").decode("latin-1"))
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Unknown request URL: GET /v1/caf%C3%A9."
