@@ -40,8 +40,10 @@ def _slice(s, port, gw, seconds, connections, cpu):
     if not gw.alive():
         raise RuntimeError(f"{gw.name} died during the run:\n{gw.log_tail()}")
     n = w["requests"]
+    if not n:
+        raise RuntimeError(f"{gw.name} served no request in a {seconds}-second slice:\n{gw.log_tail()}")
     return {"requests": n, "rps": n / (w["duration_us"] / 1e6), "errors": sum(w["errors"].values()),
-            "cpu_us_per_req": used * 1e6 / n if n else None, "cpu_util": used / wall}
+            "cpu_us_per_req": used * 1e6 / n, "cpu_util": used / wall}
 
 
 def run_pair(name, pairs=20, slice_s=2, warmup=3.0, connections=64, results_dir=RESULTS, save=True, argv=None,
