@@ -727,6 +727,7 @@ cdef Py_ssize_t price_string(Walk* w, Py_ssize_t i) noexcept nogil:
     if d[j] == 34:
         w.total += fgw_est_feed_last(&e, d + i, <size_t>(j - i), <size_t>(n - i))
         return j + 1
+    # From the string's start again: the text before the first escape is copied on this pass.
     while True:
         # the plain text up to the next stop, into the buffer (flushed whenever it fills)
         while True:
