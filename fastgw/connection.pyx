@@ -116,6 +116,7 @@ cdef bytes _id_and_overhead_lines(bytes request_id, long long overhead_us):
 cdef class ClientConnection:
     cdef readonly Gateway gw
     cdef readonly object transport
+    cdef object transport_write       # transport.write, looked up once: every response and stream event uses it
     cdef readonly RequestParser parser
     cdef readonly str client_addr, peer_addr
     cdef readonly Exchange ex
@@ -153,6 +154,7 @@ cdef class ClientConnection:
 
     def connection_made(self, transport):
         self.transport = transport
+        self.transport_write = transport.write
         cdef Gateway gw = self.gw
         peer = transport.get_extra_info("peername")
         self.peer_addr = self.client_addr = peer[0] if peer else ""
@@ -598,7 +600,7 @@ cdef class ClientConnection:
 
     cdef inline void _write(self, data) except *:
         self.ex.bytes_out += len(data)
-        self.transport.write(data)
+        self.transport_write(data)
 
     cdef void _respond(self, int status, bytes body, bytes content_type, bytes extra) except *:
         cdef Exchange ex = self.ex
