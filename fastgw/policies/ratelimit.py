@@ -339,18 +339,7 @@ class RateLimit(Policy):
             plan = self._new_plan(key, ex)
         if plan is None:
             return None
-        if plan.has_tokens:   # the estimate: prompt + max_tokens (or the default) per choice
-            tokens = ex.prompt_tokens_estimate
-            if not ex.endpoint.endswith("/embeddings"):
-                f = ex.fields
-                if f is None:
-                    tokens += self._default_completion
-                else:
-                    mt = f.max_tokens
-                    n = f.n
-                    tokens += (mt if mt >= 0 else self._default_completion) * (n if n > 1 else 1)
-        else:
-            tokens = 0
+        tokens = self._estimate(ex) if plan.has_tokens else 0
         if self.backend == "local":          # the reference of the compiled path (ratelimit_admission.pyx)
             fail = plan.reserve(self.limiter.arena, tokens, self._headers)
             if fail >= 0:
@@ -386,6 +375,17 @@ class RateLimit(Policy):
             ex.response_headers.append(plan.header_lines(rem))
         ex.new_scratch()[self] = (plan, tokens)
         return None
+
+    def _estimate(self, ex) -> int:
+        """Tokens to reserve: the prompt estimate + max_tokens (or the default) per choice; embeddings have no
+        completion."""
+        tokens = ex.prompt_tokens_estimate
+        if ex.endpoint.endswith("/embeddings"):
+            return tokens
+        f = ex.fields
+        if f is None:
+            return tokens + self._default_completion
+        return tokens + (f.max_tokens if f.max_tokens >= 0 else self._default_completion) * (f.n if f.n > 1 else 1)
 
     def _refuse(self, ex, plan, i, tokens, left):
         rule, what = plan.kinds[i]
