@@ -22,7 +22,8 @@ import msgspec
 from fastgw.config import ConfigError
 from fastgw.policy import Policy, PolicyContext
 
-__all__ = ["BUILTINS", "load_policies", "load_policy_file", "resolve", "FieldError", "model_label"]
+__all__ = ["BUILTINS", "load_policies", "load_policy_file", "resolve", "FieldError", "model_label",
+           "completion_estimate"]
 
 # Built-in policies by name -> "module:Class" (imported on first use, so an unused policy costs nothing).
 BUILTINS = {
@@ -123,6 +124,17 @@ def load_policies(directory: str, ctx: PolicyContext) -> list[Policy]:
         raise
     loaded.sort(key=lambda p: p.priority)
     return loaded
+
+
+def completion_estimate(ex, default: int) -> int:
+    """Completion tokens to plan for before the response: max_tokens (else `default`) per choice (n); none for
+    embeddings. What rate-limit reserves and budget prices, beside the prompt estimate."""
+    if ex.endpoint.endswith("/embeddings"):
+        return 0
+    f = ex.fields
+    mt = f.max_tokens if f is not None else -1
+    n = f.n if f is not None else -1
+    return (mt if mt >= 0 else default) * (n if n > 1 else 1)
 
 
 def model_label(ctx: PolicyContext, model: str) -> str:

@@ -21,7 +21,7 @@ from typing import Literal, Optional
 import msgspec
 import xxhash
 
-from fastgw.policies import FieldError, model_label
+from fastgw.policies import FieldError, completion_estimate, model_label
 from fastgw.policies.limiter_local import arena_for
 from fastgw.policies.prices import PriceTable
 from fastgw.policies.ratelimit import RedisConfig
@@ -151,11 +151,7 @@ class Budget(Policy):
         price = self.prices.lookup(ex.model)
         if price is None:
             return 0.0
-        f = ex.fields
-        mt = getattr(f, "max_tokens", -1) if f is not None else -1
-        n = getattr(f, "n", -1) if f is not None else -1
-        completion = 0 if ex.endpoint.endswith("/embeddings") else (
-            (mt if mt >= 0 else self.config.default_completion_tokens) * (n if n > 1 else 1))
+        completion = completion_estimate(ex, self.config.default_completion_tokens)
         return (ex.prompt_tokens_estimate * price[0] + completion * price[1]) / 1e6
 
     # -- admission ---------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import msgspec
 import xxhash
 
 from fastgw._core.bucket import BucketPlan
-from fastgw.policies import FieldError, model_label
+from fastgw.policies import FieldError, completion_estimate, model_label
 from fastgw.policies.limiter_local import LocalLimiter, arena_for
 from fastgw.policies.ratelimit_admission import LocalAdmission
 from fastgw.policy import Policy, Reject
@@ -339,7 +339,8 @@ class RateLimit(Policy):
             plan = self._new_plan(key, ex)
         if plan is None:
             return None
-        tokens = self._estimate(ex) if plan.has_tokens else 0
+        tokens = (ex.prompt_tokens_estimate + completion_estimate(ex, self._default_completion)
+                  if plan.has_tokens else 0)
         if self.backend == "local":          # the reference of the compiled path (ratelimit_admission.pyx)
             fail = plan.reserve(self.limiter.arena, tokens, self._headers)
             if fail >= 0:
@@ -375,17 +376,6 @@ class RateLimit(Policy):
             ex.response_headers.append(plan.header_lines(rem))
         ex.new_scratch()[self] = (plan, tokens)
         return None
-
-    def _estimate(self, ex) -> int:
-        """Tokens to reserve: the prompt estimate + max_tokens (or the default) per choice; embeddings have no
-        completion."""
-        tokens = ex.prompt_tokens_estimate
-        if ex.endpoint.endswith("/embeddings"):
-            return tokens
-        f = ex.fields
-        if f is None:
-            return tokens + self._default_completion
-        return tokens + (f.max_tokens if f.max_tokens >= 0 else self._default_completion) * (f.n if f.n > 1 else 1)
 
     def _refuse(self, ex, plan, i, tokens, left):
         rule, what = plan.kinds[i]
