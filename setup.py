@@ -1,4 +1,4 @@
-"""Build the Cython extensions in fastgw/_core.
+"""Build the Cython extensions: every .pyx under fastgw/.
 
 Switches (environment variables), for profiling and debugging builds:
   FASTGW_ANNOTATE=1   write Cython's HTML annotation next to each .pyx (yellow = Python C-API calls)
@@ -19,15 +19,14 @@ cflags = ["-O0", "-g"] if debug else ["-O3"]
 if profile:
     cflags += ["-g", "-fno-omit-frame-pointer"]
 
-# fastgw/_core/*.pyx: the sans-IO core; fastgw/*.pyx: the compiled connection glue and request state;
-# fastgw/policies/*.pyx: the per-request paths of built-in policies.
+# Every .pyx under fastgw/, found by one recursive glob: a new compiled module needs no edit here.
 extensions = [
     Extension(
         os.path.splitext(path)[0].replace("/", "."),
         [path],
         extra_compile_args=cflags,
     )
-    for path in sorted(glob("fastgw/_core/*.pyx") + glob("fastgw/*.pyx") + glob("fastgw/policies/*.pyx"))
+    for path in sorted(glob("fastgw/**/*.pyx", recursive=True))
 ]
 
 setup(

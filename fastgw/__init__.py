@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 import os as _os
 
-from fastgw._core import check_built as _check_built  # noqa: E402
+from fastgw.build_check import check_built as _check_built  # noqa: E402
 
 # FASTGW_SKIP_BUILD_CHECK=1 is for working on one extension while another is mid-edit; it adds no fallback:
 # a module that is not built still fails where it is imported.

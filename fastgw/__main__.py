@@ -1,5 +1,5 @@
 import sys
 
-from fastgw.cli import main
+from fastgw.runtime.cli import main
 
 sys.exit(main())

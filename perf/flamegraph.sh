@@ -2,7 +2,7 @@
 # Flamegraph of fastgw under load: perf/flamegraph.sh [SCENARIO] [SECONDS]   (default: proxy 10)
 #   -> perf/results/flamegraph-<scenario>.svg
 #
-# py-spy samples the worker process with --native, so Cython functions (fastgw/_core/*.pyx, connection.pyx)
+# py-spy samples the worker process with --native, so Cython functions (fastgw/**/*.pyx)
 # show by name next to the Python frames. For complete native stacks build with frame pointers and symbols
 # first (this rebuilds every extension in place):
 #   FLAMEGRAPH_BUILD=1 perf/flamegraph.sh proxy

@@ -20,11 +20,11 @@ def drive(n: int, stream: bool, policies: bool = False) -> None:
     import uvloop
     import test_request_path_bench as b
 
-    from fastgw import config
-    from fastgw.accesslog import AccessLog
-    from fastgw.gateway import Gateway
-    from fastgw.logs import Logger
-    from fastgw.metrics import Stats
+    from fastgw.runtime import config
+    from fastgw.observability.accesslog import AccessLog
+    from fastgw.proxy.gateway import Gateway
+    from fastgw.observability.logs import Logger
+    from fastgw.observability.metrics import Stats
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)

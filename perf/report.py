@@ -123,7 +123,7 @@ def markdown(result):
     if any(e["payload"] == "stream" for e in sc.values()) and m["mock"] == "nginx":
         lines += ["", "Stream caveat: the nginx mock sends the 29 KB SSE reply at once (a static file), so the "
                   "relays see a few large reads rather than 100 paced events; per-event costs of a drip-fed "
-                  "stream are what the `_core.sse` micro-benchmarks measure. nginx relays with "
+                  "stream are what the `protocol.sse` micro-benchmarks measure. nginx relays with "
                   "`proxy_buffering off` (the usual SSE setting), i.e. in pieces of its 4-8 KB proxy buffer."]
     if m.get("skipped"):
         lines += ["", "Not run: " + "; ".join(f"`{k}` ({v})" for k, v in m["skipped"].items())]

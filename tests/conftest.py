@@ -59,8 +59,8 @@ def redis_server():
 def make_exchange():
     """make_exchange(path, headers={...}, model=..., prompt=..., max_tokens=...) -> a real Exchange whose
     parser has parsed a real HTTP request with those headers."""
-    from fastgw._core.http import HEAD, RequestParser
-    from fastgw.exchange import Exchange
+    from fastgw.protocol.http import HEAD, RequestParser
+    from fastgw.proxy.exchange import Exchange
 
     def make(path="/v1/chat/completions", headers=None, model="gpt-4o-mini", prompt=100, max_tokens=-1, n=-1,
              consumer="", group="", method=b"POST"):
@@ -87,10 +87,10 @@ def policy_ctx(tmp_path):
     """A PolicyContext with a real Logger (into a buffer), real Stats and a fresh run_dir."""
     import io
 
-    from fastgw.config import Config
-    from fastgw.logs import Logger
-    from fastgw.metrics import Stats
-    from fastgw.policy import PolicyContext
+    from fastgw.runtime.config import Config
+    from fastgw.observability.logs import Logger
+    from fastgw.observability.metrics import Stats
+    from fastgw.policies.api import PolicyContext
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -69,7 +69,7 @@ step "fresh venv"
 "$work/venv/bin/python" -m pip install --quiet "$wheel"
 # From outside the source tree, so the installed package (not ./fastgw) is what gets imported.
 cd "$work"
-"$work/venv/bin/python" -c "import fastgw, fastgw._core; print('installed fastgw', fastgw.__version__, 'from', fastgw.__file__)"
+"$work/venv/bin/python" -c "import fastgw, fastgw.protocol.http; print('installed fastgw', fastgw.__version__, 'from', fastgw.__file__)"
 "$work/venv/bin/fastgw" --version
 
 if [ "$SMOKE" != "0" ]; then

@@ -2,8 +2,8 @@
 
 Run: pytest perf/micro/test_bench_runtime.py --benchmark-enable
 """
-from fastgw.accesslog import AccessLog
-from fastgw.metrics import Stats
+from fastgw.observability.accesslog import AccessLog
+from fastgw.observability.metrics import Stats
 
 
 def test_stats_request(benchmark, tmp_path):
@@ -59,7 +59,7 @@ class _NullTransport:
 
 
 def _mock_conn():
-    from fastgw.mock import MockStats, _MockConnection
+    from fastgw.devtools.mock.server import MockStats, _MockConnection
 
     conn = _MockConnection(MockStats(), {})
     conn.connection_made(_NullTransport())

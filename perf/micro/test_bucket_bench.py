@@ -7,7 +7,7 @@ os.environ.setdefault("FASTGW_SKIP_BUILD_CHECK", "1")
 
 import importlib.util  # noqa: E402
 
-from fastgw._core.bucket import BucketArena  # noqa: E402
+from fastgw.policies.ratelimit.bucket import BucketArena  # noqa: E402
 
 # The policy fixtures of the test suite (a real Exchange, a PolicyContext), loaded by path under another name.
 _spec = importlib.util.spec_from_file_location(
@@ -37,7 +37,7 @@ def test_take_and_settle(benchmark, arena):
 
 
 def test_ratelimit_request_local(benchmark, policy_ctx, make_exchange):
-    from fastgw.policies.ratelimit import Config, Match, RateLimit, Rule
+    from fastgw.policies.ratelimit.policy import Config, Match, RateLimit, Rule
     rl = RateLimit(Config(id="b", rules=[
         Rule(id="c", match=Match(consumer="*"), per=["consumer", "model"], requests=10**9, tokens=10**12),
         Rule(id="g", match=Match(group=["team-*"]), requests=10**9),
@@ -55,7 +55,7 @@ def test_ratelimit_request_local(benchmark, policy_ctx, make_exchange):
 
 def test_ratelimit_typical(benchmark, policy_ctx, make_exchange):
     # The usual config: one request rule and one token rule per consumer, headers on; the whole lifecycle.
-    from fastgw.policies.ratelimit import Config, RateLimit, Rule
+    from fastgw.policies.ratelimit.policy import Config, RateLimit, Rule
     rl = RateLimit(Config(id="t", rules=[
         Rule(id="rpm", per=["consumer"], requests=10**9),
         Rule(id="tpm", per=["consumer"], tokens=10**12),
@@ -73,7 +73,7 @@ def test_ratelimit_typical(benchmark, policy_ctx, make_exchange):
 
 
 def test_auth_access(benchmark, policy_ctx, make_exchange):
-    from fastgw.policies.auth import Config, Consumer, KeyAuth, hash_key
+    from fastgw.policies.auth.policy import Config, Consumer, KeyAuth, hash_key
     auth = KeyAuth(Config(consumers=[Consumer(f"c{i}", [hash_key(f"sk-{i}")]) for i in range(1000)]), policy_ctx)
     ex = make_exchange(headers={"Authorization": "Bearer sk-500"})
 
@@ -86,7 +86,7 @@ def test_auth_access(benchmark, policy_ctx, make_exchange):
 
 def test_auth_access_first_time(benchmark, policy_ctx, make_exchange):
     # A key not seen before (or after the cache of good keys was emptied): SHA-256, lookup, compare_digest.
-    from fastgw.policies.auth import Config, Consumer, KeyAuth, hash_key
+    from fastgw.policies.auth.policy import Config, Consumer, KeyAuth, hash_key
     auth = KeyAuth(Config(consumers=[Consumer(f"c{i}", [hash_key(f"sk-{i}")]) for i in range(1000)]), policy_ctx)
     ex = make_exchange(headers={"Authorization": "Bearer sk-500"})
 

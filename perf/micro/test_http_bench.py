@@ -1,4 +1,4 @@
-"""Micro-benchmarks of fastgw._core.http against h11 (the pure-Python reference).
+"""Micro-benchmarks of fastgw.protocol.http against h11 (the pure-Python reference).
 
 Run: pytest perf/micro/test_http_bench.py --benchmark-enable
 """
@@ -6,7 +6,7 @@ import json
 
 import h11
 
-from fastgw._core import http as H
+from fastgw.protocol import http as H
 
 BODY = json.dumps({
     "model": "gpt-4o-mini",

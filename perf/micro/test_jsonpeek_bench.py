@@ -8,7 +8,7 @@ import random
 import orjson
 import pytest
 
-from fastgw._core.jsonpeek import peek_request, peek_usage, splice
+from fastgw.protocol.jsonpeek import peek_request, peek_usage, splice
 
 
 def chat_body(size=4400, ascii_only=True):

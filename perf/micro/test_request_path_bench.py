@@ -12,12 +12,12 @@ import tempfile
 import pytest
 import uvloop
 
-from fastgw import config
-from fastgw.accesslog import AccessLog
-from fastgw.connection import ClientConnection, UpstreamConnection
-from fastgw.gateway import Gateway
-from fastgw.logs import Logger
-from fastgw.metrics import Stats
+from fastgw.runtime import config
+from fastgw.observability.accesslog import AccessLog
+from fastgw.proxy.client import ClientConnection, UpstreamConnection
+from fastgw.proxy.gateway import Gateway
+from fastgw.observability.logs import Logger
+from fastgw.observability.metrics import Stats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHAT = open(os.path.join(HERE, "..", "scenarios", "chat_request.json"), "rb").read()

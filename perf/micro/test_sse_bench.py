@@ -10,7 +10,7 @@ os.environ.setdefault("FASTGW_SKIP_BUILD_CHECK", "1")
 import orjson
 import pytest
 
-from fastgw._core.sse import SSERelay
+from fastgw.protocol.sse import SSERelay
 
 WORDS = "The harbor was quiet in the early morning , and the \"usage\" of nets was discussed at length .".split()
 

@@ -10,8 +10,8 @@ os.environ.setdefault("FASTGW_SKIP_BUILD_CHECK", "1")
 import orjson
 import pytest
 
-from fastgw import tokenizer
-from fastgw._core.tokens import estimate_chat_tokens, estimate_text_tokens
+from fastgw.tokens import exact as tokenizer
+from fastgw.tokens.estimate import estimate_chat_tokens, estimate_text_tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "..", "..", "tests", "data", "tokens", "prose.txt"), encoding="utf-8") as f:

@@ -84,7 +84,7 @@ def start_wiremock(work, host, port, cpu):
 
 def fastgw_cmd(*args):
     """Run the fastgw CLI with this interpreter (works without the console script being installed)."""
-    return [sys.executable, "-c", "import sys; from fastgw.cli import main; sys.exit(main())", *args]
+    return [sys.executable, "-c", "import sys; from fastgw.runtime.cli import main; sys.exit(main())", *args]
 
 
 def start_mock(kind, work, host, port, cpu):

@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fastgw._core.bucket import BucketArena, BucketTableFull, monotonic_ns
+from fastgw.policies.ratelimit.bucket import BucketArena, BucketTableFull, monotonic_ns
 
 
 class TwinBucket:
@@ -185,11 +185,11 @@ def test_four_processes_admit_exactly_capacity(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- plans
 
-from fastgw._core.bucket import BucketPlan, format_reset  # noqa: E402
+from fastgw.policies.ratelimit.bucket import BucketPlan, format_reset  # noqa: E402
 
 
 def twin_format_duration(s: float) -> str:
-    """OpenAI's reset format, written the plain way (as fastgw.policies.ratelimit.format_duration)."""
+    """OpenAI's reset format, written the plain way (as fastgw.policies.ratelimit.policy.format_duration)."""
     ms = int(s * 1000 + 0.5)
     if ms <= 0:
         return "0s" if s <= 0 else "1ms"

@@ -1,4 +1,4 @@
-"""fastgw._core.http.RequestParser: differential against h11 (the reference), strictness, limits,
+"""fastgw.protocol.http.RequestParser: differential against h11 (the reference), strictness, limits,
 forward_head. Valid requests must parse exactly as h11 parses them, fed whole, byte by byte and in
 random splits; mutated ones that h11 refuses must be refused (the cases where we are deliberately
 stricter than h11 are listed in STRICTER, with the reason)."""
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgw._core import http as H
+from fastgw.protocol import http as H
 from tests.core.http_messages import bytewise, chunked, feeds, split
 
 

@@ -1,4 +1,4 @@
-"""fastgw._core.http.ResponseParser and the head writers: differential against h11 (client role)
+"""fastgw.protocol.http.ResponseParser and the head writers: differential against h11 (client role)
 on generated responses (1xx skipped, HEAD/204/304, Content-Length, chunked, close-delimited), fed
 whole, byte by byte and in random splits; mutated responses h11 refuses must be refused."""
 import h11
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgw._core import http as H
+from fastgw.protocol import http as H
 from tests.core.http_messages import bytewise, chunked, feeds, split
 
 

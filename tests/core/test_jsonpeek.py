@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fastgw._core.jsonpeek import NESTING_LIMIT, RequestFields, peek_request, peek_usage, splice
+from fastgw.protocol.jsonpeek import NESTING_LIMIT, RequestFields, peek_request, peek_usage, splice
 
 MAX = 2**63
 

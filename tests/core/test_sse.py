@@ -1,4 +1,4 @@
-"""fastgw._core.sse.SSERelay against a plain-Python twin on generated OpenAI-like streams.
+"""fastgw.protocol.sse.SSERelay against a plain-Python twin on generated OpenAI-like streams.
 
 The twin splits the whole stream with the event-stream rules (lines end with CRLF, LF or CR; an empty line
 ends an event; `data` lines joined with LF), json.loads each data payload and picks usage / [DONE] / text.
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastgw._core.sse import SSERelay
+from fastgw.protocol.sse import SSERelay
 
 # --------------------------------------------------------------------------------------------- the twin
 

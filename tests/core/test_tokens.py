@@ -1,4 +1,4 @@
-"""fastgw._core.tokens: the estimate against tiktoken on the corpus (documented tolerances), and
+"""fastgw.tokens.estimate: the estimate against tiktoken on the corpus (documented tolerances), and
 estimate_chat_tokens against a plain-Python walk of json.loads(body) applying estimate_text_tokens."""
 import importlib.util
 import json
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastgw._core.tokens import estimate_chat_tokens, estimate_text_tokens
-from fastgw.tokenizer import count_chat, count_text
+from fastgw.tokens.estimate import estimate_chat_tokens, estimate_text_tokens
+from fastgw.tokens.exact import count_chat, count_text
 
 _spec = importlib.util.spec_from_file_location(
     "token_measure", os.path.join(os.path.dirname(__file__), "..", "data", "tokens", "measure.py"))
@@ -283,7 +283,7 @@ def test_text_matches_run_model(s, encoding):
 def test_every_code_variant(variant):
     # The block pricer is compiled three times (baseline x86-64, +POPCNT, +AVX2) and picked by CPU at import;
     # each must give the model's figures, the ones this CPU does not run included when it can.
-    from fastgw._core import tokens
+    from fastgw.tokens import estimate as tokens
     if not tokens._use_variant(variant):
         pytest.skip(f"this CPU has no {variant}")
     try:

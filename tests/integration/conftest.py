@@ -36,7 +36,7 @@ class MockThread:
     def __init__(self, **defaults):
         import uvloop
 
-        from fastgw.mock import start_mock
+        from fastgw.devtools.mock import start_mock
 
         self.loop = uvloop.new_event_loop()
         ready = threading.Event()

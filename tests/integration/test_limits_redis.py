@@ -6,13 +6,13 @@ import os
 
 import pytest
 
-from fastgw.config import Config as GatewayConfig
+from fastgw.runtime.config import Config as GatewayConfig
 from fastgw.errors import GatewayError
-from fastgw.logs import Logger
-from fastgw.metrics import Stats
-from fastgw.policies.budget import Budget, BudgetRule, Config as BudgetConfig, Price
-from fastgw.policies.ratelimit import Config, RateLimit, RedisConfig, Rule
-from fastgw.policy import PolicyContext
+from fastgw.observability.logs import Logger
+from fastgw.observability.metrics import Stats
+from fastgw.policies.budget.policy import Budget, BudgetRule, Config as BudgetConfig, Price
+from fastgw.policies.ratelimit.policy import Config, RateLimit, RedisConfig, Rule
+from fastgw.policies.api import PolicyContext
 
 L = 50
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import uvloop
 
-from fastgw.mock import EMBEDDING_DIM, start_mock
+from fastgw.devtools.mock import EMBEDDING_DIM, start_mock
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from fastgw.policies.auth import hash_key
+from fastgw.policies.auth.policy import hash_key
 from tests.integration.conftest import model_config
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
@@ -161,7 +161,7 @@ tokens = 1000000
     chunks = list(c.chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 14
     # No usage from the upstream at all: the streamed text is counted exactly.
-    from fastgw.tokenizer import count_text
+    from fastgw.tokens.exact import count_text
 
     text = "".join(ch.choices[0].delta.content or "" for ch in sdk(gw, default_headers={"x-mock-no-usage": "1"})
                    .chat.completions.create(**CHAT, stream=True) if ch.choices)

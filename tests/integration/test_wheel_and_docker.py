@@ -158,10 +158,10 @@ def test_hadolint_is_not_a_no_op():
 
 def test_dockerignore_matcher():
     rules = dockerignore_rules()
-    assert not ignored("fastgw/_core/http.pyx", rules)
+    assert not ignored("fastgw/protocol/http.pyx", rules)
     assert not ignored("pyproject.toml", rules)
-    assert ignored("fastgw/_core/http.c", rules)
-    assert ignored("fastgw/_core/http.cpython-311-x86_64-linux-gnu.so", rules)
+    assert ignored("fastgw/protocol/http.c", rules)
+    assert ignored("fastgw/protocol/http.cpython-311-x86_64-linux-gnu.so", rules)
     assert ignored("fastgw/__pycache__/config.cpython-311.pyc", rules)
     assert ignored("tests/unit/test_proxyproto.py", rules)
     assert ignored(".git/HEAD", rules)
@@ -193,7 +193,7 @@ def test_dockerfile_shape():
 
 def test_dockerfile_env_names_are_read_by_the_config():
     """Every FASTGW_* variable the image sets is one the config loader really reads (no silent typo)."""
-    from fastgw import config
+    from fastgw.runtime import config
 
     known = set(config._ENV) | {"FASTGW_CONFIG"}
     _, runtime = read_dockerfile()
@@ -294,7 +294,7 @@ def test_dockerfile_commands_outside_docker(tmp_path, docker_stage1):
 
     # The container's start: ENV (ports moved to free ones, loopback only), the config "mounted" from tmp,
     # ENTRYPOINT + CMD; healthy by the HEALTHCHECK command; stopped by STOPSIGNAL with exit 0.
-    from fastgw.config import DEFAULT_TOML
+    from fastgw.runtime.config import DEFAULT_TOML
 
     etc = tmp_path / "etc-fastgw"
     etc.mkdir()
@@ -358,4 +358,4 @@ def test_build_local_script_end_to_end(tmp_path, docker_stage1):
     for pyx in sorted(ROOT.glob("fastgw/**/*.pyx")):
         mod = pyx.relative_to(ROOT).with_suffix("").as_posix()
         assert any(n.startswith(mod + ".cpython-") and n.endswith(".so") for n in names), mod
-    assert "fastgw/policies/ratelimit.py" in names
+    assert "fastgw/policies/ratelimit/policy.py" in names

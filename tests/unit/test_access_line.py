@@ -3,8 +3,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgw.connection import format_access_line
-from fastgw.exchange import Exchange
+from fastgw.proxy.client import format_access_line
+from fastgw.proxy.exchange import Exchange
 
 text = st.text(max_size=60)                     # quotes, backslashes, control characters, any unicode
 

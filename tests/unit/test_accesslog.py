@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgw.accesslog import AccessLog
-from fastgw.logs import Logger
+from fastgw.observability.accesslog import AccessLog
+from fastgw.observability.logs import Logger
 
 
 def read_lines(path):

@@ -17,11 +17,11 @@ def test_import_without_built_extensions_says_how_to_build(tmp_path):
                        text=True)
     assert r.returncode != 0
     assert "compiled modules are not built" in r.stderr
-    assert "pip install -e ." in r.stderr and "fastgw._core.http" in r.stderr and "fastgw.connection" in r.stderr
+    assert "pip install -e ." in r.stderr and "fastgw.protocol.http" in r.stderr and "fastgw.proxy.client" in r.stderr
 
 
 def test_import_with_built_extensions_works():
     env = {k: v for k, v in os.environ.items() if k != "FASTGW_SKIP_BUILD_CHECK"}
-    r = subprocess.run([sys.executable, "-c", "import fastgw, fastgw.connection; print(fastgw.__version__)"],
+    r = subprocess.run([sys.executable, "-c", "import fastgw, fastgw.proxy.client; print(fastgw.__version__)"],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -3,7 +3,7 @@ import io
 
 import orjson
 
-from fastgw.logs import Logger
+from fastgw.observability.logs import Logger
 
 
 def lines(buf):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastgw.metrics import DURATION_BUCKETS, OVERFLOW, OVERHEAD_BUCKETS_US, TTFT_BUCKETS, Stats
+from fastgw.observability.metrics import DURATION_BUCKETS, OVERFLOW, OVERHEAD_BUCKETS_US, TTFT_BUCKETS, Stats
 
 
 def parse(text: bytes) -> dict:

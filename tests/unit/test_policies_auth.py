@@ -3,7 +3,7 @@ import orjson
 import pytest
 
 from fastgw.errors import GatewayError
-from fastgw.policies.auth import Config, Consumer, Group, KeyAuth, hash_key, hash_key_main, new_key
+from fastgw.policies.auth.policy import Config, Consumer, Group, KeyAuth, hash_key, hash_key_main, new_key
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_duplicate_key_rejected(policy_ctx):
 
 
 def test_good_keys_are_remembered_wrong_ones_never(auth, make_exchange, monkeypatch):
-    from fastgw.policies import auth as auth_mod
+    from fastgw.policies.auth import policy as auth_mod
     for _ in range(2):
         assert run(auth, make_exchange(headers={"Authorization": "Bearer sk-alice"}, model="gpt-4o")).consumer == "alice"
         assert run(auth, make_exchange(headers={"api-key": "sk-carol-2"})).consumer == "carol"

@@ -5,8 +5,8 @@ import orjson
 import pytest
 
 from fastgw.errors import GatewayError
-from fastgw.policies.budget import Budget, BudgetRule, Config, Price, period_end, period_id
-from fastgw.policies.prices import PriceTable
+from fastgw.policies.budget.policy import Budget, BudgetRule, Config, Price, period_end, period_id
+from fastgw.policies.budget.prices import PriceTable
 
 
 def test_price_lookup():

@@ -4,11 +4,11 @@ import textwrap
 
 import pytest
 
-from fastgw.config import ConfigError
+from fastgw.runtime.config import ConfigError
 from fastgw.policies import load_policies, load_policy_file, resolve
-from fastgw.policies.auth import KeyAuth
-from fastgw.policies.budget import Budget
-from fastgw.policies.ratelimit import RateLimit
+from fastgw.policies.auth.policy import KeyAuth
+from fastgw.policies.budget.policy import Budget
+from fastgw.policies.ratelimit.policy import RateLimit
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "policies")
 
@@ -44,7 +44,7 @@ def test_config_table_and_builtin_names(tmp_path, policy_ctx):
 @pytest.mark.parametrize("body,expect", [
     ('backend = "local"\n', "20-x.toml: policy: missing"),
     ('policy = "nope"\n', "20-x.toml: policy: unknown policy 'nope'"),
-    ('policy = "os:path"\n', "20-x.toml: policy: 'os:path' is not a fastgw.policy.Policy subclass"),
+    ('policy = "os:path"\n', "20-x.toml: policy: 'os:path' is not a fastgw.policies.api.Policy subclass"),
     ('policy = "rate-limit"\n[[rules]]\nrequests = "ten"\n', "20-x.toml: rules[0].requests: Expected `int`, got `str`"),
     ('policy = "rate-limit"\n[[rules]]\nrequests = 1\nwindow = "fortnight"\n', "20-x.toml: rules[0].window: Invalid enum value 'fortnight'"),
     ('policy = "rate-limit"\n[[rules]]\nrequests = 1\nbogus = 2\n', "20-x.toml: rules[0]: Object contains unknown field `bogus`"),
@@ -66,7 +66,7 @@ def test_errors_name_file_field_and_problem(tmp_path, policy_ctx, body, expect):
 def test_custom_policy_by_module_path(tmp_path, policy_ctx, monkeypatch):
     (tmp_path / "mypol.py").write_text(textwrap.dedent("""
         import msgspec
-        from fastgw.policy import Policy, Reject
+        from fastgw.policies.api import Policy, Reject
 
         class RequireUser(Policy):
             name = "require-user"

@@ -5,7 +5,7 @@ import orjson
 import pytest
 
 from fastgw.errors import GatewayError
-from fastgw.policies.ratelimit import Config, Match, Matcher, RateLimit, Rule, format_duration
+from fastgw.policies.ratelimit.policy import Config, Match, Matcher, RateLimit, Rule, format_duration
 
 
 def make(ctx, *rules, **kw):
@@ -195,7 +195,7 @@ def test_unknown_per_key_names_client_among_the_choices(policy_ctx):
 
 
 def test_plans_are_cached_per_key_and_bounded(policy_ctx, make_exchange, monkeypatch):
-    from fastgw.policies import ratelimit
+    from fastgw.policies.ratelimit import policy as ratelimit
     rl = make(policy_ctx, Rule(id="m", requests=1000, match=Match(model="gpt-*"), per=["consumer", "model"]))
     rl.request(make_exchange(consumer="a", model="gpt-4o"))
     rl.request(make_exchange(consumer="a", model="gpt-4o"))
@@ -232,7 +232,7 @@ def test_compiled_local_path_matches_the_python_reference(policy_ctx, make_excha
     # random traffic: the same decisions, refusals, header lines and settled buckets.
     import random
 
-    from fastgw.policy import PolicyContext
+    from fastgw.policies.api import PolicyContext
     (tmp_path / "run2").mkdir()
     ctx2 = PolicyContext(policy_ctx.log, policy_ctx.stats, str(tmp_path / "run2"), "0", policy_ctx.config)
     fast, ref = make(policy_ctx, *rules), make(ctx2, *rules)

@@ -1,4 +1,4 @@
-"""fastgw.proxyproto against a small independent encoder (struct.pack / socket.inet_pton), fed whole and
+"""fastgw.protocol.proxyproto against a small independent encoder (struct.pack / socket.inet_pton), fed whole and
 byte by byte: every proper prefix of a valid header is "need more" and the first byte that makes a header
 impossible raises at once."""
 import ipaddress
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgw.proxyproto import (
+from fastgw.protocol.proxyproto import (
     MAX_V1_HEADER,
     MAX_V2_HEADER,
     ProxyInfo,

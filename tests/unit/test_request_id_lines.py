@@ -2,8 +2,8 @@
 snprintf, no bytes % formatting), against their plain-Python formatting on many inputs."""
 import random
 
-from fastgw.connection import id_and_overhead_lines
-from fastgw.gateway import request_id
+from fastgw.proxy.client import id_and_overhead_lines
+from fastgw.proxy.gateway import request_id
 
 
 def test_request_ids_are_the_prefix_and_the_counter_in_hex():

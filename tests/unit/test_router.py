@@ -1,11 +1,11 @@
-"""fastgw.router (compiled): deployments ready to send to, weighted round-robin, model resolution."""
+"""fastgw.routing.router (compiled): deployments ready to send to, weighted round-robin, model resolution."""
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgw.config import Config, ConfigError, Deployment, Model
-from fastgw.router import PROXIED, Route, Router, Target
+from fastgw.runtime.config import Config, ConfigError, Deployment, Model
+from fastgw.routing.router import PROXIED, Route, Router, Target
 
 
 def cfg(*models):

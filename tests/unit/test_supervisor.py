@@ -7,8 +7,8 @@ import time
 import orjson
 import pytest
 
-from fastgw.logs import Logger
-from fastgw.supervisor import Supervisor, available_cpus
+from fastgw.observability.logs import Logger
+from fastgw.runtime.supervisor import Supervisor, available_cpus
 
 pytestmark = pytest.mark.timeout(30)
 

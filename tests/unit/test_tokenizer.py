@@ -1,12 +1,12 @@
-"""fastgw.tokenizer: offline, hash-verified tiktoken encodings; counts; the content-count cache."""
+"""fastgw.tokens.exact: offline, hash-verified tiktoken encodings; counts; the content-count cache."""
 import gzip
 import os
 
 import bpe_openai
 import pytest
 
-from fastgw import tokenizer
-from fastgw.tokenizer import (
+from fastgw.tokens import exact as tokenizer
+from fastgw.tokens.exact import (
     TokenizerDataError,
     cache_clear,
     cache_info,

@@ -28,8 +28,8 @@ def load_samples() -> dict[str, list[str]]:
 
 
 def relative_errors(samples: list[str], encoding: str) -> list[float]:
-    from fastgw._core.tokens import estimate_text_tokens
-    from fastgw.tokenizer import count_text
+    from fastgw.tokens.estimate import estimate_text_tokens
+    from fastgw.tokens.exact import count_text
 
     out = []
     for s in samples:

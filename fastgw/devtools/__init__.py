@@ -1,0 +1,1 @@
+"""Development tools shipped with fastgw: the mock upstream."""

@@ -1,0 +1,1 @@
+"""What the gateway reports: per-worker stats, Prometheus metrics, the access log and JSON logs."""

@@ -1,0 +1,19 @@
+# One request's state (see exchange.pyx). A cdef class: made once per request with direct C stores.
+from fastgw.protocol.http cimport _Message
+
+cdef class Exchange:
+    cdef public str request_id, client_addr, path, endpoint, model, consumer, group, upstream_name, error
+    cdef public bytes method, body
+    cdef public _Message _parser     # the request's parser (None once the request is over)
+    cdef public object fields, route, deployment, scratch
+    cdef public bint stream, client_wants_usage
+    cdef public long long _prompt_estimate
+    cdef public int status, events
+    cdef public list response_headers
+    cdef public long long prompt_tokens, completion_tokens, bytes_in, bytes_out
+    cdef public double cost, t_start, t_sent, t_first_byte, t_end, upstream_wait
+
+    cdef long long prompt_estimate(self) except? -2
+
+
+cdef Exchange new_exchange(str request_id, str client_addr, bytes method, str path, object parser, double t_start)

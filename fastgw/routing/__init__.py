@@ -1,0 +1,1 @@
+"""Virtual model names to deployments."""

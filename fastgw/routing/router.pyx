@@ -1,0 +1,114 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Virtual model names -> upstream deployments, with weighted round-robin between a model's deployments.
+
+Everything a request needs from its deployment (request lines, host and key header lines, the spliced model
+value) is computed here once at load time, so routing costs a dict lookup and a counter step per request.
+Compiled (cdef classes, see router.pxd) so that both are C calls from the connection code, not interpreted
+Python functions on every request.
+"""
+import ssl
+from urllib.parse import urlsplit
+
+import orjson
+
+from fastgw.runtime.config import Config, ConfigError, provider_key
+
+# Endpoints proxied upstream; the part after "/v1" is appended to the deployment's base path.
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+
+
+cdef class Target:
+    """One deployment, ready to send to."""
+
+    def __init__(self, str url, str model, str key, str ca_file=""):
+        parts = urlsplit(url)
+        self.tls = parts.scheme == "https"
+        self.ssl = tls_context(ca_file) if self.tls else None
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.tls else 80)
+        self.server_hostname = self.host if self.tls else None
+        self.name = f"{self.host}:{self.port}"   # the metrics label: bounded, from the config
+        self.pool_key = (self.host, self.port, self.tls, ca_file)
+        base = parts.path.rstrip("/")
+        self.request_lines = {
+            ep: b"POST " + (base + ep[3:]).encode() + b" HTTP/1.1\r\n" for ep in PROXIED
+        }
+        default_port = 443 if self.tls else 80
+        host_value = self.host if self.port == default_port else f"{self.host}:{self.port}"
+        lines = [b"host: " + host_value.encode() + b"\r\n"]
+        if key:
+            lines.append(b"authorization: Bearer " + key.encode() + b"\r\n")
+        self.header_lines = b"".join(lines)
+        self.model = model                       # "" = forward the client's model unchanged
+        self.model_json = orjson.dumps(model) if model else b""
+        self.pool = None
+
+    def __repr__(self) -> str:                   # never shows the key
+        return f"Target({self.name}, model={self.model!r})"
+
+
+cdef class Route:
+    """A virtual model and its deployments; pick() is a weighted round-robin over them."""
+
+    def __init__(self, str name, list targets):
+        """`targets`: (Target, weight) pairs; a weight is a whole number >= 1."""
+        self.name = name
+        self.targets = [<Target?>t for t, _ in targets]
+        # Expand weights into a fixed cycle once: picking is then one index step.
+        self._cycle = [t for t, w in targets for _ in range(w)]
+        self._n = len(self._cycle)
+        self._i = 0
+
+    cpdef Target pick(self):
+        """The next deployment of the cycle."""
+        cdef Py_ssize_t i = self._i
+        if self._n == 0:
+            raise ValueError(f"route {self.name!r} has no deployment with a positive weight")
+        self._i = i + 1 if i + 1 < self._n else 0
+        return <Target>self._cycle[i]
+
+    def fallbacks(self, first):
+        """Other deployments to try when `first` cannot be reached."""
+        return [t for t in self.targets if t is not first]
+
+
+cdef class Router:
+    """The routes of one config: `routes` by virtual model name, and the "*" route (`wildcard`) or None."""
+
+    def __init__(self, cfg: Config, env=None, mock_url=None):
+        self.routes = {}
+        self.wildcard = None
+        for m in cfg.models:
+            targets = []
+            for d in m.deployments:
+                url = mock_url if (mock_url and "mock.invalid" in d.url) else d.url
+                targets.append((Target(url, d.model, provider_key(d, env), d.ca_file), d.weight))
+            route = Route(m.name, targets)
+            if m.name == "*":
+                self.wildcard = route
+            else:
+                self.routes[m.name] = route
+        created = 1700000000
+        self.models_body = orjson.dumps({
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": created, "owned_by": "fastgw"} for n in self.routes],
+        })
+
+    cpdef Route resolve(self, model):
+        """The route of a client's model name: its own, else the wildcard, else None."""
+        r = self.routes.get(model)
+        return <Route>r if r is not None else self.wildcard
+
+
+_TLS = {}
+
+
+def tls_context(str ca_file=""):
+    """One verifying client TLS context per CA file and process (system CAs, plus `ca_file` when given)."""
+    ctx = _TLS.get(ca_file)
+    if ctx is None:
+        try:
+            ctx = _TLS[ca_file] = ssl.create_default_context(cafile=ca_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"ca_file {ca_file!r}: cannot load: {exc}") from None
+    return ctx

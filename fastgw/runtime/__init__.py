@@ -1,0 +1,1 @@
+"""Processes and configuration: the command line, config files, the supervisor, workers and the admin port."""
