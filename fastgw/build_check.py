@@ -6,9 +6,11 @@ import os
 MODULES = (
     "fastgw.protocol.http", "fastgw.protocol.sse", "fastgw.protocol.jsonpeek",
     "fastgw.tokens.estimate",
-    "fastgw.proxy.exchange", "fastgw.proxy.gateway", "fastgw.proxy.client",
+    "fastgw.providers.base", "fastgw.providers.openai",
+    "fastgw.proxy.exchange", "fastgw.proxy.gateway", "fastgw.proxy.phases", "fastgw.proxy.upstream",
+    "fastgw.proxy.relay", "fastgw.proxy.client",
     "fastgw.routing.router",
-    "fastgw.observability.stats", "fastgw.observability.linebuf",
+    "fastgw.observability.stats", "fastgw.observability.linebuf", "fastgw.observability.accounting",
     "fastgw.policies.auth.lookup", "fastgw.policies.ratelimit.admission", "fastgw.policies.ratelimit.bucket",
 )
 

@@ -28,7 +28,7 @@ class GatewayError(Exception):
     """A refusal with an HTTP status and an OpenAI-style body. `headers` are extra response header lines."""
 
     def __init__(self, status: int, message: str, type: str | None = None, code: str | None = None,
-                 param: str | None = None, headers: tuple[tuple[str, str], ...] = ()):
+                 param: str | None = None, headers: tuple[tuple[str, str], ...] = (), reason: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -36,6 +36,8 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.headers = headers
+        # The `reason` label of fastgw_rejections_total when a policy refuses with this (bounded: from code).
+        self.reason = reason or code or str(status)
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
@@ -47,3 +49,26 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
 
 def reason(status: int) -> bytes:
     return REASONS.get(status, b"Unknown")
+
+
+class PolicyError(GatewayError):
+    """A policy hook raised something other than a refusal: a bug in that policy, answered as a 500 of its own
+    (never reported as an upstream failure)."""
+
+    def __init__(self, phase: str, policy: str):
+        super().__init__(500, "The gateway failed to process the request.", type="api_error", code="policy_error")
+        self.phase = phase
+        self.policy = policy
+
+
+class Reply(Exception):
+    """Raised by a policy in the access or request phase to answer the request itself, with no upstream (a
+    cache hit, a guardrail's canned answer). `headers` are (name, value) pairs added to the response head."""
+
+    def __init__(self, body: bytes, status: int = 200, content_type: str = "application/json",
+                 headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(status)
+        self.body = body
+        self.status = status
+        self.content_type = content_type
+        self.headers = headers

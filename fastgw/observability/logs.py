@@ -12,6 +12,7 @@ import datetime
 import os
 import sys
 import traceback
+import time
 from typing import IO, Any
 
 import orjson
@@ -83,3 +84,28 @@ class Logger:
             fields["stack"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.log("error", event, error_id=error_id, **fields)
         return error_id
+
+
+class LogThrottle:
+    """At most one warning per `interval` seconds for an event a client can trigger at will (a refused PROXY
+    connection, say): the first is logged at once, the rest are counted and reported with the next one."""
+
+    def __init__(self, log: Logger, interval: float, clock=time.monotonic):
+        self.log = log
+        self.interval = interval
+        self.clock = clock
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, event: str, **fields: Any) -> bool:
+        """Log `event` unless one was logged less than `interval` ago; True when it was logged."""
+        now = self.clock()
+        if now < self._next.get(event, 0.0):
+            self._suppressed[event] = self._suppressed.get(event, 0) + 1
+            return False
+        self._next[event] = now + self.interval
+        suppressed = self._suppressed.pop(event, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        self.log.warning(event, **fields)
+        return True

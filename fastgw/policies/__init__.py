@@ -5,9 +5,9 @@ Custom policies import what they need from here:
 
     from fastgw.policies import Policy, Reject
 """
-from fastgw.policies.api import PHASES, Policy, PolicyContext, Reject
+from fastgw.policies.api import PHASES, Policy, PolicyContext, Reject, Reply
 from fastgw.policies.loader import (BUILTINS, FieldError, completion_estimate, load_policies, load_policy_file,
                                     model_label, resolve)
 
-__all__ = ["PHASES", "Policy", "PolicyContext", "Reject", "BUILTINS", "FieldError", "completion_estimate",
+__all__ = ["PHASES", "Policy", "PolicyContext", "Reject", "Reply", "BUILTINS", "FieldError", "completion_estimate",
            "load_policies", "load_policy_file", "model_label", "resolve"]

@@ -49,6 +49,7 @@ from typing import Any, Awaitable, ClassVar
 import msgspec
 
 from fastgw.errors import GatewayError as Reject  # noqa: F401  (re-exported: policies raise Reject)
+from fastgw.errors import Reply  # noqa: F401  (re-exported: policies raise Reply to answer a request)
 
 PHASES = ("access", "request", "response_headers", "stream_event", "complete", "log")
 

@@ -10,8 +10,11 @@ cdef class Exchange:
     cdef public long long _prompt_estimate
     cdef public int status, events
     cdef public list response_headers
+    # Accounting (fastgw.observability.accounting): a refusal's (consumer, model, reason) metric labels, and
+    # the (upstream, kind) of every failed upstream attempt; None when there is none.
+    cdef public object rejection, upstream_errors
     cdef public long long prompt_tokens, completion_tokens, bytes_in, bytes_out
-    cdef public double cost, t_start, t_sent, t_first_byte, t_end, upstream_wait
+    cdef public double cost, t_start, t_sent, t_first_byte, t_first_token, t_end, upstream_wait
 
     cdef long long prompt_estimate(self) except? -2
 

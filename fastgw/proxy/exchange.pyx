@@ -9,7 +9,11 @@ Fields (all readable and writable from Python policies):
   route, deployment, upstream_name   where it goes
   status, response_headers (list of b"name: value\\r\\n" lines for the client), prompt_tokens and
   completion_tokens (-1 = unknown), cost (USD), error, bytes_in, bytes_out, events
-  t_start, t_sent, t_first_byte, t_end, upstream_wait   perf_counter() seconds
+  rejection, upstream_errors         what accounting counts besides the request (None when nothing)
+  t_start       the request head arrived       t_sent         sent upstream (last attempt)
+  t_first_byte  the upstream's response head   t_first_token  a stream's first event relayed to the client
+  t_end         the last byte written          upstream_wait  seconds spent waiting on the upstream
+  (all CLOCK_MONOTONIC seconds, time.perf_counter()'s clock)
 
 A policy that rewrites `body` must keep it a JSON object; the gateway reads the fields of the new body again.
 """

@@ -9,9 +9,12 @@ import os
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.string cimport memcpy
 
+from fastgw.proxy.deadlines cimport BODY_WAIT, HEAD_WAIT, IDLE, STREAMING, UPSTREAM_WAIT, WRITING
+
 from fastgw.policies.pipeline import Pipeline, load_pipeline
 from fastgw.policies.api import PolicyContext
 from fastgw.protocol.proxyproto import parse_networks
+from fastgw.observability.logs import LogThrottle
 from fastgw.routing.router import Router
 
 
@@ -25,8 +28,9 @@ cdef class Gateway:
         self.worker_id = worker_id
         self.mock_url = mock_url
         self.connections = set()
-        from fastgw.proxy.client import Pools   # here: connection.pyx cimports this module at its own import
+        from fastgw.proxy.upstream import Pools
 
+        self.proxy_warnings = LogThrottle(log, 10.0)
         self.pools = Pools(loop, cfg.upstream)
         # Request ids: unique per worker start without a syscall per request.
         self._id_prefix = f"req-{os.urandom(4).hex()}-{worker_id}-".encode()
@@ -37,22 +41,28 @@ cdef class Gateway:
         """Swap in a new config (raises before swapping anything if it cannot be used)."""
         s, u = cfg.server, cfg.upstream
         router = Router(cfg, mock_url=self.mock_url)
-        pipeline = load_pipeline(cfg, PolicyContext(self.log, self.stats, self.run_dir, self.worker_id, cfg))
+        ctx = PolicyContext(self.log, self.stats, self.run_dir, self.worker_id, cfg)
+        pipeline = load_pipeline(cfg, ctx)
         trusted = parse_networks(s.trusted_proxies)
         old = self.pipeline
         self.cfg = cfg
         self.router = router
         self.pipeline = pipeline
+        self.policy_ctx = ctx
         self.access_hooks = pipeline.access
         self.request_hooks = pipeline.request
         self.response_hooks = pipeline.response_headers
+        self.stream_event_hooks = pipeline.stream_event
         self.complete_hooks = pipeline.complete
         self.log_hooks = pipeline.log
         self.needs_usage = pipeline.needs_usage
         self.max_head, self.max_headers, self.max_body = s.max_header_bytes, s.max_headers, s.max_body_bytes
-        for i, t in enumerate((s.idle_timeout, s.header_timeout, s.body_timeout, u.first_byte_timeout,
-                               u.stream_gap_timeout, u.stream_gap_timeout)):
-            self.timeouts[i] = t
+        self.timeouts[IDLE] = s.idle_timeout
+        self.timeouts[HEAD_WAIT] = s.header_timeout
+        self.timeouts[BODY_WAIT] = s.body_timeout
+        self.timeouts[UPSTREAM_WAIT] = u.first_byte_timeout
+        self.timeouts[STREAMING] = u.stream_gap_timeout
+        self.timeouts[WRITING] = u.stream_gap_timeout
         self.stream_gap_timeout = u.stream_gap_timeout
         self.total_timeout = u.total_timeout
         self.keepalive_interval = s.stream_keepalive_interval

@@ -11,16 +11,19 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from fastgw.providers import PROVIDERS
 from fastgw.runtime.config import Config, ConfigError, provider_key
 
 # Endpoints proxied upstream; the part after "/v1" is appended to the deployment's base path.
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 
 
-cdef class Target:
-    """One deployment, ready to send to."""
+cdef class Deployment:
+    """One deployment of a model (a provider's endpoint, its model id and key), ready to send to. Its `name`
+    (host:port) is the `upstream` of metrics and the access log: the server requests go to."""
 
-    def __init__(self, str url, str model, str key, str ca_file=""):
+    def __init__(self, str url, str model, str key, str ca_file="", str provider="openai"):
+        self.provider = PROVIDERS[provider]
         parts = urlsplit(url)
         self.tls = parts.scheme == "https"
         self.ssl = tls_context(ca_file) if self.tls else None
@@ -30,46 +33,41 @@ cdef class Target:
         self.name = f"{self.host}:{self.port}"   # the metrics label: bounded, from the config
         self.pool_key = (self.host, self.port, self.tls, ca_file)
         base = parts.path.rstrip("/")
-        self.request_lines = {
-            ep: b"POST " + (base + ep[3:]).encode() + b" HTTP/1.1\r\n" for ep in PROXIED
-        }
+        self.request_lines = self.provider.request_lines(base, PROXIED)
         default_port = 443 if self.tls else 80
         host_value = self.host if self.port == default_port else f"{self.host}:{self.port}"
-        lines = [b"host: " + host_value.encode() + b"\r\n"]
-        if key:
-            lines.append(b"authorization: Bearer " + key.encode() + b"\r\n")
-        self.header_lines = b"".join(lines)
+        self.header_lines = self.provider.header_lines(host_value, key)
         self.model = model                       # "" = forward the client's model unchanged
         self.model_json = orjson.dumps(model) if model else b""
         self.pool = None
 
     def __repr__(self) -> str:                   # never shows the key
-        return f"Target({self.name}, model={self.model!r})"
+        return f"Deployment({self.name}, model={self.model!r}, provider={self.provider.name})"
 
 
 cdef class Route:
     """A virtual model and its deployments; pick() is a weighted round-robin over them."""
 
-    def __init__(self, str name, list targets):
-        """`targets`: (Target, weight) pairs; a weight is a whole number >= 1."""
+    def __init__(self, str name, list deployments):
+        """`deployments`: (Deployment, weight) pairs; a weight is a whole number >= 1."""
         self.name = name
-        self.targets = [<Target?>t for t, _ in targets]
+        self.deployments = [<Deployment?>d for d, _ in deployments]
         # Expand weights into a fixed cycle once: picking is then one index step.
-        self._cycle = [t for t, w in targets for _ in range(w)]
+        self._cycle = [d for d, w in deployments for _ in range(w)]
         self._n = len(self._cycle)
         self._i = 0
 
-    cpdef Target pick(self):
+    cpdef Deployment pick(self):
         """The next deployment of the cycle."""
         cdef Py_ssize_t i = self._i
         if self._n == 0:
             raise ValueError(f"route {self.name!r} has no deployment with a positive weight")
         self._i = i + 1 if i + 1 < self._n else 0
-        return <Target>self._cycle[i]
+        return <Deployment>self._cycle[i]
 
     def fallbacks(self, first):
         """Other deployments to try when `first` cannot be reached."""
-        return [t for t in self.targets if t is not first]
+        return [d for d in self.deployments if d is not first]
 
 
 cdef class Router:
@@ -79,11 +77,11 @@ cdef class Router:
         self.routes = {}
         self.wildcard = None
         for m in cfg.models:
-            targets = []
+            deployments = []
             for d in m.deployments:
                 url = mock_url if (mock_url and "mock.invalid" in d.url) else d.url
-                targets.append((Target(url, d.model, provider_key(d, env), d.ca_file), d.weight))
-            route = Route(m.name, targets)
+                deployments.append((Deployment(url, d.model, provider_key(d, env), d.ca_file, d.provider), d.weight))
+            route = Route(m.name, deployments)
             if m.name == "*":
                 self.wildcard = route
             else:

@@ -30,7 +30,7 @@ def write_status(gw, started: float, reloads: int) -> None:
         errors.setdefault(upstream, {})[kind] = n
     upstreams = {}
     for route in list(gw.router.routes.values()) + ([gw.router.wildcard] if gw.router.wildcard else []):
-        for t in route.targets:
+        for t in route.deployments:
             pool = gw.pools.pools.get(t.pool_key)
             upstreams[t.name] = {"name": t.name, "idle_connections": len(pool.idle) if pool else 0,
                                  "errors": errors.get(t.name, {})}

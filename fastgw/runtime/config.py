@@ -51,7 +51,7 @@ class Upstream(msgspec.Struct, forbid_unknown_fields=True):
     max_idle_per_upstream: int = 256
 
 
-class Deployment(msgspec.Struct, forbid_unknown_fields=True):
+class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     url: str                              # base URL, e.g. https://api.openai.com/v1
     model: str = ""                       # provider's model id; "" keeps the client's model name
     key_env: str = ""                     # environment variable holding the provider key; "" = no key
@@ -62,7 +62,7 @@ class Deployment(msgspec.Struct, forbid_unknown_fields=True):
 
 class Model(msgspec.Struct, forbid_unknown_fields=True):
     name: str                             # the virtual name clients ask for; "*" matches any model
-    deployments: list[Deployment]
+    deployments: list[DeploymentConfig]
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
@@ -140,7 +140,7 @@ def apply_env(cfg: Config, env) -> None:
 
 def single_upstream(url: str, key_env: str = "") -> Config:
     """`fastgw serve --upstream URL`: every model goes to one OpenAI-compatible upstream, no file needed."""
-    cfg = Config(models=[Model(name="*", deployments=[Deployment(url=url, key_env=key_env)])])
+    cfg = Config(models=[Model(name="*", deployments=[DeploymentConfig(url=url, key_env=key_env)])])
     cfg.source = f"--upstream {url}"
     _check(cfg, cfg.source)
     return cfg
@@ -148,6 +148,7 @@ def single_upstream(url: str, key_env: str = "") -> Config:
 
 def _check(cfg: Config, source: str) -> None:
     """Rules msgspec's types cannot say."""
+    from fastgw.providers import PROVIDERS   # here: providers are compiled, config is read before they are needed
     s = cfg.server
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"{source}: server.port: {s.port} is not a TCP port")
@@ -181,11 +182,12 @@ def _check(cfg: Config, source: str) -> None:
                 raise ConfigError(f"{where}.deployments[{j}].url: expected http(s)://host[:port][/path], got {d.url!r}")
             if d.weight < 1:
                 raise ConfigError(f"{where}.deployments[{j}].weight: must be >= 1")
-            if d.provider != "openai":
-                raise ConfigError(f"{where}.deployments[{j}].provider: unknown provider {d.provider!r}")
+            if d.provider not in PROVIDERS:
+                raise ConfigError(f"{where}.deployments[{j}].provider: unknown provider {d.provider!r} "
+                                  f"(known: {', '.join(sorted(PROVIDERS))})")
 
 
-def provider_key(d: Deployment, env=None) -> str:
+def provider_key(d: DeploymentConfig, env=None) -> str:
     """The key of a deployment, read from its environment variable ("" when it names none)."""
     if not d.key_env:
         return ""

@@ -245,3 +245,26 @@ def count_chat(messages: list[dict], model: str) -> int:
             if key == "name":
                 total += TOKENS_PER_NAME
     return total
+
+
+def count_prompt(body: bytes, endpoint: str, model: str) -> int:
+    """Exact prompt tokens of a request body when the upstream reported none (a stream without usage):
+    chat messages by the cookbook formula, a completions prompt or a responses input as text; -1 when the
+    body holds nothing countable."""
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return -1
+    if not isinstance(req, dict):
+        return -1
+    messages = req.get("messages")
+    if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+        return count_chat(messages, model)
+    text = req.get("prompt") if endpoint.endswith("/completions") else req.get("input")
+    if isinstance(text, str):
+        return count_text(text, encoding_for_model(model))
+    if isinstance(text, list) and all(isinstance(t, str) for t in text):
+        return sum(count_text(t, encoding_for_model(model)) for t in text)
+    if isinstance(text, list) and all(isinstance(m, dict) for m in text):   # responses: input messages
+        return count_chat(text, model)
+    return -1

@@ -14,7 +14,8 @@ import uvloop
 
 from fastgw.runtime import config
 from fastgw.observability.accesslog import AccessLog
-from fastgw.proxy.client import ClientConnection, UpstreamConnection
+from fastgw.proxy.client import ClientConnection
+from fastgw.proxy.upstream import UpstreamConnection
 from fastgw.proxy.gateway import Gateway
 from fastgw.observability.logs import Logger
 from fastgw.observability.metrics import Stats

@@ -173,11 +173,12 @@ def test_proxy_bad_or_missing_header_is_closed_without_a_response(proxied):
     for name, header in MALFORMED:
         got = exchange(proxied.port, header + get("/healthz", "bad"))
         assert got == b"", (name, got)
-    # Not one of them reached the HTTP layer, and each refusal was logged with its reason.
+    # Not one of them reached the HTTP layer. Refusals are logged with their reason, at most one per 10 s per
+    # worker (any client can trigger them at will: an unthrottled line each would let it flood the log).
     time.sleep(0.3)
     assert not any(l["request_id"] == "bad" for l in proxied.access_lines())
     refused = [e for e in ops_events(proxied) if e["event"] == "proxy protocol refused"]
-    assert len(refused) == len(MALFORMED) and all(e["peer"] == "127.0.0.1" and e["reason"] for e in refused)
+    assert 1 <= len(refused) <= 2 and all(e["peer"] == "127.0.0.1" and e["reason"] for e in refused)
     # A header that never completes is not waited on forever (header_timeout = 1 s), and no request is served.
     t0 = time.monotonic()
     got = exchange(proxied.port, v1("203.0.113.7")[:10])
@@ -210,7 +211,9 @@ def test_proxy_header_from_an_untrusted_peer_is_never_believed(mock, start_gatew
     before = len(wait_for(refused, what="the start-up probe refused"))    # wait_port's probe was one
     for header in (v1("203.0.113.7"), v2("203.0.113.7"), v2_local(), b""):
         assert exchange(gw.port, header + get("/healthz", "untrusted")) == b""
-    wait_for(lambda: len(refused()) == before + 4, what="four refusals logged")
+    # Logged at most once per 10 s and worker (a client could flood the log): the probe's line stands for all.
+    time.sleep(0.3)
+    assert before == len(refused()) >= 1
     assert {e["reason"] for e in refused()} == {"untrusted peer"}
     time.sleep(0.3)
     assert not any(l["request_id"] == "untrusted" for l in gw.access_lines())

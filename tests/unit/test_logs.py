@@ -68,3 +68,24 @@ def test_bind_keeps_stream():
     buf = io.StringIO()
     Logger(buf).bind(5).info("child")
     assert lines(buf)[0]["worker"] == 5
+
+
+def test_log_throttle_logs_the_first_then_counts_the_rest():
+    import io
+
+    import orjson
+
+    from fastgw.observability.logs import LogThrottle, Logger
+
+    out = io.StringIO()
+    t = [100.0]
+    throttle = LogThrottle(Logger(out), 10.0, clock=lambda: t[0])
+    assert throttle.warning("proxy protocol refused", peer="a") is True
+    for _ in range(50):
+        assert throttle.warning("proxy protocol refused", peer="b") is False
+    assert throttle.warning("other event") is True            # events are throttled separately
+    t[0] += 10.0
+    assert throttle.warning("proxy protocol refused", peer="c") is True
+    lines = [orjson.loads(l) for l in out.getvalue().splitlines()]
+    assert [(l["event"], l.get("peer"), l.get("suppressed")) for l in lines] == [
+        ("proxy protocol refused", "a", None), ("other event", None, None), ("proxy protocol refused", "c", 50)]

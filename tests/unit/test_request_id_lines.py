@@ -2,7 +2,7 @@
 snprintf, no bytes % formatting), against their plain-Python formatting on many inputs."""
 import random
 
-from fastgw.proxy.client import id_and_overhead_lines
+from fastgw.proxy.relay import id_and_overhead_lines
 from fastgw.proxy.gateway import request_id
 
 

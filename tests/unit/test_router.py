@@ -4,16 +4,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgw.runtime.config import Config, ConfigError, Deployment, Model
-from fastgw.routing.router import PROXIED, Route, Router, Target
+from fastgw.runtime.config import Config, ConfigError, DeploymentConfig, Model
+from fastgw.routing.router import PROXIED, Route, Router, Deployment
 
 
 def cfg(*models):
     return Config(models=[Model(name=n, deployments=ds) for n, ds in models])
 
 
-def test_target_plain_http_with_base_path_and_key():
-    t = Target("http://example.test:8000/api/v1/", "gpt-4o-2024", "sk-secret")
+def test_deployment_plain_http_with_base_path_and_key():
+    t = Deployment("http://example.test:8000/api/v1/", "gpt-4o-2024", "sk-secret")
     assert (t.host, t.port, t.tls, t.ssl, t.server_hostname) == ("example.test", 8000, False, None, None)
     assert t.name == "example.test:8000"
     assert t.pool_key == ("example.test", 8000, False, "")
@@ -24,8 +24,8 @@ def test_target_plain_http_with_base_path_and_key():
     assert "sk-secret" not in repr(t)
 
 
-def test_target_https_default_port_no_key_keeps_client_model():
-    t = Target("https://api.example.test/v1", "", "")
+def test_deployment_https_default_port_no_key_keeps_client_model():
+    t = Deployment("https://api.example.test/v1", "", "")
     assert (t.host, t.port, t.tls, t.server_hostname) == ("api.example.test", 443, True, "api.example.test")
     assert t.ssl is not None
     assert t.request_lines["/v1/chat/completions"] == b"POST /v1/chat/completions HTTP/1.1\r\n"
@@ -33,13 +33,13 @@ def test_target_https_default_port_no_key_keeps_client_model():
     assert (t.model, t.model_json) == ("", b"")
 
 
-def test_target_model_json_escapes():
-    t = Target("http://h/v1", 'we"ird\\model', "")
+def test_deployment_model_json_escapes():
+    t = Deployment("http://h/v1", 'we"ird\\model', "")
     assert orjson.loads(t.model_json) == 'we"ird\\model'
 
 
-def test_target_pool_is_a_settable_cache():
-    t = Target("http://h/v1", "", "")
+def test_deployment_pool_is_a_settable_cache():
+    t = Deployment("http://h/v1", "", "")
     marker = object()
     t.pool = marker
     assert t.pool is marker
@@ -47,23 +47,23 @@ def test_target_pool_is_a_settable_cache():
 
 def test_bad_ca_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError):
-        Target("https://h/v1", "", "", str(tmp_path / "missing.pem"))
+        Deployment("https://h/v1", "", "", str(tmp_path / "missing.pem"))
 
 
 @settings(max_examples=200, deadline=None)
 @given(weights=st.lists(st.integers(1, 5), min_size=1, max_size=5), n=st.integers(0, 60))
 def test_pick_matches_expanded_cycle(weights, n):
-    targets = [Target(f"http://h{i}/v1", "", "") for i in range(len(weights))]
-    route = Route("m", list(zip(targets, weights)))
-    cycle = [t for t, w in zip(targets, weights) for _ in range(w)]   # the reference: weights expanded in order
+    deployments = [Deployment(f"http://h{i}/v1", "", "") for i in range(len(weights))]
+    route = Route("m", list(zip(deployments, weights)))
+    cycle = [t for t, w in zip(deployments, weights) for _ in range(w)]   # the reference: weights expanded in order
     assert [route.pick() for _ in range(n)] == [cycle[i % len(cycle)] for i in range(n)]
-    assert route.targets == targets
-    for t in targets:
-        assert route.fallbacks(t) == [o for o in targets if o is not t]
+    assert route.deployments == deployments
+    for t in deployments:
+        assert route.fallbacks(t) == [o for o in deployments if o is not t]
 
 
 def test_route_without_weight_refuses_to_pick():
-    route = Route("m", [(Target("http://h/v1", "", ""), 0)])
+    route = Route("m", [(Deployment("http://h/v1", "", ""), 0)])
     with pytest.raises(ValueError):
         route.pick()
 
@@ -74,9 +74,9 @@ def test_route_rejects_non_targets():
 
 
 def test_resolve_exact_then_wildcard():
-    r = Router(cfg(("gpt-4o", [Deployment(url="http://a/v1", model="gpt-4o-x", weight=2),
-                               Deployment(url="http://b/v1")]),
-                   ("*", [Deployment(url="http://c/v1")])))
+    r = Router(cfg(("gpt-4o", [DeploymentConfig(url="http://a/v1", model="gpt-4o-x", weight=2),
+                               DeploymentConfig(url="http://b/v1")]),
+                   ("*", [DeploymentConfig(url="http://c/v1")])))
     route = r.resolve("gpt-4o")
     assert route is r.routes["gpt-4o"] and route.name == "gpt-4o"
     assert [route.pick().name for _ in range(4)] == ["a:80", "a:80", "b:80", "a:80"]
@@ -86,17 +86,17 @@ def test_resolve_exact_then_wildcard():
 
 
 def test_resolve_unknown_without_wildcard_is_none():
-    r = Router(cfg(("gpt-4o", [Deployment(url="http://a/v1")])))
+    r = Router(cfg(("gpt-4o", [DeploymentConfig(url="http://a/v1")])))
     assert r.wildcard is None
     assert r.resolve("llama") is None
     assert r.resolve("gpt-4o").name == "gpt-4o"
 
 
 def test_keys_from_env_and_mock_url():
-    r = Router(cfg(("m", [Deployment(url="http://mock.invalid/v1", key_env="K")])), env={"K": "sk-1"},
+    r = Router(cfg(("m", [DeploymentConfig(url="http://mock.invalid/v1", key_env="K")])), env={"K": "sk-1"},
                mock_url="http://127.0.0.1:9999/v1")
     t = r.resolve("m").pick()
     assert t.name == "127.0.0.1:9999"
     assert t.header_lines.endswith(b"authorization: Bearer sk-1\r\n")
     with pytest.raises(ConfigError):
-        Router(cfg(("m", [Deployment(url="http://a/v1", key_env="MISSING")])), env={})
+        Router(cfg(("m", [DeploymentConfig(url="http://a/v1", key_env="MISSING")])), env={})

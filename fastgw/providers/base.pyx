@@ -1,0 +1,52 @@
+# cython: language_level=3
+"""The provider interface: what the relay asks of a deployment's wire format, per request and per chunk.
+
+A provider is one module with one Provider subclass. At load time it gives each deployment its request lines
+(`request_lines`, by endpoint) and its constant header lines (host, key). Per request the relay asks it for:
+
+  request_line(ex, request_lines)         the request line for this exchange
+  request_body(ex, model_json, add_usage) the body to send: the client's, with the provider's model spliced in
+                                          (model_json, "" = keep the client's) and, when add_usage, the stream
+                                          asked to report usage
+  open_stream(ex, strip_usage, keep_text) the per-chunk relay of a 200 stream: an SSERelay (or a subclass that
+                                          translates events to OpenAI chunks) whose feed() returns the bytes for
+                                          the client and which reports events, usage and, with keep_text, the text
+  response_body(ex, status, body)         translating providers only: a whole non-stream response body (a
+                                          success or an error) as OpenAI's JSON; usage goes to ex
+
+The OpenAI pass-through (openai.pyx) translates nothing: the relay forwards its response bytes unchanged and
+never calls response_body, so the OpenAI path pays one C method call per request for being a provider.
+"""
+from fastgw.errors import GatewayError
+
+
+cdef class Provider:
+    """Base class; `name` is the config's `provider` value."""
+
+    def __init__(self, str name, bint translates):
+        self.name = name
+        self.translates = translates
+
+    def request_lines(self, str base_path, endpoints):
+        """Endpoint -> request line for a deployment whose URL path is base_path (load time)."""
+        raise NotImplementedError
+
+    def header_lines(self, str host_value, str key):
+        """The header lines every request to this deployment carries: host and the provider key (load time)."""
+        raise NotImplementedError
+
+    cdef bytes request_line(self, Exchange ex, dict request_lines):
+        line = request_lines.get(ex.endpoint)
+        if line is None:
+            raise GatewayError(400, f"{ex.endpoint} is not available for model `{ex.model}` (provider "
+                                    f"{self.name}).", code="unsupported_endpoint")
+        return line
+
+    cdef object request_body(self, Exchange ex, bytes model_json, bint add_usage):
+        raise NotImplementedError
+
+    cdef SSERelay open_stream(self, Exchange ex, bint strip_usage, bint keep_text):
+        raise NotImplementedError
+
+    cdef bytes response_body(self, Exchange ex, int status, bytes body):
+        raise NotImplementedError

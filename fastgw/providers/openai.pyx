@@ -1,0 +1,46 @@
+# cython: language_level=3
+"""The OpenAI wire format: a pass-through (OpenAI itself, Azure's v1 API, vLLM, Ollama, Groq, Together, ...).
+
+Nothing is translated: the request body goes out with at most two fields spliced (the deployment's model id,
+and stream_options.include_usage when accounting needs a stream's usage), and the response bytes are relayed
+as they come, the SSE relay reading usage on the way.
+"""
+from fastgw.protocol.jsonpeek import splice
+from fastgw.protocol.sse cimport SSERelay
+from fastgw.proxy.exchange cimport Exchange
+
+from fastgw.providers.base cimport Provider
+
+cdef bytes _INCLUDE_USAGE = b'{"include_usage":true}'
+cdef bytes _ADD_INCLUDE_USAGE = b',"stream_options":{"include_usage":true}'
+
+
+cdef class OpenAI(Provider):
+    def __init__(self):
+        Provider.__init__(self, "openai", False)
+
+    def request_lines(self, str base_path, endpoints):
+        return {ep: b"POST " + (base_path + ep[3:]).encode() + b" HTTP/1.1\r\n" for ep in endpoints}
+
+    def header_lines(self, str host_value, str key):
+        lines = [b"host: " + host_value.encode() + b"\r\n"]
+        if key:
+            lines.append(b"authorization: Bearer " + key.encode() + b"\r\n")
+        return b"".join(lines)
+
+    cdef bytes request_line(self, Exchange ex, dict request_lines):
+        return <bytes>request_lines[ex.endpoint]       # every proxied endpoint has one
+
+    cdef object request_body(self, Exchange ex, bytes model_json, bint add_usage):
+        f = ex.fields
+        edits = None
+        if model_json:
+            edits = [(f.model_start, f.model_end, model_json)]
+        if add_usage:
+            e = ((f.stream_options_start, f.stream_options_end, _INCLUDE_USAGE) if f.stream_options_start >= 0
+                 else (f.object_end, f.object_end, _ADD_INCLUDE_USAGE))
+            edits = [e] if edits is None else sorted(edits + [e])
+        return splice(ex.body, edits) if edits is not None else ex.body
+
+    cdef SSERelay open_stream(self, Exchange ex, bint strip_usage, bint keep_text):
+        return SSERelay(strip_usage, keep_text)

@@ -1,0 +1,77 @@
+# The relay of one proxied exchange and the client side it answers to (see relay.pyx).
+from fastgw.protocol.http cimport ResponseParser
+from fastgw.protocol.sse cimport SSERelay
+from fastgw.providers.base cimport Provider
+from fastgw.proxy.exchange cimport Exchange
+from fastgw.proxy.gateway cimport Gateway
+from fastgw.proxy.upstream cimport UpstreamConnection, UpstreamListener
+from fastgw.routing.router cimport Deployment, Route
+
+
+# A relay's progress: one state at a time, moving only forward (ADMITTING -> ... -> DONE).
+cdef enum RelayState:
+    ADMITTING       # the request phase runs (policies may be awaiting I/O); nothing sent upstream
+    AWAITING_HEAD   # sent (or connecting) upstream, no response head; nothing sent to the client: retryable
+    HEAD_HELD       # the response head is in and held, to go out with the first body bytes: still retryable
+    RELAYING        # the client has a head: body bytes or stream events flow; a failure now breaks the response
+    OWN_SSE_HEAD    # our own 200 SSE head went out (keep-alive comments) before the upstream answered; an
+                    # upstream refusal is collected and sent as one SSE error event
+    DONE            # ended (answered, failed or cancelled); the client connection accounts it
+
+
+cdef class ClientSide:
+    """What a relay needs of its client connection (fastgw.proxy.client.ClientConnection extends it)."""
+    cdef readonly Gateway gw
+    cdef readonly object transport
+    cdef object transport_write       # transport.write, looked up once: every response and stream event uses it
+    cdef readonly Exchange ex
+    cdef public bint closing
+    cdef bint keep_alive
+    cdef int wait
+    cdef double deadline
+
+    cdef void write(self, data) except *
+    cdef void wait_for(self, int what) except *
+    cdef void exchange_over(self, Exchange ex) except *
+    cdef void refuse(self, object err, bint close) except *
+    cdef void reply(self, object answer) except *
+    cdef void break_off(self) except *
+
+
+cdef class Relay(UpstreamListener):
+    cdef readonly int state
+    cdef ClientSide client
+    cdef Gateway gw
+    cdef readonly Exchange ex
+    cdef Deployment deployment
+    cdef Provider provider
+    cdef UpstreamConnection upstream
+    cdef SSERelay sse                 # a 200 stream's per-chunk relay (the provider's); None otherwise
+    cdef bint chunked                 # the client's response is chunked (a stream, or a body of unknown length)
+    cdef bint strip_usage             # we asked for the stream's usage: hide that chunk from the client
+    cdef object pending_head          # HEAD_HELD: the head to write before the first body bytes
+    cdef object events_tail           # stream_event hooks: the bytes of an event not complete yet
+    cdef list parts                   # a non-stream body kept to read its usage (None past _MAX_KEPT)
+    cdef Py_ssize_t parts_bytes
+    cdef list tried                   # deployments that could not be connected to
+    cdef int attempts
+    cdef readonly double next_keepalive
+
+    cdef void start(self) except *
+    cdef void _admitted(self) except *
+    cdef void _send(self, Deployment d) except *
+    cdef void _relay_stream(self, data) except *
+    cdef void _stream_events(self, data) except *
+    cdef void _end_stream(self) except *
+    cdef void _end_body(self) except *
+    cdef void _retry_or_fail(self, str kind, str message) except *
+    cdef void _give_up(self, object err) except *
+    cdef void _done(self) except *
+    cdef void cancel(self) except *
+    cdef void timed_out(self) except *
+    cdef void keepalive_due(self, double t) except *
+    cdef void pause_upstream(self) except *
+    cdef void resume_upstream(self) except *
+
+
+cdef Relay new_relay(ClientSide client, Exchange ex)

@@ -1,0 +1,39 @@
+# Upstream connections and their pools (see upstream.pyx).
+from fastgw.protocol.http cimport ResponseParser
+
+
+cdef class UpstreamListener:
+    """What waits on an upstream response: the relay of one exchange. Every response ends in exactly one of
+    upstream_end or upstream_failed."""
+    cdef void upstream_head(self, ResponseParser r) except *
+    cdef void upstream_body(self, object data) except *
+    cdef void upstream_end(self) except *
+    cdef void upstream_failed(self, str kind, str message) except *
+    cdef void upstream_bug(self) except *
+
+
+cdef class UpstreamConnection:
+    cdef readonly Pool pool
+    cdef readonly object transport
+    cdef ResponseParser parser
+    cdef UpstreamListener listener     # waiting on this response, or None when idle
+    cdef bint reused                   # a kept-alive connection (may have been closed by the peer meanwhile)
+    cdef bint got_bytes
+    cdef readonly bint closed
+
+    cpdef send(self, UpstreamListener listener, bytes head, bytes body)
+    cdef void _advance(self, UpstreamListener listener, data) except *
+    cpdef abort(self)
+    cpdef close(self)
+
+
+cdef class Pool:
+    cdef readonly object loop, host, server_hostname, ssl
+    cdef readonly int port, max_idle
+    cdef readonly bint tls
+    cdef readonly double connect_timeout
+    cdef readonly list idle
+
+    cpdef UpstreamConnection acquire(self)
+    cpdef release(self, UpstreamConnection conn)
+    cpdef forget(self, UpstreamConnection conn)
