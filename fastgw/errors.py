@@ -10,10 +10,11 @@ import orjson
 
 REASONS = {
     100: b"Continue", 200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
-    404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout", 411: b"Length Required",
-    413: b"Content Too Large", 417: b"Expectation Failed", 429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 501: b"Not Implemented",
-    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+    404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
+    411: b"Length Required", 413: b"Content Too Large", 417: b"Expectation Failed",
+    422: b"Unprocessable Content", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
 
 # The OpenAI error `type` that goes with each status when the raiser does not name one.
@@ -32,7 +33,7 @@ class GatewayError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type or _DEFAULT_TYPE.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        self.type = type or error_type(status)
         self.code = code
         self.param = param
         self.headers = headers
@@ -41,6 +42,11 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_type(status: int) -> str:
+    """The OpenAI error `type` for a status (shared with the mock upstream, so the two cannot drift apart)."""
+    return _DEFAULT_TYPE.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:

@@ -13,7 +13,9 @@ import orjson
 import pytest
 import uvloop
 
-from fastgw.devtools.mock import EMBEDDING_DIM, start_mock
+from fastgw.devtools.mock import EMBEDDING_DIM, ROUTES, Routes, start_mock
+from fastgw.devtools.mock.wire import JsonReply, Refusal, StreamReply, frame
+from fastgw.errors import REASONS, error_body, error_type, reason
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -211,6 +213,12 @@ def request(path=b"/v1/chat/completions", body=b'{"model":"m"}', method=b"POST",
 
 def read_responses(sock, count):
     """Parse `count` responses from sock with h11; returns [(status, headers dict, body)]."""
+    return [(r.status_code, {k.decode(): v.decode() for k, v in r.headers}, body)
+            for r, body in read_h11_responses(sock, count)]
+
+
+def read_h11_responses(sock, count):
+    """Parse `count` responses from sock with h11; returns [(h11.Response, body)]."""
     conn = h11.Connection(h11.CLIENT)
 
     def send_request():  # h11 pairs each response with a request of ours; the bytes are not sent
@@ -219,7 +227,7 @@ def read_responses(sock, count):
 
     send_request()
     out = []
-    status = headers = None
+    response = None
     body = b""
     while len(out) < count:
         ev = conn.next_event()
@@ -230,11 +238,11 @@ def read_responses(sock, count):
                 break
             continue
         if isinstance(ev, h11.Response):
-            status, headers, body = ev.status_code, {k.decode(): v.decode() for k, v in ev.headers}, b""
+            response, body = ev, b""
         elif isinstance(ev, h11.Data):
             body += ev.data
         elif isinstance(ev, h11.EndOfMessage):
-            out.append((status, headers, body))
+            out.append((response, body))
         elif ev is h11.PAUSED:
             conn.start_next_cycle()
             send_request()
@@ -334,3 +342,74 @@ def test_defaults_apply():
         c.close()
     finally:
         m.close()
+
+
+def test_errors_are_rendered_by_fastgw_errors(mock):
+    """The mock's status lines and error bodies are the gateway's own (fastgw.errors), so they cannot drift."""
+    faults = (400, 401, 403, 404, 409, 413, 422, 429, 500, 502, 503, 504)
+    with connect(mock) as s:
+        s.sendall(b"".join(request(headers=b"x-mock-status: %d\r\n" % n) for n in faults)
+                  + request(b"/nope") + request(body=b"{bad") + request(body=b"{}")
+                  + request(method=b"GET", body=b""))
+        got = read_h11_responses(s, len(faults) + 4)
+    expected = [(n, f"mock error {n} (x-mock-status)", "mock_error") for n in faults] + [
+        (404, "Invalid URL (POST /nope)", "unknown_url"),
+        (400, "We could not parse the JSON body of your request.", "invalid_json"),
+        (400, "you must provide a model parameter", "missing_model"),
+        (405, "Method GET not allowed", None)]
+    assert len(got) == len(expected)
+    for (response, body), (status, message, code) in zip(got, expected):
+        assert status in REASONS  # a reason of its own, not b"Unknown"
+        assert (response.status_code, response.reason) == (status, reason(status))
+        assert body == error_body(message, error_type(status), code)
+    with connect(mock) as s:  # the parser's refusal, answered before the connection closes
+        s.sendall(b"GARBAGE\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    assert head.startswith(b"HTTP/1.1 %d %s\r\n" % (status, reason(status)))
+    assert orjson.loads(body)["error"]["type"] == error_type(status)
+
+
+def test_a_wire_format_plugs_in_with_its_own_routes_and_errors():
+    """The seam a new provider uses: routes (exact and by prefix) and an error function of its own, which
+    also shapes its x-mock-status answers; unknown paths keep OpenAI's shape."""
+    def toy_error(status, message, code=None):
+        return orjson.dumps({"type": "error", "error": {"type": f"toy_{status}", "message": message}})
+
+    def messages(req):
+        if not req.body:
+            raise Refusal(400, "empty", "empty_body")
+        return JsonReply(200, orjson.dumps({"pieces": req.chunks, "query": req.query.decode()}))
+
+    def generate(req):  # model in the path, as Gemini does
+        model, _, verb = req.path[len(b"/toy/models/"):].partition(b":")
+        return StreamReply([frame(b"data: %s %s\n\n" % (model, verb))])
+
+    routes = Routes()
+    routes.add_all(((b"POST", b"/toy/messages", messages), (b"POST", b"/toy/models/*", generate)), toy_error)
+    m = MockThread(routes=routes, chunks=3)
+    try:
+        with connect(m) as s:
+            s.sendall(request(b"/toy/messages?beta=1", b"x") + request(b"/toy/messages", b"")
+                      + request(b"/toy/messages", b"x", headers=b"x-mock-status: 429\r\n")
+                      + request(b"/toy/messages", b"", b"GET") + request(b"/toy/models/m1:stream", b"")
+                      + request(b"/v1/chat/completions"))
+            rs = read_responses(s, 6)
+    finally:
+        m.close()
+    assert [r[0] for r in rs] == [200, 400, 429, 405, 200, 404]
+    assert orjson.loads(rs[0][2]) == {"pieces": 3, "query": "beta=1"}
+    assert orjson.loads(rs[1][2])["error"] == {"type": "toy_400", "message": "empty"}
+    assert orjson.loads(rs[2][2])["error"]["type"] == "toy_429"
+    assert orjson.loads(rs[3][2])["error"]["type"] == "toy_405"
+    assert rs[4][1]["content-type"].startswith("text/event-stream") and rs[4][2] == b"data: m1 stream\n\n"
+    assert rs[5][2] == error_body("Invalid URL (POST /v1/chat/completions)", "invalid_request_error",
+                                  "unknown_url")
+
+
+def test_routes_refuse_a_second_handler_for_the_same_method_and_path():
+    with pytest.raises(ValueError):
+        ROUTES.add(b"POST", b"/v1/chat/completions", lambda req: None)

@@ -1,0 +1,262 @@
+"""The OpenAI wire format of the mock: chat completions, completions, responses (each streamed or not where
+OpenAI allows), embeddings and models.
+
+Text answers are rendered once per (model, stream, chunks, usage mode) into byte templates, so a request costs
+an orjson.loads of its body and one bytes %-format. prompt_tokens is a cheap deterministic estimate,
+len(request body) // 4; completion_tokens is the number of content pieces. Stream usage follows OpenAI: a final
+`"choices": []` chunk with usage only when stream_options.include_usage is true, and then every chunk carries
+"usage": null. Errors use openai_error_body, the default of the routes.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import struct
+import time
+
+import orjson
+
+from fastgw.devtools.mock.wire import (
+    PROMPT_TOKENS as _P, TOTAL_TOKENS as _T, Canned, JsonReply, MockRequest, Refusal, StreamReply, TemplateCache,
+    fill, frame, sse, template, to_template)
+
+MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o4-mini", "text-embedding-3-small")
+PIECES = ("Hello", "!", " This", " is", " the", " fastgw", " mock", " upstream", " answering", " your",
+          " request", " with", " canned", " tokens", ".")
+EMBEDDING_DIM = 8
+
+# usage modes of the renderers
+NO_USAGE, USAGE, STREAM_USAGE = 0, 1, 2  # never / in the body (stream: not at all) / stream: a final usage chunk
+
+
+# -- renderers: (model, stream, n pieces, usage mode, content override) -> Canned ---------------------------
+
+def _usage_chat(n: int):
+    return {"prompt_tokens": _P, "completion_tokens": n, "total_tokens": _T,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+
+
+def _pieces(n: int, content: str | None = None) -> list[str]:
+    if content is not None:
+        return [content]
+    return [PIECES[i % len(PIECES)] for i in range(n)]
+
+
+def render_chat(model: str, stream: bool, n: int, usage_mode: int, content: str | None = None) -> Canned:
+    created = int(time.time())
+    rid = f"chatcmpl-mock{created:x}"
+    pieces = _pieces(n, content)
+    if not stream:
+        obj = {"id": rid, "object": "chat.completion", "created": created, "model": model,
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces),
+                                                     "refusal": None, "annotations": []},
+                            "logprobs": None, "finish_reason": "stop"}],
+               "service_tier": "default", "system_fingerprint": "fp_mock"}
+        if usage_mode:
+            obj["usage"] = _usage_chat(n)
+        return Canned(body=template(obj))
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "service_tier": "default", "system_fingerprint": "fp_mock"}
+
+    def chunk(delta, finish=None):
+        c = dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        if usage_mode == STREAM_USAGE:
+            c["usage"] = None
+        return frame(sse(c))
+
+    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    events += [chunk({"content": p}) for p in pieces]
+    events.append(chunk({}, "stop"))
+    templated = ()
+    if usage_mode == STREAM_USAGE:
+        events.append(to_template(sse(dict(base, choices=[], usage=_usage_chat(n)))))  # framed once filled
+        templated = (len(events) - 1,)
+    events.append(frame(b"data: [DONE]\n\n"))
+    return Canned(events=events, templated=templated)
+
+
+def render_completion(model: str, stream: bool, n: int, usage_mode: int, content: str | None = None) -> Canned:
+    created = int(time.time())
+    rid = f"cmpl-mock{created:x}"
+    pieces = _pieces(n, content)
+    usage = {"prompt_tokens": _P, "completion_tokens": n, "total_tokens": _T}
+    if not stream:
+        obj = {"id": rid, "object": "text_completion", "created": created, "model": model,
+               "choices": [{"text": "".join(pieces), "index": 0, "logprobs": None, "finish_reason": "stop"}],
+               "system_fingerprint": "fp_mock"}
+        if usage_mode:
+            obj["usage"] = usage
+        return Canned(body=template(obj))
+    base = {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": "fp_mock"}
+
+    def chunk(text, finish=None):
+        c = dict(base, choices=[{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}])
+        if usage_mode == STREAM_USAGE:
+            c["usage"] = None
+        return frame(sse(c))
+
+    events = [chunk(p) for p in pieces] + [chunk("", "stop")]
+    templated = ()
+    if usage_mode == STREAM_USAGE:
+        events.append(to_template(sse(dict(base, choices=[], usage=usage))))
+        templated = (len(events) - 1,)
+    events.append(frame(b"data: [DONE]\n\n"))
+    return Canned(events=events, templated=templated)
+
+
+def render_responses(model: str, stream: bool, n: int, usage_mode: int, content: str | None = None) -> Canned:
+    created = int(time.time())
+    rid, mid = f"resp_mock{created:x}", f"msg_mock{created:x}"
+    pieces = _pieces(n, content)
+    text = "".join(pieces)
+    usage = ({"input_tokens": _P, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n,
+              "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": _T} if usage_mode else None)
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    item = {"id": mid, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+
+    def response(status, output, usage_):
+        return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
+                "incomplete_details": None, "instructions": None, "max_output_tokens": None, "model": model,
+                "output": output, "parallel_tool_calls": True, "previous_response_id": None,
+                "reasoning": {"effort": None, "summary": None}, "store": False, "temperature": 1.0,
+                "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+                "truncation": "disabled", "usage": usage_, "user": None, "metadata": {}}
+
+    if not stream:
+        return Canned(body=template(response("completed", [item], usage)))
+    seq = itertools.count()
+
+    def ev(kind, **fields):
+        return sse(dict(type=kind, sequence_number=next(seq), **fields), kind)
+
+    events = [
+        frame(ev("response.created", response=response("in_progress", [], None))),
+        frame(ev("response.in_progress", response=response("in_progress", [], None))),
+        frame(ev("response.output_item.added", output_index=0, item=dict(item, status="in_progress", content=[]))),
+        frame(ev("response.content_part.added", item_id=mid, output_index=0, content_index=0,
+                 part=dict(part, text=""))),
+    ]
+    events += [frame(ev("response.output_text.delta", item_id=mid, output_index=0, content_index=0, delta=p,
+                        logprobs=[])) for p in pieces]
+    events += [
+        frame(ev("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text,
+                 logprobs=[])),
+        frame(ev("response.content_part.done", item_id=mid, output_index=0, content_index=0, part=part)),
+        frame(ev("response.output_item.done", output_index=0, item=item)),
+    ]
+    events.append(to_template(ev("response.completed", response=response("completed", [item], usage))))
+    return Canned(events=events, templated=(len(events) - 1,))
+
+
+# -- handlers -------------------------------------------------------------------------------------------
+
+def _request_json(req: MockRequest) -> dict:
+    """The request body as a JSON object naming a model, or a Refusal."""
+    try:
+        obj = orjson.loads(req.body)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise Refusal(400, "We could not parse the JSON body of your request.", "invalid_json")
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        raise Refusal(400, "you must provide a model parameter", "missing_model")
+    return obj
+
+
+def _text(req: MockRequest, render, cache: TemplateCache, stream_options: bool):
+    """A text answer; `stream_options`: the endpoint takes stream_options.include_usage (chat, completions)."""
+    obj = _request_json(req)
+    model = obj["model"]
+    stream = obj.get("stream") is True
+    n = req.chunks
+    prompt = len(req.body) // 4
+    if req.no_usage:
+        usage_mode = NO_USAGE
+    elif stream and stream_options:
+        opts = obj.get("stream_options")
+        usage_mode = STREAM_USAGE if isinstance(opts, dict) and opts.get("include_usage") is True else USAGE
+    else:
+        usage_mode = USAGE
+    if stream:
+        return StreamReply(cache.get(model, True, n, usage_mode).events_for(prompt, n))
+    if req.echo_headers:  # one piece: the headers; rendered for this request only (never cached)
+        return JsonReply(200, fill(render(model, False, 1, usage_mode, req.echoed_headers()).body, prompt, 1))
+    return JsonReply(200, cache.get(model, False, n, usage_mode).body_for(prompt, n))
+
+
+_CHAT = TemplateCache(render_chat)
+_COMPLETION = TemplateCache(render_completion)
+_RESPONSES = TemplateCache(render_responses)
+
+
+def chat(req: MockRequest):
+    return _text(req, render_chat, _CHAT, True)
+
+
+def completions(req: MockRequest):
+    return _text(req, render_completion, _COMPLETION, True)
+
+
+def responses(req: MockRequest):
+    return _text(req, render_responses, _RESPONSES, False)
+
+
+def embeddings(req: MockRequest) -> JsonReply:
+    obj = _request_json(req)
+    count = _count_inputs(obj.get("input"))
+    if count == 0:
+        raise Refusal(400, "'input' must be a non-empty string or array", "invalid_input")
+    fmt = "base64" if obj.get("encoding_format") == "base64" else "float"
+    out = {"object": "list", "model": obj["model"],
+           "data": [{"object": "embedding", "index": i, "embedding": _embedding(i, fmt)} for i in range(count)]}
+    if not req.no_usage:
+        prompt = len(req.body) // 4
+        out["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
+    return JsonReply(200, orjson.dumps(out))
+
+
+def _embedding(i: int, fmt: str):
+    vec = [round(((i * 7 + k * 3) % 17 - 8) / 8.0, 6) for k in range(EMBEDDING_DIM)]
+    if fmt == "base64":
+        return base64.b64encode(struct.pack(f"<{EMBEDDING_DIM}f", *vec)).decode()
+    return vec
+
+
+def _count_inputs(inp) -> int:
+    if isinstance(inp, str):
+        return 1
+    if isinstance(inp, list) and inp:
+        if all(isinstance(x, int) for x in inp):
+            return 1  # one tokenised input
+        if all(isinstance(x, (str, list)) for x in inp):
+            return len(inp)
+    return 0
+
+
+_MODELS_BODY = orjson.dumps({"object": "list", "data": [
+    {"id": m, "object": "model", "created": 1700000000, "owned_by": "fastgw-mock"} for m in MODELS]})
+
+
+def models(req: MockRequest) -> JsonReply:
+    return JsonReply(200, _MODELS_BODY)
+
+
+def model(req: MockRequest) -> JsonReply:
+    mid = req.path[len(b"/v1/models/"):].decode("latin-1")
+    return JsonReply(200, orjson.dumps({"id": mid, "object": "model", "created": 1700000000,
+                                        "owned_by": "fastgw-mock"}))
+
+
+# (method, path, handler); a path ending in "*" matches by prefix.
+ROUTES = (
+    (b"POST", b"/v1/chat/completions", chat),
+    (b"POST", b"/v1/completions", completions),
+    (b"POST", b"/v1/responses", responses),
+    (b"POST", b"/v1/embeddings", embeddings),
+    (b"GET", b"/v1/models", models),
+    (b"GET", b"/v1/models/*", model),
+)
