@@ -5,7 +5,7 @@ from fastgw.providers.base cimport Provider
 from fastgw.proxy.exchange cimport Exchange
 from fastgw.proxy.gateway cimport Gateway
 from fastgw.proxy.upstream cimport UpstreamConnection, UpstreamListener
-from fastgw.routing.router cimport Deployment, Route
+from fastgw.routing.router cimport Deployment, Route, Router
 
 
 # A relay's progress: one state at a time, moving only forward (ADMITTING -> ... -> DONE).

@@ -18,6 +18,8 @@ Invariants:
 import asyncio
 import re
 
+cimport cython
+
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.string cimport memcpy
 
@@ -87,6 +89,7 @@ cdef Relay new_relay(ClientSide client, Exchange ex):
     return r
 
 
+@cython.freelist(8)
 cdef class Relay(UpstreamListener):
     # -- admission ------------------------------------------------------------------------------------------
 
@@ -102,7 +105,7 @@ cdef class Relay(UpstreamListener):
         model = f.model
         if not model:
             raise GatewayError(400, "You must provide a model parameter.", param="model", code="missing_model")
-        route = gw.router.resolve(model)
+        route = (<Router>gw.router).resolve(model)
         if route is None:
             raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
                                param="model", code="model_not_found")
@@ -188,10 +191,12 @@ cdef class Relay(UpstreamListener):
         try:
             conn = await pool.connect()
         except (OSError, asyncio.TimeoutError) as exc:
-            if self.state == AWAITING_HEAD and self.deployment is d:
+            if self.state != DONE and self.deployment is d:
                 self.upstream_failed("connect", f"cannot connect to the upstream: {type(exc).__name__}")
             return
-        if self.state != AWAITING_HEAD or self.deployment is not d:   # the client left, or timed out, meanwhile
+        # Still wanted unless the exchange ended (the client left, a timeout) or moved on to another deployment;
+        # OWN_SSE_HEAD is still waiting for this connection (keep-alive comments went out meanwhile).
+        if self.state == DONE or self.deployment is not d:
             pool.release(conn)
             return
         self.upstream = conn

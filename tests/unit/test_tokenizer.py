@@ -165,3 +165,19 @@ def test_truncated_gzip_is_refused(tmp_path):
 def test_unknown_encoding():
     with pytest.raises(ValueError):
         get_encoding("p50k_base")
+
+
+def test_count_prompt_of_a_request_body_when_a_stream_reported_no_usage():
+    import orjson
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there, tokens"}]
+    body = orjson.dumps({"model": "gpt-4o", "messages": msgs})
+    assert tokenizer.count_prompt(body, "/v1/chat/completions", "gpt-4o") == tokenizer.count_chat(msgs, "gpt-4o")
+    enc = tokenizer.encoding_for_model("gpt-4o")
+    body = orjson.dumps({"model": "gpt-4o", "prompt": "once upon a time"})
+    assert tokenizer.count_prompt(body, "/v1/completions", "gpt-4o") == tokenizer.count_text("once upon a time", enc)
+    body = orjson.dumps({"model": "gpt-4o", "input": ["a b", "c"]})
+    assert tokenizer.count_prompt(body, "/v1/responses", "gpt-4o") == (
+        tokenizer.count_text("a b", enc) + tokenizer.count_text("c", enc))
+    assert tokenizer.count_prompt(b"[1,2]", "/v1/chat/completions", "gpt-4o") == -1
+    assert tokenizer.count_prompt(b"{bad", "/v1/chat/completions", "gpt-4o") == -1
