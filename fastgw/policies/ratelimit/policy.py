@@ -13,6 +13,11 @@ steady N per window. Token rules reserve an estimate at admission (prompt estima
 over-reserved or taking the excess (never refusing: the bucket goes into debt and later requests wait).
 Requests refused or failed upstream without usage give their tokens back; a request still counts as a request.
 
+Refusals are OpenAI's: 429 "Rate limit reached ..." with Retry-After (seconds until the request fits) and the
+refusing bucket's x-ratelimit-{limit,remaining,reset}-<requests|tokens>. A request larger than a bucket's whole
+capacity ("Request too large") can never fit: still 429 as OpenAI answers it, with the limits, but no Retry-After
+and `x-should-retry: false`, which the OpenAI SDKs obey instead of retrying.
+
 Streaming does not dodge limits: the gateway asks the upstream for usage (needs_usage) or counts the streamed
 text, and `complete` settles either way.
 
@@ -385,15 +390,22 @@ class RateLimit(Policy):
             cap, rate, amount = rule.tokens, rule.tok_rate, float(tokens)
         self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "rate_limit")
         unit = f"{what} per {_ABBR[rule.window]} ({'R' if what == 'requests' else 'T'}P{_LETTER[rule.window]})"
+        # The refusing bucket's x-ratelimit-* headers, as on admissions (reset: until the bucket is full again).
+        limits = ((f"x-ratelimit-limit-{what}", str(int(cap))),
+                  (f"x-ratelimit-remaining-{what}", str(int(left) if left > 0 else 0)),
+                  (f"x-ratelimit-reset-{what}", format_duration((cap - left) / rate if rate > 0 else 0.0)))
         if amount > cap:
+            # Bigger than the bucket: no wait makes it fit, so no Retry-After (it would promise that a retry can
+            # succeed). Still 429 with OpenAI's wording and code, as OpenAI answers it; x-should-retry: false
+            # stops the OpenAI SDKs' automatic retries, and x-ratelimit-limit-* says how large a request may be.
             raise Reject(429, f"Request too large for {ex.model} on {unit}: Limit {int(cap)}, Requested "
                          f"{int(amount)}. Please reduce your prompt or max_tokens.", type=what,
-                         code="rate_limit_exceeded")
+                         code="rate_limit_exceeded", headers=limits + (("x-should-retry", "false"),))
         wait = (amount - left) / rate if rate > 0 else float(WINDOWS[rule.window])
         used = max(0, round(cap - max(left, 0.0)))
         raise Reject(429, f"Rate limit reached for {ex.model} on {unit}: Limit {int(cap)}, Used {used}, "
                      f"Requested {int(amount)}. Please try again in {format_duration(wait)}.", type=what,
-                     code="rate_limit_exceeded", headers=(("retry-after", str(max(1, math.ceil(wait)))),))
+                     code="rate_limit_exceeded", headers=(("retry-after", str(max(1, math.ceil(wait)))),) + limits)
 
     # -- response ----------------------------------------------------------------------------------------
 
