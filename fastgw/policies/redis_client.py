@@ -20,7 +20,19 @@ __all__ = ["RedisClient", "RedisError", "RedisUnavailable", "Script"]
 
 
 class RedisError(Exception):
-    """An error reply from Redis (a bug in a script or a wrong command), or the server unreachable."""
+    """An error reply from Redis (a failed AUTH, WRONGTYPE, a bug in a script...), or the server unreachable.
+
+    Callers treat every RedisError alike (fail open or closed): a gateway cannot fix either at request time.
+    `kind` names it for metrics: the reply's error code in lower case ("wrongpass", "noauth", "wrongtype"), or
+    "error"."""
+
+    kind = "error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        code = message.split(" ", 1)[0]
+        if 2 <= len(code) <= 16 and code.isalpha() and code.isupper():
+            self.kind = code.lower()
 
 
 class RedisUnavailable(RedisError):
@@ -136,8 +148,12 @@ class RedisClient:
             setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
         if self.db:
             setup.append(("SELECT", str(self.db)))
-        for cmd in setup:
-            await self._send(proto, cmd)
+        try:
+            for cmd in setup:
+                await self._send(proto, cmd)
+        except BaseException:
+            proto.transport.close()     # e.g. a wrong password: do not leak one connection per retry
+            raise
         return proto
 
     def _send(self, proto: _Protocol, args) -> asyncio.Future:
@@ -169,6 +185,10 @@ class RedisClient:
             if isinstance(exc, RedisUnavailable) or not str(exc).startswith("NOSCRIPT"):
                 raise
             return await self.call("EVAL", script.source, len(keys), *keys, *args)
+
+    def redact(self, text: str) -> str:
+        """`text` (an error message, for logs) without the password, should a server ever echo it."""
+        return text.replace(self.password, "***") if self.password else text
 
     def close(self):
         if self._proto is not None and self._proto.transport is not None:

@@ -10,7 +10,7 @@ from fastgw.runtime.config import Config as GatewayConfig
 from fastgw.errors import GatewayError
 from fastgw.observability.logs import Logger
 from fastgw.observability.metrics import Stats
-from fastgw.policies.budget.policy import Budget, BudgetRule, Config as BudgetConfig, Price
+from fastgw.policies.budget.policy import Budget, BudgetRule, Config as BudgetConfig, Price, period_id
 from fastgw.policies.ratelimit.policy import Config, RateLimit, RedisConfig, Rule
 from fastgw.policies.api import PolicyContext
 
@@ -189,3 +189,113 @@ def test_redis_budget_shared_and_survives_restart(redis_server, tmp_path, make_e
         return sum(first), later
     first, later = asyncio.run(main())
     assert first == 8 and later == 2
+
+
+# -- Redis answering errors (not unreachable): the same fail-open / fail-closed as an outage, never a 500 ---------
+
+WRONG_PASSWORD = "wrong-pw-0123"
+
+
+async def burst(policy, make_ex, n=8):
+    """n concurrent requests through `policy`, each completed: "admitted" or (status, code) per request."""
+    async def one():
+        ex = make_ex()
+        try:
+            r = policy.request(ex)
+            if r is not None:
+                await asyncio.wait_for(r, 5)
+            out = "admitted"
+        except GatewayError as e:
+            out = (e.status, e.code)
+        ex.status, ex.prompt_tokens, ex.completion_tokens = 200, 10, 500    # settling must not raise either
+        c = policy.complete(ex)
+        if c is not None:
+            await asyncio.wait_for(c, 5)
+        return out
+    results = await asyncio.gather(*(one() for _ in range(n)))
+    policy.close()
+    return results
+
+
+def only_one_warning(policy):
+    log = policy.ctx.log.stream.getvalue()
+    assert log.count('"event":"redis_unavailable"') == 1, log      # once per burst, not per request
+    assert WRONG_PASSWORD not in log
+    return log
+
+
+@pytest.mark.parametrize("backend", ["redis", "hybrid"])
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_rate_limit_with_a_wrong_redis_password_follows_fail_open(redis_server_with_password, tmp_path,
+                                                                 make_exchange, backend, fail_open):
+    url = f"redis://:{WRONG_PASSWORD}@127.0.0.1:{redis_server_with_password.port}/0"
+    rl = limiter(str(tmp_path), "x", url, backend=backend, fail_open=fail_open,
+                 rules=[Rule(id="r", requests=L, tokens=10_000, window="day", per=["consumer"])])
+    results = asyncio.run(burst(rl, lambda: make_exchange(consumer="alice")))
+    assert results == (["admitted"] * 8 if fail_open else [(503, "rate_limiter_unavailable")] * 8)
+    assert "WRONGPASS" in only_one_warning(rl)
+    errors = rl.ctx.stats._upstream_errors
+    assert sum(v for (up, _), v in errors.items() if up == "redis") == 8 and errors[("redis", "wrongpass")] >= 1
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_budget_with_a_wrong_redis_password_follows_fail_open(redis_server_with_password, tmp_path, make_exchange,
+                                                             fail_open):
+    url = f"redis://:{WRONG_PASSWORD}@127.0.0.1:{redis_server_with_password.port}/0"
+    cfg = BudgetConfig(budgets=[BudgetRule(usd=1.0, consumer="*")], id="bud", backend="redis", fail_open=fail_open,
+                       prices={"m": Price(1.0, 1.0)}, redis=RedisConfig(url=url, key_prefix="fastgw:budget:"))
+    b = Budget(cfg, ctx_for(str(tmp_path), "x"))
+    results = asyncio.run(burst(b, lambda: make_exchange(model="m", consumer="alice", prompt=10, max_tokens=10)))
+    assert results == (["admitted"] * 8 if fail_open else [(503, "budget_unavailable")] * 8)
+    assert "WRONGPASS" in only_one_warning(b)
+
+
+def test_wrongtype_replies_follow_fail_open_too(redis_server, tmp_path, make_exchange):
+    # Something else wrote other types under our keys: every script call answers WRONGTYPE.
+    import socket
+
+    rl = limiter(str(tmp_path), "x", redis_server.url, fail_open=False)
+    b = Budget(BudgetConfig(budgets=[BudgetRule(usd=1.0, consumer="*", period="day")], id="bud", backend="redis",
+                            prices={"m": Price(1.0, 1.0)}, redis=RedisConfig(url=redis_server.url,
+                                                                             key_prefix="fastgw:budget:")),
+               ctx_for(str(tmp_path), "y"))
+    ex = make_exchange(model="m", consumer="alice")
+    keys = [rl.remote._key(rl.rules[0].bucket_keys(ex)[0]),
+            "fastgw:budget:" + b._rkey(0, b.rules[0], "alice", period_id("day"))]
+    with socket.create_connection(("127.0.0.1", redis_server.port)) as s:
+        s.sendall(b"".join(b"LPUSH %s x\r\n" % k.encode() for k in keys))
+        replies = b""
+        while replies.count(b"\r\n") < 2:
+            replies += s.recv(64)
+        assert replies == b":1\r\n:1\r\n"
+    assert asyncio.run(burst(rl, lambda: make_exchange(consumer="alice"))) == [(503, "rate_limiter_unavailable")] * 8
+    assert "WRONGTYPE" in only_one_warning(rl)
+    assert asyncio.run(burst(b, lambda: make_exchange(model="m", consumer="alice"))) == ["admitted"] * 8
+    assert "WRONGTYPE" in only_one_warning(b)
+
+
+def test_a_failed_auth_closes_its_connection(redis_server_with_password):
+    import socket
+
+    from fastgw.policies.redis_client import RedisClient, RedisError
+    from tests.conftest import REDIS_PASSWORD
+
+    def connections() -> int:
+        with socket.create_connection(("127.0.0.1", redis_server_with_password.port)) as s:
+            s.sendall(f"AUTH {REDIS_PASSWORD}\r\nCLIENT LIST\r\n".encode())
+            reply = b""
+            while not (reply.startswith(b"+OK\r\n$") and reply.endswith(b"\r\n") and reply.count(b"\r\n") >= 3):
+                reply += s.recv(65536)
+            return reply.count(b"id=") - 1       # one line per client, not counting this one
+
+    async def main():
+        c = RedisClient(f"redis://:{WRONG_PASSWORD}@127.0.0.1:{redis_server_with_password.port}/0",
+                        connect_timeout=2, retry_interval=0)
+        for _ in range(5):
+            with pytest.raises(RedisError) as e:
+                await c.call("PING")
+            assert e.value.kind == "wrongpass"
+        await asyncio.sleep(0.05)      # let the loop process the closes
+        assert connections() == 0      # one leaked connection per retry, before
+        c.close()
+    asyncio.run(main())

@@ -12,7 +12,7 @@ consumer's and its group's).
 
 Storage: "local" keeps the counters in the gateway's shared memory (exact across workers, lost on restart);
 "redis" keeps them in Redis (shared by every instance, survives restarts; a key per period that expires after
-it). Redis down: `fail_open` decides (admit, or 503 "budget_unavailable"), logged and counted.
+it). Redis down, slow or answering an error (a failed AUTH...): `fail_open` decides (admit, or 503 "budget_unavailable"), logged and counted.
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ class Budget(Policy):
         return f"{self.config.id}:{i}:{name}:{b.period}{pid}"
 
     async def _remote_reserve(self, ex, plan, est):
-        from fastgw.policies.redis_client import RedisUnavailable
+        from fastgw.policies.redis_client import RedisError
         done = []
         try:
             for i, b, name, pid in plan:
@@ -195,7 +195,7 @@ class Budget(Policy):
                                                  _SECONDS[b2.period] + 86400)
                     self._refuse(ex, b, name, pid, used, est)
                 done.append((i, b, name, pid))
-        except RedisUnavailable as exc:
+        except RedisError as exc:
             self._redis_failed(exc)
             if self.config.fail_open:
                 ex.new_scratch()[self] = (done, est)     # settle what was reserved
@@ -246,11 +246,11 @@ class Budget(Policy):
         return None
 
     async def _remote_settle(self, plan, delta):
-        from fastgw.policies.redis_client import RedisUnavailable
+        from fastgw.policies.redis_client import RedisError
         try:
             for i, b, name, pid in plan:
                 await self.remote.charge(self._rkey(i, b, name, pid), 0.0, delta, False, _SECONDS[b.period] + 86400)
-        except RedisUnavailable as exc:
+        except RedisError as exc:
             self._redis_failed(exc)
 
     def spent(self, name: str, rule_index: int = 0, t: float | None = None) -> float:
@@ -263,5 +263,5 @@ class Budget(Policy):
         now = time.monotonic()
         if now - self._last_warn >= 5.0:
             self._last_warn = now
-            self.ctx.log.warning("redis_unavailable", policy=self.config.id, error=str(exc),
+            self.ctx.log.warning("redis_unavailable", policy=self.config.id, error=self.client.redact(str(exc)),
                                  fail_open=self.config.fail_open)

@@ -22,8 +22,9 @@ Streaming does not dodge limits: the gateway asks the upstream for usage (needs_
 text, and `complete` settles either way.
 
 Backends: local (shared memory, exact across workers), redis (exact across instances), hybrid (leases; see
-limiter_redis.py for the bound). When Redis fails, `fail_open` decides: admit, or refuse with 503
-(code "rate_limiter_unavailable", Retry-After: 1): a 503 says the gateway, not the client, is at fault.
+redis.py for the bound). When Redis fails (unreachable, too slow, or any error reply: a failed AUTH, WRONGTYPE...),
+`fail_open` decides: admit, or refuse with 503 (code "rate_limiter_unavailable", Retry-After: 1): a 503 says the
+gateway, not the client, is at fault.
 Either way the failure is logged (at most every 5 s) and counted in upstream_errors{upstream="redis"}.
 """
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     rules: list[Rule]
     id: str = ""                  # namespace of the buckets; default: the policy file's name
     backend: Literal["local", "redis", "hybrid"] = "local"
-    fail_open: bool = True        # Redis unreachable: admit (true) or refuse with 503 (false)
+    fail_open: bool = True        # Redis unreachable or erring: admit (true) or refuse with 503 (false)
     default_completion_tokens: int = 256   # completion estimate when the request gives no max_tokens
     headers: bool = True          # add x-ratelimit-* headers to responses
     slots: int = 65536            # shared-memory table size (distinct buckets), a power of two
@@ -362,10 +363,10 @@ class RateLimit(Policy):
         return self._remote_take(ex, plan, tokens, items)
 
     async def _remote_take(self, ex, plan, tokens, items):
-        from fastgw.policies.redis_client import RedisUnavailable
+        from fastgw.policies.redis_client import RedisError
         try:
             fail, rem = await self.limiter.take_all(items)
-        except RedisUnavailable as exc:
+        except RedisError as exc:
             self._redis_failed(exc)
             if self.config.fail_open:
                 return None
@@ -439,10 +440,10 @@ class RateLimit(Policy):
         return None
 
     async def _remote_settle(self, settle):
-        from fastgw.policies.redis_client import RedisUnavailable
+        from fastgw.policies.redis_client import RedisError
         try:
             await self.limiter.settle(settle)
-        except RedisUnavailable as exc:
+        except RedisError as exc:
             self._redis_failed(exc)
 
     def _redis_failed(self, exc) -> None:
@@ -450,5 +451,5 @@ class RateLimit(Policy):
         now = time.monotonic()
         if now - self._last_warn >= 5.0:
             self._last_warn = now
-            self.ctx.log.warning("redis_unavailable", policy=self.config.id, error=str(exc),
+            self.ctx.log.warning("redis_unavailable", policy=self.config.id, error=self.client.redact(str(exc)),
                                  fail_open=self.config.fail_open)

@@ -102,7 +102,7 @@ return {1, string.format('%.17g', used)}
 
 
 class RedisLimiter:
-    """Buckets in Redis; every method is a coroutine and may raise RedisUnavailable."""
+    """Buckets in Redis; every method is a coroutine and may raise RedisError (RedisUnavailable when unreachable)."""
 
     def __init__(self, client: RedisClient, prefix: str = "fastgw:rl:"):
         self.client = client
