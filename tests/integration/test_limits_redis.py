@@ -299,3 +299,70 @@ def test_a_failed_auth_closes_its_connection(redis_server_with_password):
         assert connections() == 0      # one leaked connection per retry, before
         c.close()
     asyncio.run(main())
+
+
+# -- hybrid: a concurrent burst shares leases; token debt survives the lease epoch --------------------------------
+
+@pytest.mark.parametrize("names,tasks", [(("a", "b"), 50), (("a", "a", "b", "b"), 25)],
+                         ids=["2 instances x 1 worker", "2 instances x 2 workers"])
+def test_hybrid_one_shot_burst_admits_near_capacity(redis_server, tmp_path, make_exchange, names, tasks):
+    # Every client tries once, all at the same time: 100 attempts against L = 50 from a full bucket. Each
+    # request used to lease a chunk of its own and refuse when Redis ran dry, even with the pool full of what
+    # its neighbours had just leased (10 of 50 admitted). The bound (fastgw/policies/ratelimit/redis.py): at most
+    # L, at least L minus what 2 instances' pools may strand (chunk + one request each).
+    counts = run_instances(str(tmp_path), redis_server.url, "hybrid", make_exchange, names=names, tasks=tasks, tries=1)
+    chunk = 5
+    assert L - 2 * (chunk + 1) <= sum(counts) <= L, counts
+
+
+def test_hybrid_token_debt_is_carried_into_the_next_lease_epoch(redis_server, tmp_path, make_exchange):
+    async def main():
+        rl = limiter(str(tmp_path), "x", redis_server.url, backend="hybrid", lease_ttl=0.2,
+                     rules=[Rule(id="t", tokens=1000, window="day")])
+        hy = rl.limiter
+        ex = make_exchange(prompt=50, max_tokens=50)            # reserves 100: leases a chunk of 100 from Redis
+        await rl.request(ex)
+        key = rl.rules[0].bucket_keys(ex)[1]
+        assert hy.remote_left[key] == pytest.approx(900, abs=1) and hy.balance(key) == pytest.approx(0)
+        ex.status, ex.prompt_tokens, ex.completion_tokens = 200, 100, 300     # used 400: 300 of debt
+        assert rl.complete(ex) is None and hy.balance(key) == pytest.approx(-300)
+        epoch = hy._epoch()
+        while hy._epoch() == epoch:                             # the lease epoch ends: unused quota would go,
+            await asyncio.sleep(0.02)
+        assert hy.balance(key) == pytest.approx(-300)           # the debt stays
+        ex2 = make_exchange(prompt=50, max_tokens=50)
+        r = rl.request(ex2)
+        if r is not None:
+            await r
+        # The next lease paid the debt to Redis: 100 + 400 taken for the 500 really used or reserved.
+        assert hy.remote_left[key] == pytest.approx(500, abs=1)
+        assert b"x-ratelimit-remaining-tokens: 500\r\n" in b"".join(ex2.response_headers)
+        rl.close()
+    asyncio.run(main())
+
+
+def test_hybrid_waiters_survive_a_cancelled_leaser(redis_server, tmp_path):
+    # The request that leases for the others may be cancelled (its client went away): those awaiting its lease
+    # must not hang nor inherit the cancellation; they lease for themselves.
+    import socket
+
+    async def main():
+        cfg = Config(rules=[Rule(id="r", requests=L, window="day")], id="it", backend="hybrid",
+                     redis=RedisConfig(url=redis_server.url, timeout=5.0, connect_timeout=5.0))
+        rl = RateLimit(cfg, ctx_for(str(tmp_path), "x"))
+        hy = rl.limiter
+        await rl.client.call("PING")            # connected: the leaser will be cancelled in the lease itself
+        with socket.create_connection(("127.0.0.1", redis_server.port)) as s:
+            s.sendall(b"CLIENT PAUSE 300 ALL\r\n")     # Redis holds every command meanwhile: the lease waits
+            assert s.recv(16) == b"+OK\r\n"
+        items = [(12345, float(L), L / 86400, 1.0)]
+        leaser = asyncio.create_task(hy.take_all(items))
+        await asyncio.sleep(0)
+        assert 12345 in hy._leasing
+        waiters = [asyncio.create_task(hy.take_all(items)) for _ in range(3)]
+        await asyncio.sleep(0)
+        leaser.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        assert [fail for fail, _ in results] == [-1, -1, -1] and leaser.cancelled() and not hy._leasing
+        rl.close()
+    asyncio.run(main())

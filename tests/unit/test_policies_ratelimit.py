@@ -310,3 +310,15 @@ def test_a_subclass_overriding_a_hook_keeps_its_own_code(policy_ctx, make_exchan
     assert rl.request(ex) is None and seen == ["alice"] and ex.scratch[rl][1] == 0
     rl.complete(ex)                           # RateLimit.complete (Python): settles nothing for requests only
     assert not ex.scratch
+
+
+def test_arena_counter_keeps_only_a_debt_into_the_next_period(tmp_path):
+    from fastgw.policies.ratelimit.bucket import BucketArena
+
+    a = BucketArena(str(tmp_path / "arena.shm"), 64)
+    a.charge(1, 7, 0.0, 250.0, False)                   # 250 used beyond zero in period 7: a debt
+    a.charge(2, 7, 0.0, -40.0, False)                   # 40 unused
+    assert a.used(1, 8) == 0.0 and a.used(1, 8, True) == 250.0 and a.used(2, 8, True) == 0.0
+    assert a.charge(1, 8, 0.0, 10.0, False, True) == (True, 260.0)
+    assert a.charge(2, 9, 0.0, 5.0, False, True) == (True, 5.0)
+    assert a.charge(1, 9, 0.0, 1.0, False) == (True, 1.0)   # budgets (no keep_debt): every period from zero
