@@ -123,22 +123,22 @@ class RedisClient:
         if time.monotonic() < self._down_until:
             raise RedisUnavailable("down", "recent connect failure")
         if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_future()
-            try:
-                proto = await asyncio.wait_for(self._open(), self.connect_timeout)
-            except Exception as exc:
-                self._down_until = time.monotonic() + self.retry_interval
-                err = exc if isinstance(exc, RedisError) else RedisUnavailable(
-                    "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect", str(exc))
-                self._connecting.set_exception(err)
-                self._connecting.exception()      # mark retrieved
-                self._connecting = None
-                raise err from None
-            self._proto = proto
-            self._connecting.set_result(proto)
-            self._connecting = None
-            return proto
+            # A task of its own that every caller awaits shielded: the first caller's cancellation (its client
+            # went away) must neither abort the connect nor leave the others waiting for it forever.
+            self._connecting = asyncio.ensure_future(self._connect())
         return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> _Protocol:
+        try:
+            proto = await asyncio.wait_for(self._open(), self.connect_timeout)
+        except Exception as exc:
+            self._down_until = time.monotonic() + self.retry_interval
+            raise (exc if isinstance(exc, RedisError) else RedisUnavailable(
+                "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect", str(exc))) from None
+        finally:
+            self._connecting = None
+        self._proto = proto
+        return proto
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()

@@ -366,3 +366,30 @@ def test_hybrid_waiters_survive_a_cancelled_leaser(redis_server, tmp_path):
         assert [fail for fail, _ in results] == [-1, -1, -1] and leaser.cancelled() and not hy._leasing
         rl.close()
     asyncio.run(main())
+
+
+def test_a_cancelled_first_caller_does_not_wedge_the_redis_connect(redis_server_with_password):
+    # The first caller opens the connection for everyone; if it is cancelled meanwhile, the others must still
+    # get their answers (they used to await a connect nobody would ever finish).
+    import socket
+
+    from fastgw.policies.redis_client import RedisClient
+    from tests.conftest import REDIS_PASSWORD
+
+    async def main():
+        port = redis_server_with_password.port
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(f"AUTH {REDIS_PASSWORD}\r\nCLIENT PAUSE 300 ALL\r\n".encode())   # AUTH will wait
+            reply = b""
+            while reply.count(b"\r\n") < 2:
+                reply += s.recv(64)
+            assert reply == b"+OK\r\n+OK\r\n"
+        c = RedisClient(f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0", connect_timeout=5, timeout=5)
+        first = asyncio.create_task(c.call("PING"))
+        await asyncio.sleep(0.05)
+        others = [asyncio.create_task(c.call("PING")) for _ in range(2)]
+        await asyncio.sleep(0)
+        first.cancel()
+        assert await asyncio.wait_for(asyncio.gather(*others), 5) == [b"PONG", b"PONG"]
+        c.close()
+    asyncio.run(main())
