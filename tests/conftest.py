@@ -16,20 +16,22 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server subprocess: no persistence, loopback only. kill() stops it mid-test (outage tests)."""
+    """A redis-server subprocess: no persistence, loopback only. kill() stops it mid-test (outage tests).
+    `args`: more server options, e.g. ("--requirepass", "pw")."""
 
-    def __init__(self):
+    def __init__(self, args=()):
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):   # up (NOAUTH: with a password)
                         return
             except OSError:
                 pass
@@ -44,13 +46,29 @@ class RedisServer:
             self.proc.wait(timeout=10)
 
 
-@pytest.fixture
-def redis_server():
+def _need_redis_server():
     if shutil.which("redis-server") is None:
         if __import__("os").environ.get("CI"):
             pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
         pytest.skip("redis-server is not installed (`make test` installs it)")
+
+
+@pytest.fixture
+def redis_server():
+    _need_redis_server()
     server = RedisServer()
+    yield server
+    server.kill()
+
+
+REDIS_PASSWORD = "s3cret-redis-pw"
+
+
+@pytest.fixture
+def redis_server_with_password():
+    """A redis-server that requires AUTH with REDIS_PASSWORD."""
+    _need_redis_server()
+    server = RedisServer(("--requirepass", REDIS_PASSWORD))
     yield server
     server.kill()
 

@@ -20,7 +20,19 @@ __all__ = ["RedisClient", "RedisError", "RedisUnavailable", "Script"]
 
 
 class RedisError(Exception):
-    """An error reply from Redis (a bug in a script or a wrong command), or the server unreachable."""
+    """An error reply from Redis (a failed AUTH, WRONGTYPE, a bug in a script...), or the server unreachable.
+
+    Callers treat every RedisError alike (fail open or closed): a gateway cannot fix either at request time.
+    `kind` names it for metrics: the reply's error code in lower case ("wrongpass", "noauth", "wrongtype"), or
+    "error"."""
+
+    kind = "error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        code = message.split(" ", 1)[0]
+        if 2 <= len(code) <= 16 and code.isalpha() and code.isupper():
+            self.kind = code.lower()
 
 
 class RedisUnavailable(RedisError):
@@ -111,22 +123,22 @@ class RedisClient:
         if time.monotonic() < self._down_until:
             raise RedisUnavailable("down", "recent connect failure")
         if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_future()
-            try:
-                proto = await asyncio.wait_for(self._open(), self.connect_timeout)
-            except Exception as exc:
-                self._down_until = time.monotonic() + self.retry_interval
-                err = exc if isinstance(exc, RedisError) else RedisUnavailable(
-                    "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect", str(exc))
-                self._connecting.set_exception(err)
-                self._connecting.exception()      # mark retrieved
-                self._connecting = None
-                raise err from None
-            self._proto = proto
-            self._connecting.set_result(proto)
-            self._connecting = None
-            return proto
+            # A task of its own that every caller awaits shielded: the first caller's cancellation (its client
+            # went away) must neither abort the connect nor leave the others waiting for it forever.
+            self._connecting = asyncio.ensure_future(self._connect())
         return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> _Protocol:
+        try:
+            proto = await asyncio.wait_for(self._open(), self.connect_timeout)
+        except Exception as exc:
+            self._down_until = time.monotonic() + self.retry_interval
+            raise (exc if isinstance(exc, RedisError) else RedisUnavailable(
+                "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect", str(exc))) from None
+        finally:
+            self._connecting = None
+        self._proto = proto
+        return proto
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -136,8 +148,12 @@ class RedisClient:
             setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
         if self.db:
             setup.append(("SELECT", str(self.db)))
-        for cmd in setup:
-            await self._send(proto, cmd)
+        try:
+            for cmd in setup:
+                await self._send(proto, cmd)
+        except BaseException:
+            proto.transport.close()     # e.g. a wrong password: do not leak one connection per retry
+            raise
         return proto
 
     def _send(self, proto: _Protocol, args) -> asyncio.Future:
@@ -169,6 +185,10 @@ class RedisClient:
             if isinstance(exc, RedisUnavailable) or not str(exc).startswith("NOSCRIPT"):
                 raise
             return await self.call("EVAL", script.source, len(keys), *keys, *args)
+
+    def redact(self, text: str) -> str:
+        """`text` (an error message, for logs) without the password, should a server ever echo it."""
+        return text.replace(self.password, "***") if self.password else text
 
     def close(self):
         if self._proto is not None and self._proto.transport is not None:

@@ -10,7 +10,7 @@ from fastgw.runtime.config import Config as GatewayConfig
 from fastgw.errors import GatewayError
 from fastgw.observability.logs import Logger
 from fastgw.observability.metrics import Stats
-from fastgw.policies.budget.policy import Budget, BudgetRule, Config as BudgetConfig, Price
+from fastgw.policies.budget.policy import Budget, BudgetRule, Config as BudgetConfig, Price, period_id
 from fastgw.policies.ratelimit.policy import Config, RateLimit, RedisConfig, Rule
 from fastgw.policies.api import PolicyContext
 
@@ -189,3 +189,207 @@ def test_redis_budget_shared_and_survives_restart(redis_server, tmp_path, make_e
         return sum(first), later
     first, later = asyncio.run(main())
     assert first == 8 and later == 2
+
+
+# -- Redis answering errors (not unreachable): the same fail-open / fail-closed as an outage, never a 500 ---------
+
+WRONG_PASSWORD = "wrong-pw-0123"
+
+
+async def burst(policy, make_ex, n=8):
+    """n concurrent requests through `policy`, each completed: "admitted" or (status, code) per request."""
+    async def one():
+        ex = make_ex()
+        try:
+            r = policy.request(ex)
+            if r is not None:
+                await asyncio.wait_for(r, 5)
+            out = "admitted"
+        except GatewayError as e:
+            out = (e.status, e.code)
+        ex.status, ex.prompt_tokens, ex.completion_tokens = 200, 10, 500    # settling must not raise either
+        c = policy.complete(ex)
+        if c is not None:
+            await asyncio.wait_for(c, 5)
+        return out
+    results = await asyncio.gather(*(one() for _ in range(n)))
+    policy.close()
+    return results
+
+
+def only_one_warning(policy):
+    log = policy.ctx.log.stream.getvalue()
+    assert log.count('"event":"redis_unavailable"') == 1, log      # once per burst, not per request
+    assert WRONG_PASSWORD not in log
+    return log
+
+
+@pytest.mark.parametrize("backend", ["redis", "hybrid"])
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_rate_limit_with_a_wrong_redis_password_follows_fail_open(redis_server_with_password, tmp_path,
+                                                                 make_exchange, backend, fail_open):
+    url = f"redis://:{WRONG_PASSWORD}@127.0.0.1:{redis_server_with_password.port}/0"
+    rl = limiter(str(tmp_path), "x", url, backend=backend, fail_open=fail_open,
+                 rules=[Rule(id="r", requests=L, tokens=10_000, window="day", per=["consumer"])])
+    results = asyncio.run(burst(rl, lambda: make_exchange(consumer="alice")))
+    assert results == (["admitted"] * 8 if fail_open else [(503, "rate_limiter_unavailable")] * 8)
+    assert "WRONGPASS" in only_one_warning(rl)
+    errors = rl.ctx.stats._upstream_errors
+    assert sum(v for (up, _), v in errors.items() if up == "redis") == 8 and errors[("redis", "wrongpass")] >= 1
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_budget_with_a_wrong_redis_password_follows_fail_open(redis_server_with_password, tmp_path, make_exchange,
+                                                             fail_open):
+    url = f"redis://:{WRONG_PASSWORD}@127.0.0.1:{redis_server_with_password.port}/0"
+    cfg = BudgetConfig(budgets=[BudgetRule(usd=1.0, consumer="*")], id="bud", backend="redis", fail_open=fail_open,
+                       prices={"m": Price(1.0, 1.0)}, redis=RedisConfig(url=url, key_prefix="fastgw:budget:"))
+    b = Budget(cfg, ctx_for(str(tmp_path), "x"))
+    results = asyncio.run(burst(b, lambda: make_exchange(model="m", consumer="alice", prompt=10, max_tokens=10)))
+    assert results == (["admitted"] * 8 if fail_open else [(503, "budget_unavailable")] * 8)
+    assert "WRONGPASS" in only_one_warning(b)
+
+
+def test_wrongtype_replies_follow_fail_open_too(redis_server, tmp_path, make_exchange):
+    # Something else wrote other types under our keys: every script call answers WRONGTYPE.
+    import socket
+
+    rl = limiter(str(tmp_path), "x", redis_server.url, fail_open=False)
+    b = Budget(BudgetConfig(budgets=[BudgetRule(usd=1.0, consumer="*", period="day")], id="bud", backend="redis",
+                            prices={"m": Price(1.0, 1.0)}, redis=RedisConfig(url=redis_server.url,
+                                                                             key_prefix="fastgw:budget:")),
+               ctx_for(str(tmp_path), "y"))
+    ex = make_exchange(model="m", consumer="alice")
+    keys = [rl.remote._key(rl.rules[0].bucket_keys(ex)[0]),
+            "fastgw:budget:" + b._rkey(0, b.rules[0], "alice", period_id("day"))]
+    with socket.create_connection(("127.0.0.1", redis_server.port)) as s:
+        s.sendall(b"".join(b"LPUSH %s x\r\n" % k.encode() for k in keys))
+        replies = b""
+        while replies.count(b"\r\n") < 2:
+            replies += s.recv(64)
+        assert replies == b":1\r\n:1\r\n"
+    assert asyncio.run(burst(rl, lambda: make_exchange(consumer="alice"))) == [(503, "rate_limiter_unavailable")] * 8
+    assert "WRONGTYPE" in only_one_warning(rl)
+    assert asyncio.run(burst(b, lambda: make_exchange(model="m", consumer="alice"))) == ["admitted"] * 8
+    assert "WRONGTYPE" in only_one_warning(b)
+
+
+def test_a_failed_auth_closes_its_connection(redis_server_with_password):
+    import socket
+
+    from fastgw.policies.redis_client import RedisClient, RedisError
+    from tests.conftest import REDIS_PASSWORD
+
+    def connections() -> int:
+        with socket.create_connection(("127.0.0.1", redis_server_with_password.port)) as s:
+            s.sendall(f"AUTH {REDIS_PASSWORD}\r\nCLIENT LIST\r\n".encode())
+            reply = b""
+            while not (reply.startswith(b"+OK\r\n$") and reply.endswith(b"\r\n") and reply.count(b"\r\n") >= 3):
+                reply += s.recv(65536)
+            return reply.count(b"id=") - 1       # one line per client, not counting this one
+
+    async def main():
+        c = RedisClient(f"redis://:{WRONG_PASSWORD}@127.0.0.1:{redis_server_with_password.port}/0",
+                        connect_timeout=2, retry_interval=0)
+        for _ in range(5):
+            with pytest.raises(RedisError) as e:
+                await c.call("PING")
+            assert e.value.kind == "wrongpass"
+        await asyncio.sleep(0.05)      # let the loop process the closes
+        assert connections() == 0      # one leaked connection per retry, before
+        c.close()
+    asyncio.run(main())
+
+
+# -- hybrid: a concurrent burst shares leases; token debt survives the lease epoch --------------------------------
+
+@pytest.mark.parametrize("names,tasks", [(("a", "b"), 50), (("a", "a", "b", "b"), 25)],
+                         ids=["2 instances x 1 worker", "2 instances x 2 workers"])
+def test_hybrid_one_shot_burst_admits_near_capacity(redis_server, tmp_path, make_exchange, names, tasks):
+    # Every client tries once, all at the same time: 100 attempts against L = 50 from a full bucket. Each
+    # request used to lease a chunk of its own and refuse when Redis ran dry, even with the pool full of what
+    # its neighbours had just leased (10 of 50 admitted). The bound (fastgw/policies/ratelimit/redis.py): at most
+    # L, at least L minus what 2 instances' pools may strand (chunk + one request each).
+    counts = run_instances(str(tmp_path), redis_server.url, "hybrid", make_exchange, names=names, tasks=tasks, tries=1)
+    chunk = 5
+    assert L - 2 * (chunk + 1) <= sum(counts) <= L, counts
+
+
+def test_hybrid_token_debt_is_carried_into_the_next_lease_epoch(redis_server, tmp_path, make_exchange):
+    async def main():
+        rl = limiter(str(tmp_path), "x", redis_server.url, backend="hybrid", lease_ttl=0.2,
+                     rules=[Rule(id="t", tokens=1000, window="day")])
+        hy = rl.limiter
+        ex = make_exchange(prompt=50, max_tokens=50)            # reserves 100: leases a chunk of 100 from Redis
+        await rl.request(ex)
+        key = rl.rules[0].bucket_keys(ex)[1]
+        assert hy.remote_left[key] == pytest.approx(900, abs=1) and hy.balance(key) == pytest.approx(0)
+        ex.status, ex.prompt_tokens, ex.completion_tokens = 200, 100, 300     # used 400: 300 of debt
+        assert rl.complete(ex) is None and hy.balance(key) == pytest.approx(-300)
+        epoch = hy._epoch()
+        while hy._epoch() == epoch:                             # the lease epoch ends: unused quota would go,
+            await asyncio.sleep(0.02)
+        assert hy.balance(key) == pytest.approx(-300)           # the debt stays
+        ex2 = make_exchange(prompt=50, max_tokens=50)
+        r = rl.request(ex2)
+        if r is not None:
+            await r
+        # The next lease paid the debt to Redis: 100 + 400 taken for the 500 really used or reserved.
+        assert hy.remote_left[key] == pytest.approx(500, abs=1)
+        assert b"x-ratelimit-remaining-tokens: 500\r\n" in b"".join(ex2.response_headers)
+        rl.close()
+    asyncio.run(main())
+
+
+def test_hybrid_waiters_survive_a_cancelled_leaser(redis_server, tmp_path):
+    # The request that leases for the others may be cancelled (its client went away): those awaiting its lease
+    # must not hang nor inherit the cancellation; they lease for themselves.
+    import socket
+
+    async def main():
+        cfg = Config(rules=[Rule(id="r", requests=L, window="day")], id="it", backend="hybrid",
+                     redis=RedisConfig(url=redis_server.url, timeout=5.0, connect_timeout=5.0))
+        rl = RateLimit(cfg, ctx_for(str(tmp_path), "x"))
+        hy = rl.limiter
+        await rl.client.call("PING")            # connected: the leaser will be cancelled in the lease itself
+        with socket.create_connection(("127.0.0.1", redis_server.port)) as s:
+            s.sendall(b"CLIENT PAUSE 300 ALL\r\n")     # Redis holds every command meanwhile: the lease waits
+            assert s.recv(16) == b"+OK\r\n"
+        items = [(12345, float(L), L / 86400, 1.0)]
+        leaser = asyncio.create_task(hy.take_all(items))
+        await asyncio.sleep(0)
+        assert 12345 in hy._leasing
+        waiters = [asyncio.create_task(hy.take_all(items)) for _ in range(3)]
+        await asyncio.sleep(0)
+        leaser.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        assert [fail for fail, _ in results] == [-1, -1, -1] and leaser.cancelled() and not hy._leasing
+        rl.close()
+    asyncio.run(main())
+
+
+def test_a_cancelled_first_caller_does_not_wedge_the_redis_connect(redis_server_with_password):
+    # The first caller opens the connection for everyone; if it is cancelled meanwhile, the others must still
+    # get their answers (they used to await a connect nobody would ever finish).
+    import socket
+
+    from fastgw.policies.redis_client import RedisClient
+    from tests.conftest import REDIS_PASSWORD
+
+    async def main():
+        port = redis_server_with_password.port
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(f"AUTH {REDIS_PASSWORD}\r\nCLIENT PAUSE 300 ALL\r\n".encode())   # AUTH will wait
+            reply = b""
+            while reply.count(b"\r\n") < 2:
+                reply += s.recv(64)
+            assert reply == b"+OK\r\n+OK\r\n"
+        c = RedisClient(f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0", connect_timeout=5, timeout=5)
+        first = asyncio.create_task(c.call("PING"))
+        await asyncio.sleep(0.05)
+        others = [asyncio.create_task(c.call("PING")) for _ in range(2)]
+        await asyncio.sleep(0)
+        first.cancel()
+        assert await asyncio.wait_for(asyncio.gather(*others), 5) == [b"PONG", b"PONG"]
+        c.close()
+    asyncio.run(main())

@@ -125,6 +125,28 @@ def test_request_limit_is_exact_across_two_instances_sharing_redis(tmp_path, moc
     assert sum(1 for s in results if s[0] == 429) == 40, results
 
 
+
+def test_refusals_carry_the_limits_and_a_too_large_request_is_not_retried(tmp_path, mock, start_gateway):
+    rule = '[[rules]]\nid = "small"\nmatch = { consumer = "alice" }\nwindow = "day"\nrequests = 2\ntokens = 5000\n'
+    gw = gateway(start_gateway, tmp_path, mock, rate_limit=rule)
+    attempts = []
+    retrying = openai.OpenAI(base_url=gw.base + "/v1", api_key=KEYS["alice"], max_retries=2, timeout=10,
+                             http_client=httpx.Client(event_hooks={"request": [attempts.append]}))
+    # Larger than the whole bucket: the SDK (which retries 429s by default) must be told not to retry.
+    with pytest.raises(openai.RateLimitError) as e:
+        retrying.chat.completions.create(**CHAT, max_tokens=6000)
+    assert len(attempts) == 1
+    h = e.value.response.headers
+    assert "Request too large" in e.value.body["message"] and "retry-after" not in h
+    assert h["x-should-retry"] == "false" and h["x-ratelimit-limit-tokens"] == "5000"
+    for _ in range(2):
+        sdk(gw).chat.completions.create(**CHAT)
+    r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {KEYS['alice']}"})
+    assert r.status_code == 429 and r.json()["error"]["message"].startswith("Rate limit reached")
+    assert int(r.headers["retry-after"]) >= 1 and r.headers.get("x-should-retry") is None
+    assert r.headers["x-ratelimit-limit-requests"] == "2" and r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+
 def test_redis_down_fail_open_and_fail_closed(tmp_path, mock, start_gateway, redis_server):
     def rl(fail_open):
         return (f'backend = "redis"\nfail_open = {str(fail_open).lower()}\n[redis]\nurl = "{redis_server.url}"\n'

@@ -108,8 +108,8 @@ def test_good_keys_are_remembered_wrong_ones_never(auth, make_exchange, monkeypa
     for _ in range(2):
         assert run(auth, make_exchange(headers={"Authorization": "Bearer sk-alice"}, model="gpt-4o")).consumer == "alice"
         assert run(auth, make_exchange(headers={"api-key": "sk-carol-2"})).consumer == "carol"
-    assert auth._seen == {b"Bearer sk-alice": auth._by_hash[hash_key("sk-alice")]}
-    assert list(auth._seen_api_key) == [b"sk-carol-2"]
+    assert auth._seen == {hash(b"Bearer sk-alice"): auth._by_hash[hash_key("sk-alice")]}
+    assert list(auth._seen_api_key) == [hash(b"sk-carol-2")]
     for bad in ({"Authorization": "Bearer sk-alicE"}, {"api-key": "sk-nobody"}, {"Authorization": "Basic sk-alice"}):
         with pytest.raises(GatewayError) as e:
             run(auth, make_exchange(headers=bad))
@@ -125,6 +125,26 @@ def test_good_keys_are_remembered_wrong_ones_never(auth, make_exchange, monkeypa
     for h in ("Bearer sk-dave", "Bearer  sk-dave", "bearer sk-dave"):
         assert run(auth, make_exchange(headers={"Authorization": h}, model="text-x")).consumer == "dave"
         assert len(auth._seen) <= 2
+
+
+def test_the_cache_of_good_keys_never_holds_a_key(auth, make_exchange, monkeypatch):
+    # A seen key is found again without SHA-256, by the hash of its header value: the value itself (the key in
+    # plain text) is not kept, in the compiled path or the Python one.
+    from fastgw.policies.auth import policy as auth_mod
+    for access in (auth.access, KeyAuth.access.__get__(auth)):
+        for h in ({"Authorization": "Bearer sk-alice"}, {"api-key": "sk-carol-2"}, {"authorization": "bearer sk-bob"}):
+            for _ in range(2):
+                access(make_exchange(headers=h))
+    caches = (auth._seen, auth._seen_api_key)
+    assert len(auth._seen) == 2 and len(auth._seen_api_key) == 1
+    for cache in caches:
+        assert all(type(k) is int for k in cache)
+        assert all(type(e) is tuple and all(type(x) is str for x in e) for e in cache.values())
+        assert "sk-" not in repr(cache)
+    monkeypatch.setattr(auth_mod, "_SEEN_MAX", 3)                 # bounded
+    for i in range(10):
+        auth.access(make_exchange(headers={"Authorization": "Bearer" + " " * (i + 1) + "sk-dave"}))
+        assert len(auth._seen) <= 3
 
 
 def test_compiled_hooks_match_the_python_reference(policy_ctx, make_exchange):
@@ -164,6 +184,7 @@ def test_compiled_hooks_match_the_python_reference(policy_ctx, make_exchange):
         assert a == b, (h, model)
         seen.add(a[0])
     assert {401, 403, "alice", "bob", "carol", "dave"} <= seen
+    assert fast._seen == ref._seen and fast._seen_api_key == ref._seen_api_key     # the same cache entries
 
 
 def test_a_subclass_overriding_a_hook_keeps_its_own_code(policy_ctx, make_exchange):

@@ -99,3 +99,36 @@ def test_anonymous_and_unpriced(policy_ctx, make_exchange):
     ex = make_exchange(model="gpt-4o-mini", consumer="")
     finish(b, ex, 1_000_000, 0)
     assert ex.cost == pytest.approx(0.15)              # cost is set even without a budget
+
+
+
+def test_refusal_names_the_period_and_the_figures(policy_ctx, make_exchange):
+    b = make(policy_ctx, BudgetRule(usd=0.002, consumer="*", period="day"), prices={"m": Price(1.0, 1.0)})
+    for _ in range(2):
+        ex = make_exchange(model="m", consumer="a", prompt=500, max_tokens=500)     # $0.001 each
+        b.request(ex)
+        finish(b, ex, 500, 500)
+    with pytest.raises(GatewayError) as e:
+        b.request(make_exchange(model="m", consumer="a", prompt=500, max_tokens=500))
+    assert "the daily budget of consumer 'a' ($0.002) is spent ($0.0020 used, this request is estimated at " \
+           "$0.0010)" in e.value.message
+    assert 1 <= int(dict(e.value.headers)["retry-after"]) <= 86400
+    for period, adverb in (("week", "weekly"), ("month", "monthly")):
+        w = make(policy_ctx, BudgetRule(usd=0.0, group="*", period=period), prices={"m": Price(1.0, 1.0)})
+        with pytest.raises(GatewayError) as e:
+            w.request(make_exchange(model="m", consumer="a", group="g", prompt=10, max_tokens=10))
+        assert f"whole {adverb} budget of group 'g'" in e.value.message
+
+
+def test_a_request_larger_than_the_whole_budget_says_so(policy_ctx, make_exchange):
+    # Nothing spent yet, but this one request's estimate ($0.003) is more than the whole budget ($0.002): the
+    # message must say that (not "$0.0000 used"), and waiting for the next period would not help.
+    b = make(policy_ctx, BudgetRule(usd=0.002, consumer="*", period="day"), prices={"m": Price(1.0, 1.0)})
+    with pytest.raises(GatewayError) as e:
+        b.request(make_exchange(model="m", consumer="a", prompt=1000, max_tokens=2000))
+    err = e.value
+    assert err.status == 429 and err.code == err.type == "insufficient_quota"
+    assert err.message == ("This request's estimated cost alone ($0.0030) exceeds the whole daily budget of "
+                           "consumer 'a' ($0.002). Please reduce your prompt or max_tokens.")
+    assert dict(err.headers) == {"x-should-retry": "false"}        # no Retry-After: no wait makes it fit
+    assert b.spent("a") == 0.0

@@ -61,8 +61,12 @@ def test_requests_limit_per_consumer_and_rejection_shape(policy_ctx, make_exchan
     assert err.status == 429 and body["code"] == "rate_limit_exceeded" and body["type"] == "requests"
     assert body["message"].startswith("Rate limit reached for gpt-4o on requests per min (RPM): Limit 3, Used 3, "
                                       "Requested 1. Please try again in ")
-    (name, value), = err.headers
-    assert name == "retry-after" and 1 <= int(value) <= 20
+    h = dict(err.headers)
+    assert 1 <= int(h.pop("retry-after")) <= 20
+    # the refusing bucket's limits, as OpenAI sends them on a 429 (reset: until it is full again, 3 per minute)
+    reset = h.pop("x-ratelimit-reset-requests")
+    assert h == {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "0"}
+    assert reset == "1m0s" or (reset.startswith("59.") and reset.endswith("s"))
     assert policy_ctx.stats._rejections[("alice", "gpt-4o", "rate_limit")] == 1
     assert rl.request(make_exchange(consumer="bob")) is None        # bob has his own bucket
 
@@ -145,7 +149,27 @@ def test_too_large_request(policy_ctx, make_exchange):
     rl = make(policy_ctx, Rule(tokens=500))
     with pytest.raises(GatewayError) as e:
         rl.request(make_exchange(prompt=400, max_tokens=200))
-    assert "Request too large" in e.value.message and e.value.headers == ()
+    err = e.value
+    assert err.status == 429 and err.code == "rate_limit_exceeded" and err.type == "tokens"
+    assert err.message == ("Request too large for gpt-4o-mini on tokens per min (TPM): Limit 500, Requested 600. "
+                           "Please reduce your prompt or max_tokens.")
+    # It can never fit: no Retry-After (a promise that waiting helps), x-should-retry: false (the OpenAI SDKs do
+    # not retry), and the limit it must fit under.
+    assert dict(err.headers) == {"x-ratelimit-limit-tokens": "500", "x-ratelimit-remaining-tokens": "500",
+                                 "x-ratelimit-reset-tokens": "0s", "x-should-retry": "false"}
+
+
+def test_token_refusal_carries_the_token_limits(policy_ctx, make_exchange):
+    rl = make(policy_ctx, Rule(requests=100, tokens=1000, window="hour"))
+    rl.request(make_exchange(prompt=600, max_tokens=100))                     # 300 left
+    with pytest.raises(GatewayError) as e:
+        rl.request(make_exchange(prompt=400, max_tokens=100))
+    h = dict(e.value.headers)
+    assert e.value.message.startswith("Rate limit reached for gpt-4o-mini on tokens per h (TPH): Limit 1000, "
+                                      "Used 700, Requested 500.")
+    assert h["x-ratelimit-limit-tokens"] == "1000" and h["x-ratelimit-remaining-tokens"] == "300"
+    assert h["x-ratelimit-reset-tokens"].startswith("42m") and 1 <= int(h["retry-after"]) <= 720
+    assert not any("requests" in name for name in h)                          # the tokens bucket refused
 
 
 def test_default_completion_estimate_and_embeddings(policy_ctx, make_exchange):
@@ -286,3 +310,15 @@ def test_a_subclass_overriding_a_hook_keeps_its_own_code(policy_ctx, make_exchan
     assert rl.request(ex) is None and seen == ["alice"] and ex.scratch[rl][1] == 0
     rl.complete(ex)                           # RateLimit.complete (Python): settles nothing for requests only
     assert not ex.scratch
+
+
+def test_arena_counter_keeps_only_a_debt_into_the_next_period(tmp_path):
+    from fastgw.policies.ratelimit.bucket import BucketArena
+
+    a = BucketArena(str(tmp_path / "arena.shm"), 64)
+    a.charge(1, 7, 0.0, 250.0, False)                   # 250 used beyond zero in period 7: a debt
+    a.charge(2, 7, 0.0, -40.0, False)                   # 40 unused
+    assert a.used(1, 8) == 0.0 and a.used(1, 8, True) == 250.0 and a.used(2, 8, True) == 0.0
+    assert a.charge(1, 8, 0.0, 10.0, False, True) == (True, 260.0)
+    assert a.charge(2, 9, 0.0, 5.0, False, True) == (True, 5.0)
+    assert a.charge(1, 9, 0.0, 1.0, False) == (True, 1.0)   # budgets (no keep_debt): every period from zero

@@ -7,6 +7,7 @@ those run here, one C call per hook instead of a Python frame. KeyAuth.access an
 reference: tests/unit/test_policies_auth.py runs both on the same requests.
 """
 from cpython.dict cimport PyDict_GetItemWithError
+from cpython.object cimport PyObject_Hash
 from cpython.ref cimport PyObject
 
 from fastgw.protocol.http cimport _Message
@@ -32,12 +33,13 @@ cdef class KeyLookup:
         cdef _Message p = ex._parser
         cdef PyObject* found = NULL
         cdef object v = p.header(b"authorization") if p is not None else None
+        # The caches are keyed by hash(header value), never by the value (it holds the key): see auth.policy.
         if v is not None:
-            found = PyDict_GetItemWithError(self.seen, v)
+            found = PyDict_GetItemWithError(self.seen, PyObject_Hash(v))
         elif p is not None:
             key = p.header(b"api-key")
             if key is not None:
-                found = PyDict_GetItemWithError(self.seen_api_key, key)
+                found = PyDict_GetItemWithError(self.seen_api_key, PyObject_Hash(key))
         cdef tuple entry = <tuple>found if found != NULL else self.check(ex, v)
         ex.consumer = entry[0]
         ex.group = entry[1]

@@ -1,16 +1,18 @@
 """Identity: API keys of consumers, consumer groups, allowed models ("key-auth").
 
 Keys live in the config only as SHA-256 hex digests. The presented key (Authorization: Bearer <key>, or the
-`api-key` header) is hashed and the digest looked up in a dict. Why that is constant-time enough: the only
-secret-dependent comparison is between digests, and what a timing side channel could leak is how many leading
-bytes of the *digest of the attacker's own input* match a stored digest; turning that into a key needs SHA-256
-preimages. The found digest is then confirmed with hmac.compare_digest anyway. No database, no I/O: auth cannot
-fail because something else is slow or down. Keys never reach logs or metrics (only consumer names do).
+`api-key` header) is hashed and the digest looked up in a dict of the configured digests; that lookup is the
+whole check. Why no constant-time compare is needed: the only comparisons that depend on a secret are the
+dict's, between the digest of the caller's own input and a stored digest. The most a timing side channel can
+leak is how much of a stored *digest* some input's digest matches, and a digest, even whole, does not give a
+key: finding a key for it is a SHA-256 preimage. (A compare_digest of the found entry with the digest that found
+it, as there was, compared a value with itself and could not fail.) No database, no I/O: auth cannot fail
+because something else is slow or down. Keys never reach logs or metrics (only consumer names do), and the
+cache of good keys holds none either (see _SEEN_MAX).
 """
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 import sys
@@ -67,14 +69,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     groups: list[Group] = []
 
 
-# The cache of good keys (KeyAuth._seen) holds at most this many header values, then starts again empty.
-# Why it is safe: only values whose key passed the full check (SHA-256 digest found, confirmed with
-# compare_digest) are ever stored, so wrong keys cannot fill it or evict anything, and a wrong key always
-# takes the full path, exactly as before. A lookup compares the presented value with a stored one only when
-# their 64-bit hashes are equal (Python's SipHash, seeded at random per process), so timing cannot be used to
-# guess a stored key byte by byte. Entries hold the key's header value in memory, as the request itself did;
-# they never reach logs or metrics, and a new configuration (a new KeyAuth) starts with an empty cache, so a
-# revoked key stops working on reload.
+# The cache of good keys (KeyAuth._seen, ._seen_api_key) maps hash(header value) -> (consumer, group, digest):
+# a key seen before costs one SipHash of the header (what a dict keyed by the value itself computed anyway) and
+# no SHA-256. It never holds a key: not the value (a dict keyed by it would keep the bytes alive), only its
+# 64-bit hash, Python's SipHash with a per-process random key, and the configured digest. Why a hash match is
+# enough: only values that passed the full check are stored, so a wrong key is accepted only if its hash equals
+# that of a cached good key it does not know: a blind online guess at 64 bits, at most _SEEN_MAX / 2**64 per
+# request (blind even with a fixed PYTHONHASHSEED: the good value is what the guesser lacks), while every other
+# wrong key takes the full path. At most _SEEN_MAX entries, then it starts again
+# empty (only holders of good keys can fill it, by varying their header's spelling); a new configuration (a
+# new KeyAuth) starts empty, so a revoked key stops working on reload.
 _SEEN_MAX = 4096
 
 _MISSING = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
@@ -112,10 +116,10 @@ class KeyAuth(Policy):
                 if d in self._by_hash:
                     raise FieldError(f"consumers[{i}].keys[{j}]", "this key hash already belongs to another consumer")
                 self._by_hash[d] = (c.name, c.group, d)
-        # Header values (b"Bearer sk-...", or the api-key header's) that passed the check -> the entry: the hot
-        # path skips SHA-256 for keys already seen. See _SEEN_MAX for why this is safe.
-        self._seen: dict[bytes, tuple] = {}
-        self._seen_api_key: dict[bytes, tuple] = {}
+        # hash() of header values (b"Bearer sk-...", or the api-key header's) that passed the check -> the
+        # entry: the hot path skips SHA-256 for keys already seen. See _SEEN_MAX for what it holds and why.
+        self._seen: dict[int, tuple] = {}
+        self._seen_api_key: dict[int, tuple] = {}
         # Consumer name -> (its allowed models, its group's), for the consumers restricted by either.
         self._restricted = {c.name: (tuple(c.models), groups.get(c.group, ())) for c in config.consumers
                             if c.models or groups.get(c.group)}
@@ -131,14 +135,18 @@ class KeyAuth(Policy):
 
     def access(self, ex) -> None:
         v = ex.header(b"authorization")
-        entry = self._seen.get(v) if v is not None else self._seen_api_key.get(ex.header(b"api-key"))
+        if v is not None:
+            entry = self._seen.get(hash(v))
+        else:
+            k = ex.header(b"api-key")
+            entry = self._seen_api_key.get(hash(k)) if k is not None else None
         if entry is None:
             entry = self._check(ex, v)
         ex.consumer = entry[0]
         ex.group = entry[1]
 
     def _check(self, ex, v):
-        """The full check: parse, hash, look up, confirm; remembers the header value when the key is good."""
+        """The full check: parse, hash, look up; remembers the header value's hash when the key is good."""
         key = None
         seen = self._seen
         if v is not None:
@@ -151,16 +159,12 @@ class KeyAuth(Policy):
             key = v.strip() if v is not None else None
         if not key:
             self._refuse(_MISSING)
-        digest = hashlib.sha256(key).hexdigest()
-        entry = self._by_hash.get(digest)
+        entry = self._by_hash.get(hashlib.sha256(key).hexdigest())
         if entry is None:
-            self._refuse(_WRONG)
-        # The dict found it by digest already; confirm in constant time (defence in depth).
-        if not hmac.compare_digest(entry[2], digest):
             self._refuse(_WRONG)
         if len(seen) >= _SEEN_MAX:
             seen.clear()
-        seen[v] = entry
+        seen[hash(v)] = entry
         return entry
 
     def _refuse(self, message: str):

@@ -4,13 +4,15 @@ A budget is a limit in US dollars per period (day, week or month, UTC calendar; 
 admission the request's cost is estimated (prompt estimate x input price + max_tokens or
 `default_completion_tokens` x output price) and reserved with a check against the budget in one atomic step: a
 request whose reservation would go over is refused with 429, type and code "insufficient_quota", as OpenAI
-does when an account is out of credit. In `complete` the real cost (from usage) replaces the reservation and is
+does when an account is out of credit, with Retry-After until the period ends. A request whose estimate alone
+exceeds a whole budget can never fit: its 429 says so, has no Retry-After and carries `x-should-retry: false`
+(the OpenAI SDKs then do not retry). In `complete` the real cost (from usage) replaces the reservation and is
 set in ex.cost for metrics and the access log. A request must fit every budget that applies to it (its
 consumer's and its group's).
 
 Storage: "local" keeps the counters in the gateway's shared memory (exact across workers, lost on restart);
 "redis" keeps them in Redis (shared by every instance, survives restarts; a key per period that expires after
-it). Redis down: `fail_open` decides (admit, or 503 "budget_unavailable"), logged and counted.
+it). Redis down, slow or answering an error (a failed AUTH...): `fail_open` decides (admit, or 503 "budget_unavailable"), logged and counted.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ def _nano(usd: float) -> float:
     return float(round(usd * NANO))
 
 
+_ADVERB = {"day": "daily", "week": "weekly", "month": "monthly"}
 _SECONDS = {"day": 86400, "week": 7 * 86400, "month": 31 * 86400}
 
 
@@ -171,7 +174,7 @@ class Budget(Policy):
             if not ok:
                 for j, _, name2, pid2 in done:
                     self.arena.charge(self._key(j, name2), pid2, 0.0, -est, False)
-                self._refuse(ex, b, name, pid, used)
+                self._refuse(ex, b, name, pid, used, est)
             done.append((i, b, name, pid))
         ex.new_scratch()[self] = (plan, est)
         return None
@@ -180,7 +183,7 @@ class Budget(Policy):
         return f"{self.config.id}:{i}:{name}:{b.period}{pid}"
 
     async def _remote_reserve(self, ex, plan, est):
-        from fastgw.policies.redis_client import RedisUnavailable
+        from fastgw.policies.redis_client import RedisError
         done = []
         try:
             for i, b, name, pid in plan:
@@ -190,9 +193,9 @@ class Budget(Policy):
                     for j, b2, name2, pid2 in done:
                         await self.remote.charge(self._rkey(j, b2, name2, pid2), 0.0, -est, False,
                                                  _SECONDS[b2.period] + 86400)
-                    self._refuse(ex, b, name, pid, used)
+                    self._refuse(ex, b, name, pid, used, est)
                 done.append((i, b, name, pid))
-        except RedisUnavailable as exc:
+        except RedisError as exc:
             self._redis_failed(exc)
             if self.config.fail_open:
                 ex.new_scratch()[self] = (done, est)     # settle what was reserved
@@ -202,12 +205,18 @@ class Budget(Policy):
                          code="budget_unavailable", headers=(("retry-after", "1"),)) from None
         ex.new_scratch()[self] = (plan, est)
 
-    def _refuse(self, ex, b, name, pid, used):
+    def _refuse(self, ex, b, name, pid, used, est):
         self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "budget")
-        wait = max(1, int(period_end(b.period, pid) - time.time()))
         who = "group" if b.group else "consumer"
-        raise Reject(429, f"You exceeded your current quota: the {b.period}ly budget of {who} {name!r} "
-                     f"(${b.usd:g}) is spent (${used / NANO:.4f} used). Please check your plan and billing details.",
+        what = f"{_ADVERB[b.period]} budget of {who} {name!r} (${b.usd:g})"
+        if est > _nano(b.usd):
+            # No period will ever admit it: say so, and tell SDKs not to retry (they honour x-should-retry).
+            raise Reject(429, f"This request's estimated cost alone (${est / NANO:.4f}) exceeds the whole {what}. "
+                         "Please reduce your prompt or max_tokens.", type="insufficient_quota",
+                         code="insufficient_quota", headers=(("x-should-retry", "false"),))
+        wait = max(1, int(period_end(b.period, pid) - time.time()))
+        raise Reject(429, f"You exceeded your current quota: the {what} is spent (${used / NANO:.4f} used, this "
+                     f"request is estimated at ${est / NANO:.4f}). Please check your plan and billing details.",
                      type="insufficient_quota", code="insufficient_quota",
                      headers=(("retry-after", str(wait)),))
 
@@ -237,11 +246,11 @@ class Budget(Policy):
         return None
 
     async def _remote_settle(self, plan, delta):
-        from fastgw.policies.redis_client import RedisUnavailable
+        from fastgw.policies.redis_client import RedisError
         try:
             for i, b, name, pid in plan:
                 await self.remote.charge(self._rkey(i, b, name, pid), 0.0, delta, False, _SECONDS[b.period] + 86400)
-        except RedisUnavailable as exc:
+        except RedisError as exc:
             self._redis_failed(exc)
 
     def spent(self, name: str, rule_index: int = 0, t: float | None = None) -> float:
@@ -254,5 +263,5 @@ class Budget(Policy):
         now = time.monotonic()
         if now - self._last_warn >= 5.0:
             self._last_warn = now
-            self.ctx.log.warning("redis_unavailable", policy=self.config.id, error=str(exc),
+            self.ctx.log.warning("redis_unavailable", policy=self.config.id, error=self.client.redact(str(exc)),
                                  fail_open=self.config.fail_open)

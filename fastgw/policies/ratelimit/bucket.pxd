@@ -15,8 +15,9 @@ cdef class BucketArena:
     cpdef double give_back(self, uint64_t key, double capacity, double refill_per_s, double amount,
                            int64_t now_ns=*) except? -1e300
     cpdef double peek(self, uint64_t key, double capacity, double refill_per_s, int64_t now_ns=*) except? -1e300
-    cpdef tuple charge(self, uint64_t key, int64_t period, double limit, double amount, bint check=*)
-    cpdef double used(self, uint64_t key, int64_t period)
+    cpdef tuple charge(self, uint64_t key, int64_t period, double limit, double amount, bint check=*,
+                       bint keep_debt=*)
+    cpdef double used(self, uint64_t key, int64_t period, bint keep_debt=*)
 
 
 cdef class BucketPlan:

@@ -268,9 +268,11 @@ cdef class BucketArena:
         fgw_unlock(&s.lock)
         return rem
 
-    cpdef tuple charge(self, uint64_t key, int64_t period, double limit, double amount, bint check=True):
+    cpdef tuple charge(self, uint64_t key, int64_t period, double limit, double amount, bint check=True,
+                       bint keep_debt=False):
         """A per-period counter (budgets): the amount used so far in `period` (an id such as the day number;
-        a different period than the stored one starts again from zero). With `check`, refuse (ok False,
+        a different period than the stored one starts again from zero, or with `keep_debt` from what was
+        used beyond zero: the hybrid limiter's pools, where used > 0 is a debt). With `check`, refuse (ok False,
         nothing added) when used + amount > limit; without, always add (a settle; amount may be negative).
         Returns (ok, used after the operation)."""
         cdef fgw_slot* s = <fgw_slot*>self._find(key, 0.0, period)
@@ -282,7 +284,8 @@ cdef class BucketArena:
             period = s.stamp        # the wall clock stepped back: count in the stored (newer) period
         elif period > s.stamp:
             s.stamp = period
-            s.tokens = 0.0
+            if not (keep_debt and s.tokens > 0.0):
+                s.tokens = 0.0
         cdef bint ok = (not check) or s.tokens + amount <= limit
         if ok:
             s.tokens += amount
@@ -290,10 +293,12 @@ cdef class BucketArena:
         fgw_unlock(&s.lock)
         return (ok, used)
 
-    cpdef double used(self, uint64_t key, int64_t period):
-        """The amount counted in `period` so far (0 for another period)."""
+    cpdef double used(self, uint64_t key, int64_t period, bint keep_debt=False):
+        """The amount counted in `period` so far (0 for another period; with `keep_debt`, a later period
+        starts from the debt of the stored one, as in charge)."""
         cdef fgw_slot* s = <fgw_slot*>self._find(key, 0.0, period)
-        cdef double used = s.tokens if s.stamp == period else 0.0
+        cdef double used = s.tokens if s.stamp == period else (
+            s.tokens if keep_debt and s.stamp < period and s.tokens > 0.0 else 0.0)
         fgw_unlock(&s.lock)
         return used
 

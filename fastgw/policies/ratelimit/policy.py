@@ -13,12 +13,18 @@ steady N per window. Token rules reserve an estimate at admission (prompt estima
 over-reserved or taking the excess (never refusing: the bucket goes into debt and later requests wait).
 Requests refused or failed upstream without usage give their tokens back; a request still counts as a request.
 
+Refusals are OpenAI's: 429 "Rate limit reached ..." with Retry-After (seconds until the request fits) and the
+refusing bucket's x-ratelimit-{limit,remaining,reset}-<requests|tokens>. A request larger than a bucket's whole
+capacity ("Request too large") can never fit: still 429 as OpenAI answers it, with the limits, but no Retry-After
+and `x-should-retry: false`, which the OpenAI SDKs obey instead of retrying.
+
 Streaming does not dodge limits: the gateway asks the upstream for usage (needs_usage) or counts the streamed
 text, and `complete` settles either way.
 
 Backends: local (shared memory, exact across workers), redis (exact across instances), hybrid (leases; see
-limiter_redis.py for the bound). When Redis fails, `fail_open` decides: admit, or refuse with 503
-(code "rate_limiter_unavailable", Retry-After: 1): a 503 says the gateway, not the client, is at fault.
+redis.py for the bound). When Redis fails (unreachable, too slow, or any error reply: a failed AUTH, WRONGTYPE...),
+`fail_open` decides: admit, or refuse with 503 (code "rate_limiter_unavailable", Retry-After: 1): a 503 says the
+gateway, not the client, is at fault.
 Either way the failure is logged (at most every 5 s) and counted in upstream_errors{upstream="redis"}.
 """
 from __future__ import annotations
@@ -78,7 +84,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     rules: list[Rule]
     id: str = ""                  # namespace of the buckets; default: the policy file's name
     backend: Literal["local", "redis", "hybrid"] = "local"
-    fail_open: bool = True        # Redis unreachable: admit (true) or refuse with 503 (false)
+    fail_open: bool = True        # Redis unreachable or erring: admit (true) or refuse with 503 (false)
     default_completion_tokens: int = 256   # completion estimate when the request gives no max_tokens
     headers: bool = True          # add x-ratelimit-* headers to responses
     slots: int = 65536            # shared-memory table size (distinct buckets), a power of two
@@ -357,10 +363,10 @@ class RateLimit(Policy):
         return self._remote_take(ex, plan, tokens, items)
 
     async def _remote_take(self, ex, plan, tokens, items):
-        from fastgw.policies.redis_client import RedisUnavailable
+        from fastgw.policies.redis_client import RedisError
         try:
             fail, rem = await self.limiter.take_all(items)
-        except RedisUnavailable as exc:
+        except RedisError as exc:
             self._redis_failed(exc)
             if self.config.fail_open:
                 return None
@@ -385,15 +391,22 @@ class RateLimit(Policy):
             cap, rate, amount = rule.tokens, rule.tok_rate, float(tokens)
         self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "rate_limit")
         unit = f"{what} per {_ABBR[rule.window]} ({'R' if what == 'requests' else 'T'}P{_LETTER[rule.window]})"
+        # The refusing bucket's x-ratelimit-* headers, as on admissions (reset: until the bucket is full again).
+        limits = ((f"x-ratelimit-limit-{what}", str(int(cap))),
+                  (f"x-ratelimit-remaining-{what}", str(int(left) if left > 0 else 0)),
+                  (f"x-ratelimit-reset-{what}", format_duration((cap - left) / rate if rate > 0 else 0.0)))
         if amount > cap:
+            # Bigger than the bucket: no wait makes it fit, so no Retry-After (it would promise that a retry can
+            # succeed). Still 429 with OpenAI's wording and code, as OpenAI answers it; x-should-retry: false
+            # stops the OpenAI SDKs' automatic retries, and x-ratelimit-limit-* says how large a request may be.
             raise Reject(429, f"Request too large for {ex.model} on {unit}: Limit {int(cap)}, Requested "
                          f"{int(amount)}. Please reduce your prompt or max_tokens.", type=what,
-                         code="rate_limit_exceeded")
+                         code="rate_limit_exceeded", headers=limits + (("x-should-retry", "false"),))
         wait = (amount - left) / rate if rate > 0 else float(WINDOWS[rule.window])
         used = max(0, round(cap - max(left, 0.0)))
         raise Reject(429, f"Rate limit reached for {ex.model} on {unit}: Limit {int(cap)}, Used {used}, "
                      f"Requested {int(amount)}. Please try again in {format_duration(wait)}.", type=what,
-                     code="rate_limit_exceeded", headers=(("retry-after", str(max(1, math.ceil(wait)))),))
+                     code="rate_limit_exceeded", headers=(("retry-after", str(max(1, math.ceil(wait)))),) + limits)
 
     # -- response ----------------------------------------------------------------------------------------
 
@@ -427,10 +440,10 @@ class RateLimit(Policy):
         return None
 
     async def _remote_settle(self, settle):
-        from fastgw.policies.redis_client import RedisUnavailable
+        from fastgw.policies.redis_client import RedisError
         try:
             await self.limiter.settle(settle)
-        except RedisUnavailable as exc:
+        except RedisError as exc:
             self._redis_failed(exc)
 
     def _redis_failed(self, exc) -> None:
@@ -438,5 +451,5 @@ class RateLimit(Policy):
         now = time.monotonic()
         if now - self._last_warn >= 5.0:
             self._last_warn = now
-            self.ctx.log.warning("redis_unavailable", policy=self.config.id, error=str(exc),
+            self.ctx.log.warning("redis_unavailable", policy=self.config.id, error=self.client.redact(str(exc)),
                                  fail_open=self.config.fail_open)

@@ -8,28 +8,35 @@ and keys expire once they would be full again, so idle buckets cost no memory.
 hybrid: each gateway instance keeps a *pool* per bucket in its shared-memory arena and fills it with leases
 of quota taken from the Redis bucket (a chunk of `lease` x capacity at a time). The hot path takes from the pool
 in shared memory and only goes to Redis when the pool runs dry. Leases expire after `lease_ttl` seconds (a pool
-belongs to one lease epoch; a new epoch starts empty), so unused quota does not pile up.
+belongs to one lease epoch; a new epoch drops the unused quota, so it does not pile up, but keeps a debt: tokens
+used beyond a reservation were never taken from Redis, and the next lease takes them first). A worker has at
+most one lease in flight per bucket: its concurrent requests short on that bucket await it, then look at the
+pool again; a request is refused only when neither the pool nor Redis has what it needs.
 
-Over-admission bound (hybrid): every admitted token was first taken from the Redis bucket, so admissions can
-exceed what one exact bucket would admit only by quota leased earlier and spent later. Over any interval:
+Over-admission bound (hybrid): every admitted token was first taken from the Redis bucket (debts are paid by
+the next lease), so admissions can exceed what one exact bucket would admit only by quota leased earlier and
+spent later. Over any interval:
 
     admitted <= exact-bucket admissions + I x W x (chunk + a)
 
-with I instances, W workers per instance (concurrent leasers), chunk the lease size and a the largest single
-request amount; and within one lease epoch the extra is at most what was leased before the interval began.
-A burst from a full bucket admits exactly the capacity (nothing is created, pools drain before re-leasing).
-The price is under-admission: quota sitting in one instance's pool is not available to another instance until
-it expires (at most I x (chunk + a) per bucket).
+with I instances, W workers per instance (one lease in flight each), chunk the lease size and a the largest
+single request amount; and within one lease epoch the extra is at most what was leased before the interval
+began. A burst from a full bucket admits at most the capacity (nothing is created, pools drain before
+re-leasing). The price is under-admission: quota sitting in one instance's pool is not available to another
+instance until it is spent there or expires (at most I x (chunk + a) per bucket).
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
 from fastgw.policies.ratelimit.bucket import BucketArena
-from fastgw.policies.redis_client import RedisClient, Script
+from fastgw.policies.redis_client import RedisClient, RedisError, Script
 
 __all__ = ["RedisLimiter", "HybridLimiter", "TAKE", "LEASE", "CHARGE"]
+
+_MAX_LEASES = 3     # leases one request may make itself before it gives up (others keep draining the pools)
 
 _REFILL = """
 local t = redis.call('TIME')
@@ -102,7 +109,7 @@ return {1, string.format('%.17g', used)}
 
 
 class RedisLimiter:
-    """Buckets in Redis; every method is a coroutine and may raise RedisUnavailable."""
+    """Buckets in Redis; every method is a coroutine and may raise RedisError (RedisUnavailable when unreachable)."""
 
     def __init__(self, client: RedisClient, prefix: str = "fastgw:rl:"):
         self.client = client
@@ -141,7 +148,13 @@ class HybridLimiter:
     """Pools in shared memory filled by leases from Redis buckets (see the module doc for the bound).
 
     A pool is an arena counter whose period is the lease epoch: its balance is minus the amount "used", so a
-    lease is a negative charge and an admission a checked charge of `amount` against a limit of 0.
+    lease is a negative charge and an admission a checked charge of `amount` against a limit of 0. A new epoch
+    drops what is left of the leases but keeps a debt (keep_debt): tokens used beyond what was reserved were
+    never taken from Redis, so the next lease must cover them first.
+
+    Concurrent requests of one worker short on the same bucket share one lease in flight: one leases, the
+    others await it and look at the pool again, so a burst does not lease a chunk per request (stranding the
+    quota of the requests that lose the race) nor refuse while the pool holds what a neighbour just leased.
     """
 
     def __init__(self, arena: BucketArena, remote: RedisLimiter, lease: float = 0.1, lease_ttl: float = 10.0):
@@ -150,6 +163,11 @@ class HybridLimiter:
         self.lease = lease
         self.lease_ns = max(1, int(lease_ttl * 1e9))
         self.remote_left: dict[int, float] = {}   # last tokens-left seen in Redis per bucket (for headers)
+        # bucket key -> this worker's lease in flight; resolves to Redis's tokens left after it (None: unknown)
+        self._leasing: dict[int, asyncio.Future] = {}
+        # Looks at the pools per request, waits on others' leases included: a guard against looping forever.
+        # A bucket holds 1/lease chunks, so a burst is served (or Redis runs dry) within about that many.
+        self.max_rounds = math.ceil(2 / lease) + 8
 
     @staticmethod
     def pool_key(key_hash: int) -> int:
@@ -159,7 +177,7 @@ class HybridLimiter:
         return time.monotonic_ns() // self.lease_ns
 
     def balance(self, key_hash: int) -> float:
-        return -self.arena.used(self.pool_key(key_hash), self._epoch())
+        return -self.arena.used(self.pool_key(key_hash), self._epoch(), True)
 
     def try_take_all(self, items):
         """From the pools only: (-1, remaining) when every pool had enough, else None (a lease is needed)."""
@@ -167,38 +185,78 @@ class HybridLimiter:
         charge = self.arena.charge
         rem = []
         for i, (key, cap, rate, amount) in enumerate(items):
-            ok, used = charge(self.pool_key(key), epoch, 0.0, amount, True)
+            ok, used = charge(self.pool_key(key), epoch, 0.0, amount, True, True)
             if not ok:
                 for key2, _, _, amount2 in items[:i]:
-                    charge(self.pool_key(key2), epoch, 0.0, -amount2, False)
+                    charge(self.pool_key(key2), epoch, 0.0, -amount2, False, True)
                 return None
             rem.append(self.remote_left.get(key, cap) - used)
         return -1, rem
+
+    def _short(self, items) -> int:
+        """The index of the first bucket whose pool lacks the request's amount, or -1."""
+        for i, (key, _, _, amount) in enumerate(items):
+            if self.balance(key) < amount:
+                return i
+        return -1
+
+    def _remaining(self, items) -> list[float]:
+        return [self.remote_left.get(k, c) + self.balance(k) for k, c, _, _ in items]
 
     async def take_all(self, items) -> tuple[int, list[float]]:
         res = self.try_take_all(items)
         if res is not None:
             return res
-        for _ in range(3):
-            for i, (key, cap, rate, amount) in enumerate(items):
-                need = amount - self.balance(key)
-                if need <= 0:
-                    continue
-                want = max(math.ceil(cap * self.lease), need)
-                grant, left = await self.remote.lease(key, cap, rate, want, need)
-                self.remote_left[key] = left
-                if grant > 0:
-                    self.arena.charge(self.pool_key(key), self._epoch(), 0.0, -grant, False)
-                if grant < need:
-                    return i, [self.remote_left.get(k, c) + self.balance(k) for k, c, _, _ in items]
+        own = 0
+        for _ in range(self.max_rounds):
+            i = self._short(items)
+            if i < 0:           # enough everywhere now, unless another worker takes it first
+                res = self.try_take_all(items)
+                if res is not None:
+                    return res
+                continue
+            key, cap, rate, amount = items[i]
+            pending = self._leasing.get(key)
+            if pending is not None:
+                left = await asyncio.shield(pending)    # shield: our cancellation must not cancel theirs
+            elif own < _MAX_LEASES:
+                own += 1
+                left = await self._lease(key, cap, rate, amount - self.balance(key))
+            else:
+                break
             res = self.try_take_all(items)
             if res is not None:
                 return res
+            if left is not None and amount - self.balance(key) > left:
+                return i, self._remaining(items)        # neither the pool nor Redis has enough for us
         # Other workers kept draining the pools between our leases: refuse rather than loop.
-        return 0, [self.remote_left.get(k, c) + self.balance(k) for k, c, _, _ in items]
+        i = self._short(items)
+        return max(i, 0), self._remaining(items)
+
+    async def _lease(self, key: int, cap: float, rate: float, need: float) -> float | None:
+        """Lease a chunk (at least `need`) from Redis into the pool of bucket `key`; requests of this worker
+        that need it meanwhile await this lease. Returns Redis's tokens left (the grant is 0 when fewer than
+        `need` were there)."""
+        fut = self._leasing[key] = asyncio.get_running_loop().create_future()
+        try:
+            grant, left = await self.remote.lease(key, cap, rate, max(math.ceil(cap * self.lease), need), need)
+            self.remote_left[key] = left
+            if grant > 0:
+                self.arena.charge(self.pool_key(key), self._epoch(), 0.0, -grant, False, True)
+            fut.set_result(left)
+            return left
+        except RedisError as exc:        # the waiters fail the same way (and follow fail_open)
+            fut.set_exception(exc)
+            fut.exception()              # retrieved, even when nobody waited
+            raise
+        finally:
+            if not fut.done():           # cancelled: the waiters look at the pool and lease themselves
+                fut.set_result(None)
+            if self._leasing.get(key) is fut:
+                del self._leasing[key]
 
     def settle(self, items) -> None:
         """Give back to (or take more from) this instance's pools; never waits on Redis."""
         epoch = self._epoch()
         for key, _, _, amount in items:
-            self.arena.charge(self.pool_key(key), epoch, 0.0, -amount, False)
+            self.arena.charge(self.pool_key(key), epoch, 0.0, -amount, False, True)
