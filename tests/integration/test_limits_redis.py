@@ -140,7 +140,7 @@ def test_redis_killed_fail_open_admits(redis_server, tmp_path, make_exchange):
 def test_redis_killed_fail_closed_refuses_503(redis_server, tmp_path, make_exchange):
     rl, results = asyncio.run(outage(str(tmp_path), redis_server.url, redis_server, False, make_exchange))
     assert results == [(503, "rate_limiter_unavailable", (("retry-after", "1"),))] * 3
-    assert rl.ctx.stats._rejections[("alice", "gpt-4o-mini", "rate_limiter_unavailable")] == 3
+    # Counted by the gateway's accounting (reason = the code), not by the policy: see test_client_relay.py.
 
 
 def test_unreachable_redis_never_hangs(tmp_path, make_exchange):

@@ -233,3 +233,26 @@ output = 1000.0
     per_request = spent / ok
     assert spent <= 0.5 + per_request                                  # stopped at the limit (one request of slack)
     assert sdk(gw, "bob").chat.completions.create(**CHAT)               # bob is not on alice's budget
+
+
+def test_each_refusal_is_counted_once_with_bounded_labels(tmp_path, mock, start_gateway):
+    """key-auth, model ACL and rate-limit refusals through the gateway: one count each in
+    fastgw_rejections_total, labelled with the configured model name or "other", never the client's string."""
+    gw = gateway(start_gateway, tmp_path, mock, rate_limit='[[rules]]\nrequests = 1\nwindow = "minute"\n'
+                                                          'per = ["consumer"]\n')
+    made_up = "client-minted-model-name-123"
+    r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-wrong"})
+    assert r.status_code == 401
+    with pytest.raises(openai.PermissionDeniedError):
+        sdk(gw).chat.completions.create(**{**CHAT, "model": made_up})
+    sdk(gw).chat.completions.create(**CHAT)
+    with pytest.raises(openai.RateLimitError):
+        sdk(gw).chat.completions.create(**CHAT)
+    deadline = time.monotonic() + 10
+    while metric(gw, "fastgw_rejections_total") < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(gw, "fastgw_rejections_total", reason="auth") == 1
+    assert metric(gw, "fastgw_rejections_total", consumer="alice", model="other", reason="model_not_allowed") == 1
+    assert metric(gw, "fastgw_rejections_total", consumer="alice", model="gpt-4o-mini", reason="rate_limit") == 1
+    assert metric(gw, "fastgw_rejections_total") == 3
+    assert made_up not in httpx.get(gw.base + "/metrics", timeout=10).text

@@ -54,3 +54,18 @@ def test_overlong_fields_are_cut_and_the_line_stays_json():
     ex = Exchange("r", "c", b"GET", "/" + "é漢" * 2000 + "\x01" * 3000, None, 0.0)
     got = orjson.loads(format_access_line(ex, 0.001, -1.0, 0.0))   # cut on a character boundary
     assert got["path"].startswith("/é漢") and len(got["path"].encode()) <= 1024
+
+
+@settings(max_examples=200)
+@given(rid=text, model=text, error=text, method=st.binary(max_size=10), status=st.integers(0, 999),
+       stream=st.booleans(), ttft=st.one_of(st.just(-1.0), st.floats(0, 1e4)), cost=st.floats(0, 1e6))
+def test_the_compiled_line_and_the_dict_of_log_hooks_are_one_field_list(rid, model, error, method, status, stream,
+                                                                        ttft, cost):
+    ex = Exchange(rid, "10.0.0.1", method, "/v1/chat/completions", None, 0.0)
+    ex.model, ex.error, ex.status, ex.stream, ex.cost = model, error, status, stream, cost
+    line = orjson.loads(format_access_line(ex, 1.5, ttft, 0.25))
+    rec = access_record(ex, 1.5, ttft, 0.25)
+    assert list(line) == list(rec) == list(FIELDS)
+    line.pop("ts"), rec.pop("ts")
+    assert abs(line.pop("cost_usd") - rec.pop("cost_usd")) <= 1e-8 * max(1.0, cost)
+    assert line == rec

@@ -20,7 +20,7 @@ from fnmatch import fnmatchcase
 
 import msgspec
 
-from fastgw.policies import FieldError, model_label
+from fastgw.policies import FieldError
 from fastgw.policies.auth.lookup import KeyLookup
 from fastgw.policies.api import Policy, Reject
 
@@ -168,8 +168,7 @@ class KeyAuth(Policy):
         return entry
 
     def _refuse(self, message: str):
-        self.ctx.stats.rejected("", "", "auth")
-        raise Reject(401, message, type="invalid_request_error", code="invalid_api_key")
+        raise Reject(401, message, type="invalid_request_error", code="invalid_api_key", reason="auth")
 
     def request(self, ex) -> None:
         # ex.consumer is the name access() set (names are unique), or another identity policy's: only the
@@ -193,6 +192,5 @@ class KeyAuth(Policy):
         return ok
 
     def _refuse_model(self, ex):
-        self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "model_not_allowed")
         raise Reject(403, f"The model `{ex.model}` is not allowed for this API key.",
                      type="invalid_request_error", param="model", code="model_not_allowed")

@@ -23,7 +23,7 @@ from typing import Literal, Optional
 import msgspec
 import xxhash
 
-from fastgw.policies import FieldError, completion_estimate, model_label
+from fastgw.policies import FieldError, completion_estimate
 from fastgw.policies.ratelimit.local import arena_for
 from fastgw.policies.budget.prices import PriceTable
 from fastgw.policies.ratelimit.policy import RedisConfig
@@ -200,25 +200,23 @@ class Budget(Policy):
             if self.config.fail_open:
                 ex.new_scratch()[self] = (done, est)     # settle what was reserved
                 return None
-            self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "budget_unavailable")
             raise Reject(503, "The budget service is unavailable; please retry shortly.", type="api_error",
                          code="budget_unavailable", headers=(("retry-after", "1"),)) from None
         ex.new_scratch()[self] = (plan, est)
 
     def _refuse(self, ex, b, name, pid, used, est):
-        self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "budget")
         who = "group" if b.group else "consumer"
         what = f"{_ADVERB[b.period]} budget of {who} {name!r} (${b.usd:g})"
         if est > _nano(b.usd):
             # No period will ever admit it: say so, and tell SDKs not to retry (they honour x-should-retry).
             raise Reject(429, f"This request's estimated cost alone (${est / NANO:.4f}) exceeds the whole {what}. "
                          "Please reduce your prompt or max_tokens.", type="insufficient_quota",
-                         code="insufficient_quota", headers=(("x-should-retry", "false"),))
+                         code="insufficient_quota", headers=(("x-should-retry", "false"),), reason="budget")
         wait = max(1, int(period_end(b.period, pid) - time.time()))
         raise Reject(429, f"You exceeded your current quota: the {what} is spent (${used / NANO:.4f} used, this "
                      f"request is estimated at ${est / NANO:.4f}). Please check your plan and billing details.",
                      type="insufficient_quota", code="insufficient_quota",
-                     headers=(("retry-after", str(wait)),))
+                     headers=(("retry-after", str(wait)),), reason="budget")
 
     # -- accounting --------------------------------------------------------------------------------------
 

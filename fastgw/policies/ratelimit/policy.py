@@ -40,7 +40,7 @@ import msgspec
 import xxhash
 
 from fastgw.policies.ratelimit.bucket import BucketPlan
-from fastgw.policies import FieldError, completion_estimate, model_label
+from fastgw.policies import FieldError, completion_estimate
 from fastgw.policies.ratelimit.local import LocalLimiter, arena_for
 from fastgw.policies.ratelimit.admission import LocalAdmission
 from fastgw.policies.api import Policy, Reject
@@ -370,7 +370,6 @@ class RateLimit(Policy):
             self._redis_failed(exc)
             if self.config.fail_open:
                 return None
-            self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "rate_limiter_unavailable")
             raise Reject(503, "The rate limiter is unavailable; please retry shortly.", type="api_error",
                          code="rate_limiter_unavailable", headers=(("retry-after", "1"),)) from None
         self._decide(ex, plan, tokens, fail, rem)
@@ -389,7 +388,6 @@ class RateLimit(Policy):
             cap, rate, amount = rule.requests, rule.req_rate, 1.0
         else:
             cap, rate, amount = rule.tokens, rule.tok_rate, float(tokens)
-        self.ctx.stats.rejected(ex.consumer, model_label(self.ctx, ex.model), "rate_limit")
         unit = f"{what} per {_ABBR[rule.window]} ({'R' if what == 'requests' else 'T'}P{_LETTER[rule.window]})"
         # The refusing bucket's x-ratelimit-* headers, as on admissions (reset: until the bucket is full again).
         limits = ((f"x-ratelimit-limit-{what}", str(int(cap))),
@@ -401,12 +399,14 @@ class RateLimit(Policy):
             # stops the OpenAI SDKs' automatic retries, and x-ratelimit-limit-* says how large a request may be.
             raise Reject(429, f"Request too large for {ex.model} on {unit}: Limit {int(cap)}, Requested "
                          f"{int(amount)}. Please reduce your prompt or max_tokens.", type=what,
-                         code="rate_limit_exceeded", headers=limits + (("x-should-retry", "false"),))
+                         code="rate_limit_exceeded", headers=limits + (("x-should-retry", "false"),),
+                         reason="rate_limit")
         wait = (amount - left) / rate if rate > 0 else float(WINDOWS[rule.window])
         used = max(0, round(cap - max(left, 0.0)))
         raise Reject(429, f"Rate limit reached for {ex.model} on {unit}: Limit {int(cap)}, Used {used}, "
                      f"Requested {int(amount)}. Please try again in {format_duration(wait)}.", type=what,
-                     code="rate_limit_exceeded", headers=(("retry-after", str(max(1, math.ceil(wait)))),) + limits)
+                     code="rate_limit_exceeded", headers=(("retry-after", str(max(1, math.ceil(wait)))),) + limits,
+                     reason="rate_limit")
 
     # -- response ----------------------------------------------------------------------------------------
 
