@@ -208,10 +208,11 @@ cdef void _put_field(int f, Exchange ex, double latency, double ttft, double ove
         _put_int(ex.bytes_in)
     elif f == F_BYTES_OUT:
         _put_int(ex.bytes_out)
-    elif ex.error:                     # F_ERROR
-        _put_str(ex.error)
-    else:
-        _puts("null")
+    elif f == F_ERROR:                 # (every branch compares f, so Cython makes the chain a C switch)
+        if ex.error:
+            _put_str(ex.error)
+        else:
+            _puts("null")
 
 
 cdef inline void _put(const char* s, Py_ssize_t n) noexcept:
