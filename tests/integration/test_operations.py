@@ -364,6 +364,45 @@ def test_admin_status_reload_and_isolation(mock, start_gateway):
     assert admin_get(admin, "/status").status_code == 200
 
 
+def test_reload_a_worker_would_refuse_is_refused_by_the_supervisor(mock, start_gateway):
+    """A deployment whose key_env names an unset variable: the supervisor refuses the reload itself, naming the
+    field, and a worker restarted afterwards starts with the config still in force (not a crash loop)."""
+    unset = "FASTGW_TEST_NEVER_SET_KEY"
+    assert unset not in os.environ
+    admin = free_port()
+    extra = f"[server]\nadmin_port = {admin}\n"
+    gw = start_gateway(model_config(mock.url, extra=extra), workers=2)
+    wait_port(admin, gw.proc)
+    st = wait_for(lambda: (s := admin_get(admin, "/status").json()) and len(s["workers"]) == 2 and s,
+                  what="two workers in /status")
+    (in_force,) = st["config_versions"]
+    pids = {w["worker"]: w["pid"] for w in st["workers"]}
+    gw.config_path.write_text(model_config(mock.url, extra=extra)
+                              + model_config(mock.url, name="new-model", key_env=unset))
+    gw.signal(signal.SIGHUP)
+    # Refused by the supervisor (its lines carry no "worker"), before any worker saw the config.
+    (refused,) = wait_for(lambda: [e for e in ops_events(gw) if e["event"] == "config reload refused"
+                                   and "worker" not in e], what="the supervisor to refuse the reload")
+    assert "models[1] ('new-model').deployments[0].key_env" in refused["error"] and unset in refused["error"]
+    assert "config validated, reloading workers" not in [e["event"] for e in ops_events(gw)]
+    # A worker that dies now comes back with the config in force, and serves.
+    os.kill(pids["1"], signal.SIGKILL)
+    st = wait_for(lambda: (s := admin_get(admin, "/status").json()) and len(s["workers"]) == 2
+                  and {w["worker"]: w["pid"] for w in s["workers"]}["1"] != pids["1"] and s,
+                  what="worker 1 restarted")
+    assert st["config_versions"] == [in_force]
+    served_by = set()
+    for _ in range(40):                # new connections: the kernel spreads them over both workers
+        r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers={"connection": "close"}, timeout=10)
+        assert r.status_code == 200
+        served_by.add(r.headers["x-request-id"].split("-")[2])
+    assert served_by == {"0", "1"}
+    assert [m["id"] for m in httpx.get(gw.base + "/v1/models", timeout=5).json()["data"]] == ["gpt-4o-mini"]
+    events = ops_events(gw)
+    assert [e["worker"] for e in events if e["event"] == "worker died"] == [1]   # one death, no crash loop
+    assert not any(e["event"] in ("worker crashed", "config reloaded") for e in events)
+
+
 # ---- the command line ----
 
 def fastgw(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
@@ -392,7 +431,8 @@ def test_check_config_good_and_bad(tmp_path):
         ("[server]\ncolour = 'blue'\n", ["{path}", "unknown field `colour` - at `$.server`"]),
         ("[server\n", ["{path}", "not valid TOML"]),
         (model_config("ftp://x/v1", name="m"), ["{path}", "models[0] ('m').deployments[0].url"]),
-        (model_config("http://127.0.0.1:9/v1", key_env="NO_SUCH_KEY_VAR"), ["NO_SUCH_KEY_VAR", "is not set"]),
+        (model_config("http://127.0.0.1:9/v1", key_env="NO_SUCH_KEY_VAR"),
+         ["{path}", "models[0] ('gpt-4o-mini').deployments[0].key_env", "NO_SUCH_KEY_VAR", "is not set"]),
         (f'policies_dir = "{pdir}"\n' + model_config("http://127.0.0.1:9/v1"),
          [str(tmp_path / "policies" / "20-rate.toml"), "rules[0].per[0]", "'nope'"]),
     ]
