@@ -166,7 +166,7 @@ def test_keep_alive_and_pipelining_keep_order(mock, start_gateway):
 def test_client_disconnect_mid_stream_cancels_upstream(mock, start_gateway):
     gw = start_gateway(model_config(mock.url))
     body = orjson.dumps({**CHAT, "stream": True})
-    before = mock.stats.closed_connections if hasattr(mock.stats, "closed_connections") else None
+    connections_before = mock.stats.connections_total
     s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
     s.sendall(post(gw.port, body, "x-mock-chunks: 50\r\nx-mock-chunk-delay-ms: 100\r\n"))
     got = b""
@@ -180,10 +180,12 @@ def test_client_disconnect_mid_stream_cancels_upstream(mock, start_gateway):
     while mock.stats.open_connections >= open_during and time.monotonic() < deadline:
         time.sleep(0.02)
     assert mock.stats.open_connections < open_during
-    # And the gateway still serves (the aborted connection was not put back in its pool).
+    assert mock.stats.connections_total == connections_before + 1      # the stream's one upstream connection
+    # And the gateway still serves, over a new upstream connection (the aborted one was not put back in its pool).
     r = client(gw).chat.completions.create(**CHAT)
     assert r.choices[0].message.content
-    assert before is None or mock.stats.closed_connections > before
+    assert mock.stats.connections_total == connections_before + 2
+    assert mock.stats.requests == 2
     assert _wait_lines(gw, 2)
     assert any(l["status"] == 499 and l["error"] == "client_disconnected" for l in gw.access_lines())
 
