@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from tests.conftest import free_port
-from tests.integration.conftest import ROOT, model_config, wait_port
+from tests.integration.conftest import ROOT, model_config, wait_for, wait_port
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -78,17 +78,6 @@ def exchange(port: int, *pieces: bytes, gap: float = 0.0, timeout: float = 10.0)
         except (ConnectionResetError, BrokenPipeError):
             pass
         return b"".join(got)
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def access_line(gw, rid: str) -> dict:
@@ -173,11 +162,14 @@ def test_proxy_bad_or_missing_header_is_closed_without_a_response(proxied):
     for name, header in MALFORMED:
         got = exchange(proxied.port, header + get("/healthz", "bad"))
         assert got == b"", (name, got)
-    # Not one of them reached the HTTP layer. Refusals are logged with their reason, at most one per 10 s per
-    # worker (any client can trigger them at will: an unthrottled line each would let it flood the log).
-    time.sleep(0.3)
+    # Not one of them reached the HTTP layer (the access log is written in order: once a later request's line
+    # is there, theirs would be too). Refusals are logged with their reason, at most one per 10 s per worker
+    # (any client can trigger them at will: an unthrottled line each would let it flood the log).
+    assert exchange(proxied.port, v2("203.0.113.9") + get("/healthz", "marker")).startswith(b"HTTP/1.1 200")
+    access_line(proxied, "marker")
     assert not any(l["request_id"] == "bad" for l in proxied.access_lines())
-    refused = [e for e in ops_events(proxied) if e["event"] == "proxy protocol refused"]
+    refused = wait_for(lambda: [e for e in ops_events(proxied) if e["event"] == "proxy protocol refused"],
+                       what="a refusal logged")
     assert 1 <= len(refused) <= 2 and all(e["peer"] == "127.0.0.1" and e["reason"] for e in refused)
     # A header that never completes is not waited on forever (header_timeout = 1 s), and no request is served.
     t0 = time.monotonic()
@@ -198,8 +190,10 @@ def test_proxy_header_timeout_closes_without_an_http_response(proxied):
                 assert s.recv(65536) == b""
             except ConnectionResetError:
                 pass
-    time.sleep(0.3)
-    assert proxied.access_lines() == []                                 # no request was ever made up
+    # No request was ever made up: the next one is the first line of the access log.
+    assert exchange(proxied.port, v2("203.0.113.9") + get("/healthz", "marker")).startswith(b"HTTP/1.1 200")
+    access_line(proxied, "marker")
+    assert [l["request_id"] for l in proxied.access_lines()] == ["marker"]
 
 
 def test_proxy_header_from_an_untrusted_peer_is_never_believed(mock, start_gateway):
@@ -211,11 +205,11 @@ def test_proxy_header_from_an_untrusted_peer_is_never_believed(mock, start_gatew
     before = len(wait_for(refused, what="the start-up probe refused"))    # wait_port's probe was one
     for header in (v1("203.0.113.7"), v2("203.0.113.7"), v2_local(), b""):
         assert exchange(gw.port, header + get("/healthz", "untrusted")) == b""
+    # No connection can make a request here: stop the gateway, which flushes its logs, then read them.
+    assert gw.stop() == 0
     # Logged at most once per 10 s and worker (a client could flood the log): the probe's line stands for all.
-    time.sleep(0.3)
     assert before == len(refused()) >= 1
     assert {e["reason"] for e in refused()} == {"untrusted peer"}
-    time.sleep(0.3)
     assert not any(l["request_id"] == "untrusted" for l in gw.access_lines())
 
 
@@ -352,8 +346,11 @@ def test_admin_status_reload_and_isolation(mock, start_gateway):
     gw.config_path.write_text("[server]\nport = 'x'\n")
     gw.signal(signal.SIGHUP)
     wait_for(lambda: "config reload refused" in gw.ops_log(), what="reload refused")
-    time.sleep(1.2)
-    assert admin_get(admin, "/status").json()["config_versions"] == [after]
+    refused_at = time.time()
+    st = wait_for(lambda: (s := admin_get(admin, "/status").json()) and len(s["workers"]) == 2
+                  and all(w["updated_at"] > refused_at for w in s["workers"]) and s,
+                  what="status snapshots taken after the refusal")
+    assert st["config_versions"] == [after]
     # Never on the public listener; read-only on the admin one.
     r = httpx.get(gw.base + "/status", timeout=5)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
