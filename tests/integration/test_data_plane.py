@@ -11,6 +11,7 @@ import openai
 import orjson
 import pytest
 
+from tests.conftest import require_tool
 from tests.integration.conftest import model_config, raw_request, wait_for, wait_for_value
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
@@ -120,13 +121,11 @@ def test_stream_chunks_arrive_before_the_stream_ends(mock, start_gateway):
 
 
 def test_curl_sees_chunks_before_the_end(mock, start_gateway):
-    import shutil
     import subprocess
 
-    if shutil.which("curl") is None:
-        pytest.skip("curl not installed")
+    curl = require_tool("curl")
     gw = start_gateway(model_config(mock.url))
-    p = subprocess.Popen(["curl", "-sN", gw.base + "/v1/chat/completions", "-H", "x-mock-chunks: 3",
+    p = subprocess.Popen([curl, "-sN", gw.base + "/v1/chat/completions", "-H", "x-mock-chunks: 3",
                           "-H", "x-mock-chunk-delay-ms: 500", "-d", orjson.dumps({**CHAT, "stream": True})],
                          stdout=subprocess.PIPE)
     first = p.stdout.readline()

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, require_tool
 from tests.integration.conftest import ROOT, model_config, wait_for, wait_port
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
@@ -243,15 +243,12 @@ def test_rate_limit_per_client_address_behind_one_balancer(proxied):
 def test_tcp_keepalive_and_idle_timeout_for_the_nlb(mock, start_gateway):
     """Accepted sockets probe after tcp_keepalive_idle (under the NLB's 350 s), and fastgw closes an idle
     keep-alive connection itself after idle_timeout, so the NLB never silently forgets a flow."""
-    import shutil
-
-    if shutil.which("ss") is None:
-        pytest.skip("ss (iproute2) not installed")
+    ss = require_tool("ss")
     gw = start_gateway(model_config(mock.url, extra="[server]\ntcp_keepalive_idle = 42\nidle_timeout = 1.0\n"))
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
-        out = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{gw.port} )"],
+        out = subprocess.run([ss, "-tnoH", "state", "established", f"( sport = :{gw.port} )"],
                              capture_output=True, text=True, timeout=10).stdout
         # The server side of this connection: "timer:(keepalive,41sec,0)" or so (counting down from 42 s).
         timers = re.findall(r"timer:\(keepalive,(\d+)(?:sec|min)", out)
