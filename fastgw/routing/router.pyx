@@ -76,11 +76,12 @@ cdef class Router:
     def __init__(self, cfg: Config, env=None, mock_url=None):
         self.routes = {}
         self.wildcard = None
-        for m in cfg.models:
+        for i, m in enumerate(cfg.models):
             deployments = []
-            for d in m.deployments:
+            for j, d in enumerate(m.deployments):
                 url = mock_url if (mock_url and "mock.invalid" in d.url) else d.url
-                deployments.append((Deployment(url, d.model, provider_key(d, env), d.ca_file, d.provider), d.weight))
+                key = provider_key(d, env, f"{cfg.source}: models[{i}] ({m.name!r}).deployments[{j}].key_env")
+                deployments.append((Deployment(url, d.model, key, d.ca_file, d.provider), d.weight))
             route = Route(m.name, deployments)
             if m.name == "*":
                 self.wildcard = route

@@ -38,6 +38,7 @@ def _config_loader(args) -> callable:
 
 
 def cmd_serve(args) -> int:
+    from fastgw.runtime.preflight import check_usable
     from fastgw.runtime.supervisor import Supervisor, available_cpus
     from fastgw.runtime.worker import run_worker
 
@@ -45,49 +46,33 @@ def cmd_serve(args) -> int:
     load = _config_loader(args)
     try:
         cfg = load()
-        from fastgw.routing.router import Router
-
-        Router(cfg, mock_url="http://127.0.0.1:1/v1")   # provider keys present, URLs valid
-        if cfg.policies_dir:
-            _check_policies(cfg)
+        check_usable(cfg)
     except config.ConfigError as exc:
         print(f"fastgw: {exc}", file=sys.stderr)
         return 2
     n = cfg.server.workers or available_cpus()
     run_dir = _run_dir()
+    # The config in force: what a new or restarted worker starts with, and (published in run_dir) what every
+    # worker applies on SIGHUP. Only a config that passed check_usable ever gets here.
     state = {"cfg": cfg}
+    config.publish(cfg, run_dir)
 
     def reload() -> bool:
-        try:
-            new = load()
-            if new.policies_dir:
-                _check_policies(new)
-        except config.ConfigError as exc:
-            log.error("config reload refused", error=str(exc))
-            return False
+        """Raises ConfigError (the supervisor logs it, the workers are not signalled) for a config they would refuse."""
+        new = load()
+        check_usable(new)   # what the workers would do with it, done here first
+        config.publish(new, run_dir)
         state["cfg"] = new
         return True
 
     def target(index: int) -> int:
-        return run_worker(index, state["cfg"], load, run_dir, log.bind(index))
+        return run_worker(index, state["cfg"], lambda: config.in_force(run_dir), run_dir, log.bind(index))
 
     log.info("fastgw starting", version=__version__, workers=n, host=cfg.server.host, port=cfg.server.port,
              config=cfg.source)
     try:
         return Supervisor(n, target, drain_timeout=cfg.server.drain_timeout + cfg.server.shutdown_delay,
                           reload=reload, log=log).run()
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _check_policies(cfg) -> None:
-    """Load the policy files once, in the parent, so a bad one is refused before any worker starts."""
-    from fastgw.policies.pipeline import load_pipeline
-    from fastgw.policies.api import PolicyContext
-
-    run_dir = tempfile.mkdtemp(prefix="fastgw-check-")
-    try:
-        load_pipeline(cfg, PolicyContext(Logger(), None, run_dir, "check", cfg)).close()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -101,11 +86,9 @@ def cmd_mock(args) -> int:
 def cmd_check_config(args) -> int:
     try:
         cfg = config.load(args.file)
-        from fastgw.routing.router import Router
+        from fastgw.runtime.preflight import check_usable
 
-        Router(cfg, mock_url="http://127.0.0.1:1/v1")
-        if cfg.policies_dir:
-            _check_policies(cfg)
+        check_usable(cfg)
     except config.ConfigError as exc:
         print(f"fastgw: {exc}", file=sys.stderr)
         return 2

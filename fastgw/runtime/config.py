@@ -84,6 +84,9 @@ name = "*"
 url = "{MOCK_URL}"
 """
 
+# The file in the run directory through which the supervisor hands the validated config to its workers.
+IN_FORCE = "config-in-force.json"
+
 # Environment overrides, for containers: FASTGW_PORT=9000 etc.
 _ENV = {
     "FASTGW_HOST": ("host", str), "FASTGW_PORT": ("port", int), "FASTGW_WORKERS": ("workers", int),
@@ -187,12 +190,31 @@ def _check(cfg: Config, source: str) -> None:
                                   f"(known: {', '.join(sorted(PROVIDERS))})")
 
 
-def provider_key(d: DeploymentConfig, env=None) -> str:
-    """The key of a deployment, read from its environment variable ("" when it names none)."""
+def provider_key(d: DeploymentConfig, env=None, field: str = "") -> str:
+    """The key of a deployment, read from its environment variable ("" when it names none).
+
+    `field` names the deployment's key_env in the error (e.g. "fastgw.toml: models[0] ('m').deployments[0].key_env").
+    """
     if not d.key_env:
         return ""
     env = os.environ if env is None else env
     key = env.get(d.key_env)
     if key is None:
-        raise ConfigError(f"deployment {d.url}: environment variable {d.key_env} is not set")
+        where = field or f"deployment {d.url}: key_env"
+        raise ConfigError(f"{where}: environment variable {d.key_env} is not set")
     return key
+
+
+def publish(cfg: Config, run_dir: str) -> None:
+    """Write `cfg` as the config in force, for the workers to apply on SIGHUP (atomically: never half a file)."""
+    path = os.path.join(run_dir, IN_FORCE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(msgspec.json.encode(cfg))
+    os.replace(tmp, path)
+
+
+def in_force(run_dir: str) -> Config:
+    """The config the supervisor validated and published last: what a worker applies on SIGHUP."""
+    with open(os.path.join(run_dir, IN_FORCE), "rb") as f:
+        return msgspec.json.decode(f.read(), type=Config)

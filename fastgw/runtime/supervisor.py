@@ -10,7 +10,8 @@ sigtimedwait, so there is no busy loop, no handler racing the main code, and no 
   SIGKILL the stragglers; run() returns 0, or 1 if a worker had to be killed. A second SIGINT (Ctrl-C
   twice) kills at once;
 - SIGHUP: reload() in the parent validates the new config; if it returns True, SIGHUP goes to every worker
-  ("config validated, reloading workers"; each worker then logs "config reloaded"), else the workers keep the old config ("config reload refused").
+  ("config validated, reloading workers"; each worker then logs "config reloaded"), else (False, or a
+  ValueError whose message is logged as `error`) the workers keep the old config ("config reload refused").
 
 Workers start with SIGINT and SIGHUP ignored (the parent turns Ctrl-C into a graceful SIGTERM; a SIGHUP
 arriving before the worker installed its reload handler must not kill it) and SIGTERM at its default.
@@ -215,8 +216,11 @@ class Supervisor:
             self._restart_at[index] = now + delay
 
     def _reload(self) -> None:
+        reason = {}
         try:
             ok = bool(self.reload())
+        except ValueError as exc:  # the new config is not usable (ConfigError): its message names the field
+            ok, reason = False, {"error": str(exc)}
         except Exception as exc:  # a broken reload must not take the supervisor down
             self.log.exception("config reload failed", exc)
             ok = False
@@ -224,7 +228,7 @@ class Supervisor:
             self._signal_all(signal.SIGHUP)
             self.log.info("config validated, reloading workers", workers=len(self.workers))
         else:
-            self.log.warning("config reload refused")
+            self.log.warning("config reload refused", **reason)
 
     def _shutdown(self, sig: int) -> int:
         self.log.info("shutting down", signal=signal.Signals(sig).name, workers=len(self.workers),

@@ -166,7 +166,8 @@ def raise_fd_limit() -> None:
 
 
 def run_worker(index: int, cfg: Config, load_config: Callable[[], Config], run_dir: str, log) -> int:
-    """Entry point in the forked child."""
+    """Entry point in the forked child: serve `cfg`; on SIGHUP apply `load_config()`, the config the supervisor
+    validated and published (fastgw.runtime.config.in_force), never a fresh read of the file."""
     raise_fd_limit()
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)

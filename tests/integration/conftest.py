@@ -30,6 +30,31 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
     raise TimeoutError(f"nothing listens on {port}")
 
 
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Poll `predicate` until it returns something true (returned); AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_for_value(get, want, timeout: float = 10.0, what: str = "value"):
+    """Poll `get()` until it equals `want` (a metric: workers publish theirs once a second); the failure says
+    what it was instead."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = get()
+        if got == want:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still {got!r} after {timeout} s, expected {want!r}")
+        time.sleep(0.05)
+
+
 class MockThread:
     """The built-in mock in a thread of the test process, so tests can read its connection counters."""
 
@@ -106,7 +131,8 @@ class Gateway:
         return self.proc.returncode
 
     def ops_log(self) -> str:
-        self.err.flush()
+        if not self.err.closed:   # closed by stop(): everything is in the file already
+            self.err.flush()
         return self.err_path.read_text()
 
     def access_lines(self) -> list[dict]:

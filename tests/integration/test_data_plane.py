@@ -11,7 +11,8 @@ import openai
 import orjson
 import pytest
 
-from tests.integration.conftest import model_config, raw_request
+from tests.conftest import require_tool
+from tests.integration.conftest import model_config, raw_request, wait_for, wait_for_value
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
 
@@ -96,17 +97,8 @@ def test_sdk_async_100_concurrent(mock, start_gateway):
 
     out = asyncio.run(run())
     assert len(out) == 100 and len(set(out)) == 1 and out[0]
-    lines = gw.access_lines() if _wait_lines(gw, 100) else []
+    lines = wait_for(lambda: len(l := gw.access_lines()) >= 100 and l, what="100 access log lines")
     assert sum(1 for l in lines if l["status"] == 200) == 100
-
-
-def _wait_lines(gw, n, timeout=5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(gw.access_lines()) >= n:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_stream_chunks_arrive_before_the_stream_ends(mock, start_gateway):
@@ -129,13 +121,11 @@ def test_stream_chunks_arrive_before_the_stream_ends(mock, start_gateway):
 
 
 def test_curl_sees_chunks_before_the_end(mock, start_gateway):
-    import shutil
     import subprocess
 
-    if shutil.which("curl") is None:
-        pytest.skip("curl not installed")
+    curl = require_tool("curl")
     gw = start_gateway(model_config(mock.url))
-    p = subprocess.Popen(["curl", "-sN", gw.base + "/v1/chat/completions", "-H", "x-mock-chunks: 3",
+    p = subprocess.Popen([curl, "-sN", gw.base + "/v1/chat/completions", "-H", "x-mock-chunks: 3",
                           "-H", "x-mock-chunk-delay-ms: 500", "-d", orjson.dumps({**CHAT, "stream": True})],
                          stdout=subprocess.PIPE)
     first = p.stdout.readline()
@@ -166,7 +156,7 @@ def test_keep_alive_and_pipelining_keep_order(mock, start_gateway):
 def test_client_disconnect_mid_stream_cancels_upstream(mock, start_gateway):
     gw = start_gateway(model_config(mock.url))
     body = orjson.dumps({**CHAT, "stream": True})
-    before = mock.stats.closed_connections if hasattr(mock.stats, "closed_connections") else None
+    connections_before = mock.stats.connections_total
     s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
     s.sendall(post(gw.port, body, "x-mock-chunks: 50\r\nx-mock-chunk-delay-ms: 100\r\n"))
     got = b""
@@ -176,16 +166,15 @@ def test_client_disconnect_mid_stream_cancels_upstream(mock, start_gateway):
     assert open_during >= 1
     s.close()
     # The gateway aborts its upstream connection: the mock sees it close long before the 5 s stream ends.
-    deadline = time.monotonic() + 2.5
-    while mock.stats.open_connections >= open_during and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert mock.stats.open_connections < open_during
-    # And the gateway still serves (the aborted connection was not put back in its pool).
+    wait_for(lambda: mock.stats.open_connections < open_during, timeout=2.5, what="the upstream connection closed")
+    assert mock.stats.connections_total == connections_before + 1      # the stream's one upstream connection
+    # And the gateway still serves, over a new upstream connection (the aborted one was not put back in its pool).
     r = client(gw).chat.completions.create(**CHAT)
     assert r.choices[0].message.content
-    assert before is None or mock.stats.closed_connections > before
-    assert _wait_lines(gw, 2)
-    assert any(l["status"] == 499 and l["error"] == "client_disconnected" for l in gw.access_lines())
+    assert mock.stats.connections_total == connections_before + 2
+    assert mock.stats.requests == 2
+    lines = wait_for(lambda: len(l := gw.access_lines()) >= 2 and l, what="two access log lines")
+    assert any(l["status"] == 499 and l["error"] == "client_disconnected" for l in lines)
 
 
 def test_upstream_reset_mid_stream_ends_without_fake_done(mock, start_gateway):
@@ -293,11 +282,13 @@ def test_two_workers_both_serve_and_metrics_sum(mock, start_gateway):
         assert r.status_code == 200
         workers.add(r.headers["x-request-id"].split("-")[2])
     assert workers == {"0", "1"}
-    time.sleep(1.3)            # each worker snapshots its counters every second
-    text = httpx.get(gw.base + "/metrics", timeout=10).text
-    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("fastgw_requests_total{") and 'status="200"' in line)
-    assert total == 40
+
+    def answered_200():         # each worker publishes its counters once a second: poll the sum
+        text = httpx.get(gw.base + "/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("fastgw_requests_total{") and 'status="200"' in line)
+
+    wait_for_value(answered_200, 40, what="fastgw_requests_total{status=200} summed over both workers")
 
 
 def test_stream_keepalive_comments_while_waiting_for_first_token(mock, start_gateway):
@@ -332,15 +323,15 @@ def test_slow_client_gets_408_and_is_closed(mock, start_gateway):
 
 
 def test_sigterm_drains_open_stream(mock, start_gateway):
-    gw = start_gateway(model_config(mock.url, extra="[server]\nshutdown_delay = 1.0\ndrain_timeout = 10\n"))
+    gw = start_gateway(model_config(mock.url, extra="[server]\nshutdown_delay = 2.0\ndrain_timeout = 10\n"))
     body = orjson.dumps({**CHAT, "stream": True})
     s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
     s.sendall(post(gw.port, body, "x-mock-chunks: 8\r\nx-mock-chunk-delay-ms: 250\r\n"))
     got = s.recv(65536)
     gw.signal(signal.SIGTERM)
-    time.sleep(0.2)
-    r = httpx.get(gw.base + "/readyz", timeout=5)
-    assert r.status_code == 503                 # unready at once, while still answering
+    # Unready within the shutdown_delay, while still answering (the listener closes after it).
+    wait_for(lambda: httpx.get(gw.base + "/readyz", timeout=5).status_code == 503, timeout=1.5,
+             what="/readyz 503 during shutdown_delay")
     while b"0\r\n\r\n" not in got:
         chunk = s.recv(65536)
         if not chunk:
@@ -359,20 +350,14 @@ def test_sighup_reloads_config_and_refuses_a_bad_one(mock, start_gateway):
     got = s.recv(65536)
     gw.config_path.write_text(model_config(mock.url) + model_config(mock.url, name="new-model"))
     gw.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
-    while "new-model" not in httpx.get(gw.base + "/v1/models").text and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "new-model" in httpx.get(gw.base + "/v1/models").text
+    wait_for(lambda: "new-model" in httpx.get(gw.base + "/v1/models").text, what="new-model in /v1/models")
     while b"0\r\n\r\n" not in got:              # the stream in flight was not dropped
         got += s.recv(65536)
     assert b"data: [DONE]" in got
     s.close()
     gw.config_path.write_text("[server]\nport = 'not a port'\n")
     gw.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
-    while "config reload refused" not in gw.ops_log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "config reload refused" in gw.ops_log()
+    wait_for(lambda: "config reload refused" in gw.ops_log(), what="config reload refused")
     assert "new-model" in httpx.get(gw.base + "/v1/models").text
 
 

@@ -4,14 +4,19 @@ Speed is never judged here: only that the figures exist, are consistent, and tha
 import copy
 import json
 import os
-import shutil
 
 import pytest
 
 from perf import compare, report
 from perf import run as perf_run
+from tests.conftest import require_tool
 
-pytestmark = pytest.mark.skipif(not (shutil.which("wrk") and shutil.which("nginx")), reason="needs wrk and nginx")
+
+@pytest.fixture(scope="module", autouse=True)
+def load_tools():
+    """wrk makes the load and nginx is the yardstick: every test here runs them (before the module's result)."""
+    require_tool("wrk")
+    require_tool("nginx")
 
 SHORT = dict(duration=2, warmup=1, connections=4)
 

