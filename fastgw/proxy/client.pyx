@@ -28,7 +28,7 @@ from fastgw.proxy.deadlines cimport (BODY_WAIT, HEAD_WAIT, IDLE, STREAMING, UPST
 from fastgw.proxy.exchange cimport new_exchange
 from fastgw.proxy.gateway cimport Gateway
 from fastgw.proxy.phases cimport refused, run_access, run_complete
-from fastgw.proxy.relay cimport RELAYING, new_relay
+from fastgw.proxy.relay cimport RELAYING, client_write, new_relay, wait_for
 
 from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
@@ -84,7 +84,7 @@ cdef class ClientConnection(ClientSide):
                 return
             self.proxy_buf = b""
         gw.connections.add(self)
-        self.wait_for(HEAD_WAIT if self.proxy_buf is not None else IDLE)
+        wait_for(self, HEAD_WAIT if self.proxy_buf is not None else IDLE)
 
     def connection_lost(self, exc):
         self.closing = True
@@ -112,7 +112,7 @@ cdef class ClientConnection(ClientSide):
                 self.transport.pause_reading()
             return
         if self.wait == IDLE:
-            self.wait_for(HEAD_WAIT)
+            wait_for(self, HEAD_WAIT)
         try:
             self._advance()
         except Exception:
@@ -121,12 +121,12 @@ cdef class ClientConnection(ClientSide):
     def pause_writing(self):     # the client reads slower than the upstream sends: slow the upstream down
         if self.relay is not None:
             self.relay.pause_upstream()
-        self.wait_for(WRITING)
+        wait_for(self, WRITING)
 
     def resume_writing(self):
         if self.relay is not None:
             self.relay.resume_upstream()
-        self.wait_for(STREAMING if self.ex is not None else IDLE)
+        wait_for(self, STREAMING if self.ex is not None else IDLE)
 
     def eof_received(self):
         # The client half-closed: answer what is in flight (keep the transport open), then close.
@@ -150,7 +150,7 @@ cdef class ClientConnection(ClientSide):
         self.proxy_buf = None
         if info.command == "PROXY" and info.src_addr:
             self.client_addr = info.src_addr
-        self.wait_for(IDLE)               # the header is in; the connection is now an idle HTTP one
+        wait_for(self, IDLE)               # the header is in; the connection is now an idle HTTP one
         return buf[consumed:]
 
     cdef void _internal_error(self, str what):
@@ -208,7 +208,7 @@ cdef class ClientConnection(ClientSide):
         cdef Exchange ex = new_exchange(rid, self.client_addr, p.method, path, p, now())
         self.ex = ex
         self.keep_alive = p.keep_alive and not gw.draining
-        self.wait_for(BODY_WAIT)
+        wait_for(self, BODY_WAIT)
         if gw.access_hooks and path.startswith("/v1/"):
             # Answered before the body is read: close after, so the unread body is never parsed as a request.
             try:
@@ -283,7 +283,7 @@ cdef class ClientConnection(ClientSide):
             lines.append(b"connection: close\r\n")
         ex.status = status
         head = H.response_head(status, reason(status), lines, len(body))
-        self.write(head if ex.method == b"HEAD" else head + body)
+        client_write(self, head if ex.method == b"HEAD" else head + body)
         self.exchange_over(ex)
 
     cdef void refuse(self, object err, bint close) except *:
@@ -339,9 +339,9 @@ cdef class ClientConnection(ClientSide):
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
-        self.wait_for(IDLE)
+        wait_for(self, IDLE)
         if p.buffered:
-            self.wait_for(HEAD_WAIT)
+            wait_for(self, HEAD_WAIT)
             self._advance()
 
     # -- deadlines --------------------------------------------------------------------------------------------

@@ -40,9 +40,8 @@ cdef class Gateway:
     def apply(self, cfg):
         """Swap in a new config (raises before swapping anything if it cannot be used)."""
         s, u = cfg.server, cfg.upstream
-        router = Router(cfg, mock_url=self.mock_url)
         ctx = PolicyContext(self.log, self.stats, self.run_dir, self.worker_id, cfg)
-        pipeline = load_pipeline(cfg, ctx)
+        router, pipeline = build(cfg, ctx, self.mock_url)
         trusted = parse_networks(s.trusted_proxies)
         old = self.pipeline
         self.cfg = cfg
@@ -79,6 +78,14 @@ cdef class Gateway:
     def close(self):
         self.pipeline.close()
         self.pools.close()
+
+
+def build(cfg, ctx, mock_url):
+    """What a config decides, built: (router, pipeline). Raises ConfigError (naming the field), OSError or
+    ValueError when the config cannot be used. Gateway.apply swaps in its result; the supervisor's preflight
+    (fastgw.runtime.preflight) calls it too, so a config it accepts is one every worker accepts."""
+    router = Router(cfg, mock_url=mock_url)
+    return router, load_pipeline(cfg, ctx)
 
 
 cdef str _request_id(bytes prefix, unsigned long long v):

@@ -6,6 +6,7 @@ from fastgw.proxy.exchange cimport Exchange
 from fastgw.proxy.gateway cimport Gateway
 from fastgw.proxy.upstream cimport UpstreamConnection, UpstreamListener
 from fastgw.routing.router cimport Deployment, Route, Router
+from fastgw.proxy.deadlines cimport STREAMING, UPSTREAM_WAIT, now
 
 
 # A relay's progress: one state at a time, moving only forward (ADMITTING -> ... -> DONE).
@@ -30,8 +31,6 @@ cdef class ClientSide:
     cdef int wait
     cdef double deadline
 
-    cdef void write(self, data) except *
-    cdef void wait_for(self, int what) except *
     cdef void exchange_over(self, Exchange ex) except *
     cdef void refuse(self, object err, bint close) except *
     cdef void reply(self, object answer) except *
@@ -60,7 +59,6 @@ cdef class Relay(UpstreamListener):
     cdef void start(self) except *
     cdef void _admitted(self) except *
     cdef void _send(self, Deployment d) except *
-    cdef void _relay_stream(self, data) except *
     cdef void _stream_events(self, data) except *
     cdef void _end_stream(self) except *
     cdef void _end_body(self) except *
@@ -75,3 +73,21 @@ cdef class Relay(UpstreamListener):
 
 
 cdef Relay new_relay(ClientSide client, Exchange ex)
+
+
+# Inline (not methods): a write and a deadline change run several times per request.
+cdef inline void client_write(ClientSide c, data) except *:
+    c.ex.bytes_out += len(data)
+    c.transport_write(data)
+
+
+cdef inline void wait_for(ClientSide c, int what) except *:
+    """`c` waits for `what` from now on, for at most its timeout; no upstream wait outlives the request's total."""
+    c.wait = what
+    cdef double d = now() + c.gw.timeouts[what]
+    cdef double total
+    if (what == UPSTREAM_WAIT or what == STREAMING) and c.ex is not None:
+        total = c.ex.t_start + c.gw.total_timeout
+        if total < d:
+            d = total
+    c.deadline = d

@@ -24,7 +24,6 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.string cimport memcpy
 
 from fastgw.protocol.http cimport RequestParser
-from fastgw.proxy.deadlines cimport STREAMING, UPSTREAM_WAIT, now
 from fastgw.proxy.phases cimport refused, run_request, run_response_headers, run_stream_event
 from fastgw.proxy.upstream cimport Pool
 
@@ -49,21 +48,6 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 cdef class ClientSide:
     """The part of a client connection that relays use; fastgw.proxy.client.ClientConnection is the rest."""
-
-    cdef void write(self, data) except *:
-        self.ex.bytes_out += len(data)
-        self.transport_write(data)
-
-    cdef void wait_for(self, int what) except *:
-        """Wait for `what` from now on, for at most its timeout; no upstream wait outlives the request's total."""
-        self.wait = what
-        cdef double d = now() + self.gw.timeouts[what]
-        cdef double total
-        if (what == UPSTREAM_WAIT or what == STREAMING) and self.ex is not None:
-            total = self.ex.t_start + self.gw.total_timeout
-            if total < d:
-                d = total
-        self.deadline = d
 
     cdef void exchange_over(self, Exchange ex) except *:
         raise NotImplementedError
@@ -115,7 +99,7 @@ cdef class Relay(UpstreamListener):
         ex.client_wants_usage = f.include_usage
         ex.route = route
         if gw.request_hooks:
-            self.client.wait_for(UPSTREAM_WAIT)     # policies waiting on I/O count against the first byte
+            wait_for(self.client, UPSTREAM_WAIT)     # policies waiting on I/O count against the first byte
             try:
                 pending = run_request(gw, ex)
             except GatewayError as err:
@@ -177,7 +161,7 @@ cdef class Relay(UpstreamListener):
             pool = d.pool = gw.pools.get(d)
         cdef UpstreamConnection conn = (<Pool>pool).acquire()
         self.state = AWAITING_HEAD
-        self.client.wait_for(UPSTREAM_WAIT)
+        wait_for(self.client, UPSTREAM_WAIT)
         if ex.stream and gw.keepalive_interval > 0:
             self.next_keepalive = now() + gw.keepalive_interval
         ex.t_sent = now()
@@ -219,7 +203,7 @@ cdef class Relay(UpstreamListener):
                 return
         if ex.stream and r.status == 200:
             self.sse = self.provider.open_stream(ex, self.strip_usage, gw.needs_usage)
-            self.client.wait_for(STREAMING)
+            wait_for(self.client, STREAMING)
         else:
             self.parts = []
         if self.state == OWN_SSE_HEAD:      # our SSE head is out already (keep-alive comments were sent)
@@ -243,13 +227,30 @@ cdef class Relay(UpstreamListener):
             self.chunked = True
             self.pending_head = r.forward_head(extra, True, 0)
             if self.sse is not None:        # the client sees a stream's head at once
-                self.client.write(self.pending_head)
+                client_write(self.client, self.pending_head)
                 self.pending_head = None
                 self.state = RELAYING
 
     cdef void upstream_body(self, data) except *:
-        if self.sse is not None:
-            self._relay_stream(data)
+        cdef Exchange ex
+        cdef double d, total
+        if self.sse is not None:            # a stream's events (inline: this runs once per upstream read)
+            ex = self.ex
+            data = self.sse.feed(data)
+            if not data:
+                return
+            if ex.t_first_token == 0.0:
+                ex.t_first_token = now()
+            if self.gw.stream_event_hooks:
+                try:
+                    self._stream_events(data)
+                except GatewayError as err:
+                    self._give_up(err)
+                    return
+            d = now() + self.gw.stream_gap_timeout
+            total = ex.t_start + self.gw.total_timeout
+            self.client.deadline = d if d < total else total
+            client_write(self.client, _frame(data))
             return
         parts = self.parts
         if parts is not None:
@@ -268,24 +269,7 @@ cdef class Relay(UpstreamListener):
             out = self.pending_head + out
             self.pending_head = None
             self.state = RELAYING
-        self.client.write(out)
-
-    cdef void _relay_stream(self, data) except *:
-        cdef Exchange ex = self.ex
-        data = self.sse.feed(data)
-        if not data:
-            return
-        if ex.t_first_token == 0.0:
-            ex.t_first_token = now()
-        if self.gw.stream_event_hooks:
-            try:
-                self._stream_events(data)
-            except GatewayError as err:
-                self._give_up(err)
-                return
-        cdef double d = now() + self.gw.stream_gap_timeout, total = ex.t_start + self.gw.total_timeout
-        self.client.deadline = d if d < total else total
-        self.client.write(_frame(data))
+        client_write(self.client, out)
 
     cdef void _stream_events(self, data) except *:
         """Each complete event of the relayed stream, to the stream_event hooks (only when some policy has one)."""
@@ -323,7 +307,7 @@ cdef class Relay(UpstreamListener):
             ex.completion_tokens = sse.completion_tokens
         elif self.gw.needs_usage:
             _count_streamed(ex, sse)
-        self.client.write(out)
+        client_write(self.client, out)
 
     cdef void _end_body(self) except *:
         cdef Exchange ex = self.ex
@@ -344,7 +328,7 @@ cdef class Relay(UpstreamListener):
                 out = self.pending_head + out
                 self.pending_head = None
         if out:
-            self.client.write(out)
+            client_write(self.client, out)
 
     cdef void upstream_failed(self, str kind, str message) except *:
         self.upstream = None
@@ -445,12 +429,12 @@ cdef class Relay(UpstreamListener):
             head = _SSE_HEAD + b"x-request-id: " + self.ex.request_id.encode() + b"\r\n"
             if not self.client.keep_alive:
                 head += b"connection: close\r\n"
-            self.client.write(head + b"\r\n")
+            client_write(self.client, head + b"\r\n")
             self.state = OWN_SSE_HEAD
         elif not (self.state == OWN_SSE_HEAD or (self.state == RELAYING and self.sse is not None)):
             self.next_keepalive = 0.0        # a plain body is on its way: comments would corrupt it
             return
-        self.client.write(_KEEPALIVE_EVENT)
+        client_write(self.client, _KEEPALIVE_EVENT)
 
     cdef void pause_upstream(self) except *:
         up = self.upstream
