@@ -17,20 +17,32 @@ from fastgw.policies.loader import model_label
 
 cdef object run_access(Gateway gw, Exchange ex):
     """Run the access hooks; raises GatewayError (refusal or policy bug) or Reply."""
-    for hook in gw.access_hooks:
-        _call1(gw, ex, hook, "access")
+    cdef tuple hooks = gw.access_hooks
+    cdef Py_ssize_t i = 0
+    try:                                # one try around the loop, not one per hook: this runs per request
+        for i in range(len(hooks)):
+            hooks[i](ex)
+    except (GatewayError, Reply):
+        raise
+    except Exception:
+        raise _bug(gw, ex, hooks[i], "access")
     return None
 
 
 cdef object run_request(Gateway gw, Exchange ex):
     """Run the request hooks; None when all ran, else a coroutine that runs the rest after the first awaitable
     (a hook waiting on I/O) and raises as run_access does."""
-    hooks = gw.request_hooks
-    cdef Py_ssize_t i
-    for i in range(len(hooks)):
-        pending = _call1(gw, ex, hooks[i], "request")
-        if pending is not None:
-            return _request_rest(gw, ex, hooks[i], pending, hooks[i + 1:])
+    cdef tuple hooks = gw.request_hooks
+    cdef Py_ssize_t i = 0
+    try:
+        for i in range(len(hooks)):
+            pending = hooks[i](ex)
+            if pending is not None:
+                return _request_rest(gw, ex, hooks[i], pending, hooks[i + 1:])
+    except (GatewayError, Reply):
+        raise
+    except Exception:
+        raise _bug(gw, ex, hooks[i], "request")
     return None
 
 
