@@ -7,7 +7,8 @@ cdef class Provider:
     cdef readonly str name
     cdef readonly bint translates      # False: the upstream speaks OpenAI; its response bytes go out as they are
 
-    cdef bytes request_line(self, Exchange ex, dict request_lines)
-    cdef object request_body(self, Exchange ex, bytes model_json, bint add_usage)
-    cdef SSERelay open_stream(self, Exchange ex, bint strip_usage, bint keep_text)
-    cdef bytes response_body(self, Exchange ex, int status, bytes body)
+    # cpdef: a provider may be a Python subclass (a C call still, when the class is a compiled one).
+    cpdef bytes request_line(self, Exchange ex, dict request_lines)
+    cpdef object request_body(self, Exchange ex, bytes model_json, bint add_usage)
+    cpdef SSERelay open_stream(self, Exchange ex, bint strip_usage, bint keep_text)
+    cpdef bytes response_body(self, Exchange ex, int status, bytes body)

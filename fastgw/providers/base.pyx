@@ -35,18 +35,18 @@ cdef class Provider:
         """The header lines every request to this deployment carries: host and the provider key (load time)."""
         raise NotImplementedError
 
-    cdef bytes request_line(self, Exchange ex, dict request_lines):
+    cpdef bytes request_line(self, Exchange ex, dict request_lines):
         line = request_lines.get(ex.endpoint)
         if line is None:
             raise GatewayError(400, f"{ex.endpoint} is not available for model `{ex.model}` (provider "
                                     f"{self.name}).", code="unsupported_endpoint")
         return line
 
-    cdef object request_body(self, Exchange ex, bytes model_json, bint add_usage):
+    cpdef object request_body(self, Exchange ex, bytes model_json, bint add_usage):
         raise NotImplementedError
 
-    cdef SSERelay open_stream(self, Exchange ex, bint strip_usage, bint keep_text):
+    cpdef SSERelay open_stream(self, Exchange ex, bint strip_usage, bint keep_text):
         raise NotImplementedError
 
-    cdef bytes response_body(self, Exchange ex, int status, bytes body):
+    cpdef bytes response_body(self, Exchange ex, int status, bytes body):
         raise NotImplementedError

@@ -28,10 +28,10 @@ cdef class OpenAI(Provider):
             lines.append(b"authorization: Bearer " + key.encode() + b"\r\n")
         return b"".join(lines)
 
-    cdef bytes request_line(self, Exchange ex, dict request_lines):
+    cpdef bytes request_line(self, Exchange ex, dict request_lines):
         return <bytes>request_lines[ex.endpoint]       # every proxied endpoint has one
 
-    cdef object request_body(self, Exchange ex, bytes model_json, bint add_usage):
+    cpdef object request_body(self, Exchange ex, bytes model_json, bint add_usage):
         f = ex.fields
         edits = None
         if model_json:
@@ -42,5 +42,5 @@ cdef class OpenAI(Provider):
             edits = [e] if edits is None else sorted(edits + [e])
         return splice(ex.body, edits) if edits is not None else ex.body
 
-    cdef SSERelay open_stream(self, Exchange ex, bint strip_usage, bint keep_text):
+    cpdef SSERelay open_stream(self, Exchange ex, bint strip_usage, bint keep_text):
         return SSERelay(strip_usage, keep_text)

@@ -80,13 +80,14 @@ def sse_response(events=3) -> bytes:
 class Rig:
     """A gateway (real config, policies, metrics, access log) whose connections use stand-in transports."""
 
-    def __init__(self, policies=(), keepalive=15.0, deployments=1):
+    def __init__(self, policies=(), keepalive=15.0, deployments=1, provider="openai"):
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.dir = tempfile.mkdtemp()
         cfg = config.parse("\n".join(
             ["[server]", f"stream_keepalive_interval = {keepalive}", "[[models]]", 'name = "*"'] +
-            [f'[[models.deployments]]\nurl = "http://10.0.0.{i + 1}:8000/v1"' for i in range(deployments)]))
+            [f'[[models.deployments]]\nurl = "http://10.0.0.{i + 1}:8000/v1"\nprovider = "{provider}"'
+             for i in range(deployments)]))
         if policies:
             pdir = os.path.join(self.dir, "policies")
             os.mkdir(pdir)
@@ -398,3 +399,83 @@ def test_keepalive_comments_while_connecting_do_not_lose_the_request(rig):
     assert b"x-request-id: slow-connect" in up.transport.take()
     up.data_received(sse_response(2))
     assert c.transport.take().count(b"chat.completion.chunk") == 2
+
+
+# -- a translating provider, through the provider interface --------------------------------------------------
+
+from fastgw.errors import error_body                    # noqa: E402
+from fastgw.providers import PROVIDERS                  # noqa: E402
+from fastgw.providers.base import Provider              # noqa: E402
+
+
+class Gen(Provider):
+    """A made-up wire format: POST /gen {"prompt"} -> {"text", "in", "out"}; errors {"err"}."""
+
+    def __init__(self):
+        super().__init__("test-gen", True)
+
+    def request_lines(self, base_path, endpoints):
+        return {"/v1/chat/completions": b"POST " + base_path.encode() + b"/gen HTTP/1.1\r\n"}
+
+    def header_lines(self, host_value, key):
+        return b"host: " + host_value.encode() + b"\r\n"
+
+    def request_body(self, ex, model_json, add_usage):
+        return orjson.dumps({"prompt": orjson.loads(ex.body)["messages"][-1]["content"]})
+
+    def response_body(self, ex, status, body):
+        got = orjson.loads(body)
+        if status != 200:
+            return error_body(got["err"], "invalid_request_error")
+        ex.prompt_tokens, ex.completion_tokens = got["in"], got["out"]
+        return orjson.dumps({"object": "chat.completion", "model": ex.model, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": got["text"]}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": got["in"], "completion_tokens": got["out"]}})
+
+
+@pytest.fixture
+def gen_provider():
+    PROVIDERS["test-gen"] = Gen()
+    yield
+    del PROVIDERS["test-gen"]
+
+
+def raw_response(body: bytes, status=200, chunked=False) -> bytes:
+    if chunked:
+        return (b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                b"%x\r\n%s\r\n0\r\n\r\n" % (status, len(body), body))
+    return b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        status, len(body), body)
+
+
+def test_a_translating_provider_shapes_the_request_and_the_answer(rig, gen_provider):
+    r = rig(provider="test-gen")
+    up = r.upstream()
+    c = r.client()
+    c.data_received(chat(rid="g"))
+    sent = up.transport.take()
+    assert sent.startswith(b"POST /v1/gen HTTP/1.1\r\n") and sent.endswith(b'{"prompt":"hi"}')
+    up.data_received(raw_response(b'{"text":"translated","in":5,"out":1}', chunked=True))
+    out = c.transport.take()
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"content-length: %d" % len(body) in head
+    assert b"transfer-encoding" not in head
+    assert orjson.loads(body)["choices"][0]["message"]["content"] == "translated"
+    line = r.access_lines()[0]
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (5, 1)
+
+
+def test_a_translating_provider_maps_errors_and_refuses_what_it_cannot_serve(rig, gen_provider):
+    r = rig(provider="test-gen")
+    up = r.upstream()
+    c = r.client()
+    c.data_received(chat(rid="e"))
+    up.transport.take()
+    up.data_received(raw_response(b'{"err":"prompt is too long"}', status=400))
+    out = c.transport.take()
+    assert out.startswith(b"HTTP/1.1 400") and orjson.loads(out.split(b"\r\n\r\n", 1)[1]) == {
+        "error": {"message": "prompt is too long", "type": "invalid_request_error", "param": None, "code": None}}
+    c.data_received(chat(rid="u", path=b"/v1/embeddings"))
+    out = c.transport.take()
+    assert out.startswith(b"HTTP/1.1 400") and b'"code":"unsupported_endpoint"' in out
+    assert up.transport.take() == b""
