@@ -17,6 +17,7 @@ import uvloop
 from fastgw.runtime import admin
 from fastgw.observability.accesslog import AccessLog
 from fastgw.runtime.config import Config, ConfigError
+from fastgw.runtime.listener import Listener
 from fastgw.proxy.client import ClientConnection, monotonic
 from fastgw.proxy.gateway import Gateway
 from fastgw.observability.metrics import Stats
@@ -64,8 +65,8 @@ class Worker:
         access_log = AccessLog(s.access_log, log=self.log)
         self.gw = gw = Gateway(loop, cfg, log=self.log, stats=stats, access_log=access_log, run_dir=self.run_dir,
                                worker_id=str(self.index), mock_url=mock_url)
-        self.server = await loop.create_server(lambda: ClientConnection(gw), sock=listen_socket(s.host, s.port),
-                                                backlog=2048)
+        self.server = Listener(loop, listen_socket(s.host, s.port), lambda: ClientConnection(gw), self.log)
+        self.server.start()
         if s.admin_port:
             self.admin_server = await loop.create_server(lambda: admin.AdminConnection(gw),
                                                          sock=listen_socket(s.admin_host, s.admin_port))
