@@ -37,7 +37,16 @@ _COUNTERS = {
     "completion_tokens": ("Completion (output) tokens.", ("model", "upstream", "consumer")),
     "cost_usd": ("Estimated cost in US dollars.", ("model", "upstream", "consumer")),
     "rejections": ("Requests refused by policy (rate_limit, budget, auth, ...).", ("consumer", "model", "reason")),
-    "upstream_errors": ("Upstream failures (connect, timeout, reset, status5xx).", ("upstream", "kind")),
+    "upstream_errors": ("Upstream failures (connect, timeout, reset, busy, ...).", ("upstream", "kind")),
+    "upstream_connects": ("Upstream connections opened.", ("upstream",)),
+    "upstream_queued": ("Requests that waited for a free upstream connection.", ("upstream",)),
+    "upstream_queue_wait_seconds": ("Seconds requests waited for a free upstream connection.", ("upstream",)),
+}
+# Gauges with labels, summed over live workers.
+_LABELLED_GAUGES = {
+    "upstream_connections": ("Upstream connections open (busy, idle or connecting).", ("upstream",)),
+    "upstream_idle_connections": ("Idle upstream connections kept for reuse.", ("upstream",)),
+    "upstream_waiting": ("Requests waiting now for a free upstream connection.", ("upstream",)),
 }
 _HISTOGRAMS = {
     "request_duration_seconds": ("Request duration, from request head to last byte.", ("model", "upstream"),
@@ -73,6 +82,8 @@ class Stats(RequestStats):
         self._rejections: dict[tuple, int] = {}
         self._upstream_errors: dict[tuple, int] = {}
         self._gauges: dict[str, float] = {}
+        self._pool_counters: dict[str, dict] = {}
+        self._labelled_gauges: dict[str, dict] = {name: {} for name in _LABELLED_GAUGES}
 
     # -- per event ---------------------------------------------------------------------------------------
 
@@ -93,6 +104,22 @@ class Stats(RequestStats):
     def set_gauge(self, name: str, value: float) -> None:
         """Set gauge `fastgw_<name>` for this worker; the scrape sums it over live workers."""
         self._gauges[name] = value
+
+    def set_pools(self, rows) -> None:
+        """This worker's upstream pools now: (upstream, open, idle, waiting, connects, queued, queue_wait_s)
+        rows (fastgw.proxy.upstream.Pools.report); the upstream names come from the config."""
+        counters = {"upstream_connects": {}, "upstream_queued": {}, "upstream_queue_wait_seconds": {}}
+        gauges = {name: {} for name in _LABELLED_GAUGES}
+        for upstream, open_, idle, waiting, connects, queued, wait in rows:
+            k = (upstream,)
+            gauges["upstream_connections"][k] = open_
+            gauges["upstream_idle_connections"][k] = idle
+            gauges["upstream_waiting"][k] = waiting
+            counters["upstream_connects"][k] = connects
+            counters["upstream_queued"][k] = queued
+            counters["upstream_queue_wait_seconds"][k] = wait
+        self._pool_counters = counters
+        self._labelled_gauges = gauges
 
     # -- slow path: new label sets ---------------------------------------------------------------------
 
@@ -124,6 +151,7 @@ class Stats(RequestStats):
                 _merge_into(hists["time_to_first_token_seconds"], (model,), r[_TTFT0:] + [r[_TTFT_SUM]], 1 << 62)
         counters["rejections"] = self._rejections
         counters["upstream_errors"] = self._upstream_errors
+        counters.update(self._pool_counters)
         hists["overhead_microseconds"][()] = self.overhead_histogram()
         return {
             "worker": self.worker_id,
@@ -131,6 +159,8 @@ class Stats(RequestStats):
             "counters": {name: [[list(k), v] for k, v in series.items()] for name, series in counters.items()},
             "histograms": {name: [[list(k), v] for k, v in series.items()] for name, series in hists.items()},
             "gauges": dict(self._gauges),
+            "labelled_gauges": {name: [[list(k), v] for k, v in series.items()]
+                                for name, series in self._labelled_gauges.items()},
         }
 
     def flush(self) -> None:
@@ -192,6 +222,7 @@ def render_directory(directory: str, max_series: int = 10_000) -> bytes:
     counters: dict[str, dict] = {name: {} for name in _COUNTERS}
     hists: dict[str, dict] = {name: {} for name in _HISTOGRAMS}
     gauges: dict[str, float] = {}
+    labelled: dict[str, dict] = {name: {} for name in _LABELLED_GAUGES}
     for snap in snaps:
         for name, rows in snap.get("counters", {}).items():
             if name in counters:
@@ -206,7 +237,11 @@ def render_directory(directory: str, max_series: int = 10_000) -> bytes:
         if _pid_alive(int(snap.get("pid", 0))):
             for name, value in snap.get("gauges", {}).items():
                 gauges[name] = gauges.get(name, 0) + value
-    return _format(counters, hists, gauges)
+            for name, rows in snap.get("labelled_gauges", {}).items():
+                if name in labelled:
+                    for labels, value in rows:
+                        _merge_into(labelled[name], tuple(labels), value, max_series)
+    return _format(counters, hists, gauges, labelled)
 
 
 # Text exposition format 0.0.4, written directly: prometheus_client's generate_latest spends ~5x longer per
@@ -228,7 +263,7 @@ def _num(v) -> str:
     return repr(float(v))
 
 
-def _format(counters: dict, hists: dict, gauges: dict) -> bytes:
+def _format(counters: dict, hists: dict, gauges: dict, labelled: dict) -> bytes:
     out: list[str] = []
     for name, (help_, labelnames) in _COUNTERS.items():
         full = f"fastgw_{name}"
@@ -248,6 +283,11 @@ def _format(counters: dict, hists: dict, gauges: dict) -> bytes:
                 out.append(f"{prefix}{le}}} {running}\n")
             braces = f"{{{labels}}}" if labels else ""
             out.append(f"{full}_sum{braces} {_num(value[-1])}\n{full}_count{braces} {running}\n")
+    for name, (help_, labelnames) in _LABELLED_GAUGES.items():
+        full = f"fastgw_{name}"
+        out.append(f"# HELP {full} {help_}\n# TYPE {full} gauge\n")
+        for key, value in sorted(labelled[name].items(), key=_sort_key):
+            out.append(f"{full}{{{_labels(labelnames, key)}}} {_num(value)}\n")
     for name, value in sorted(gauges.items()):
         full = "fastgw_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
         out.append(f"# HELP {full} Gauge {full}, summed over live workers.\n# TYPE {full} gauge\n"

@@ -27,6 +27,8 @@ from fastgw.protocol.http cimport RequestParser
 from fastgw.proxy.phases cimport refused, run_request, run_response_headers, run_stream_event
 from fastgw.proxy.upstream cimport Pool
 
+from fastgw.proxy.upstream import PoolBusy
+
 from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.jsonpeek import peek_request, peek_usage
@@ -174,6 +176,10 @@ cdef class Relay(UpstreamListener):
     async def _connect_and_send(self, Pool pool, Deployment d, bytes head, bytes body):
         try:
             conn = await pool.connect()
+        except PoolBusy as exc:
+            if self.state != DONE and self.deployment is d:
+                self.upstream_failed("busy", str(exc))
+            return
         except (OSError, asyncio.TimeoutError) as exc:
             if self.state != DONE and self.deployment is d:
                 self.upstream_failed("connect", f"cannot connect to the upstream: {type(exc).__name__}")
@@ -362,15 +368,20 @@ cdef class Relay(UpstreamListener):
             return
         if kind != "stale":
             _note_upstream_error(ex, kind)
-        if kind == "connect" and ex.route is not None:
+        if (kind == "connect" or kind == "busy") and ex.route is not None:
             self.tried = (self.tried or []) + [self.deployment]
             others = [d for d in (<Route>ex.route).fallbacks(self.deployment) if d not in self.tried]
             if others:
                 self._send(others[0])
                 return
         self.state = DONE
-        self.client.refuse(GatewayError(504 if kind == "timeout" else 502, f"The upstream failed: {message}.",
-                                        type="upstream_error", code="upstream_" + kind), False)
+        if kind == "busy":                  # our own limit, not the upstream's fault: 503, retry soon
+            err = GatewayError(503, f"The gateway's connections to the upstream are all busy: {message}.",
+                               type="api_error", code="upstream_busy", headers=(("retry-after", "1"),))
+        else:
+            err = GatewayError(504 if kind == "timeout" else 502, f"The upstream failed: {message}.",
+                               type="upstream_error", code="upstream_" + kind)
+        self.client.refuse(err, False)
 
     cdef void _give_up(self, object err) except *:
         """Our side (a policy, or our own code) cannot go on with this response: drop the upstream request, and

@@ -20,6 +20,7 @@ cdef class UpstreamConnection:
     cdef bint reused                   # a kept-alive connection (may have been closed by the peer meanwhile)
     cdef bint got_bytes
     cdef readonly bint closed
+    cdef bint counted                  # counted in its pool's `open` (until it is forgotten)
 
     cpdef send(self, UpstreamListener listener, bytes head, bytes body)
     cdef void _advance(self, UpstreamListener listener, data) except *
@@ -28,12 +29,17 @@ cdef class UpstreamConnection:
 
 
 cdef class Pool:
-    cdef readonly object loop, host, server_hostname, ssl
-    cdef readonly int port, max_idle
+    cdef readonly object loop, host, server_hostname, ssl, name
+    cdef readonly int port, max_idle, max_connections
     cdef readonly bint tls
-    cdef readonly double connect_timeout
+    cdef readonly double connect_timeout, queue_timeout
     cdef readonly list idle
+    cdef readonly object waiters       # deque of futures, first come first served
+    cdef readonly int open             # connections open or being opened (idle ones included)
+    cdef readonly long long connects, queued
+    cdef readonly double queue_wait
 
     cpdef UpstreamConnection acquire(self)
     cpdef release(self, UpstreamConnection conn)
     cpdef forget(self, UpstreamConnection conn)
+    cdef bint _hand_over(self, object value)

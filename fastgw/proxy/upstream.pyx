@@ -8,9 +8,14 @@ Invariants:
   reused: it is aborted and forgotten by its pool.
 - A kept-alive connection that dies before answering reports "stale" (the request may be sent again: the
   upstream never saw it), anything else "reset" or "protocol".
+- A pool never has more than max_connections open (connecting, busy or idle). A request that finds none idle
+  and the pool full waits in a first-come-first-served queue for one to be released (handed over directly)
+  or closed (its slot handed over), for at most queue_timeout; then PoolBusy. Idle connections are kept up to
+  max_idle, so a steady load reuses them instead of opening and closing one per request.
 """
 import asyncio
 import socket
+from collections import deque
 
 from fastgw.protocol import http as H
 
@@ -145,18 +150,28 @@ cdef class UpstreamConnection:
             self.transport.close()
 
 
-cdef class Pool:
-    """Idle keep-alive connections to one upstream address, in one worker."""
+class PoolBusy(Exception):
+    """Every connection of the pool stayed busy for the whole queue timeout."""
 
-    def __init__(self, loop, deployment, int max_idle, double connect_timeout):
+
+cdef class Pool:
+    """Keep-alive connections to one upstream address, in one worker, at most max_connections of them."""
+
+    def __init__(self, loop, deployment, int max_idle, double connect_timeout, int max_connections=1024,
+                 double queue_timeout=10.0):
         self.loop = loop
         self.host, self.port, self.tls, self.ssl = deployment.host, deployment.port, deployment.tls, deployment.ssl
         self.server_hostname = deployment.server_hostname
+        self.name = deployment.name
         self.idle = []
         self.max_idle = max_idle
+        self.max_connections = max_connections
         self.connect_timeout = connect_timeout
+        self.queue_timeout = queue_timeout
+        self.waiters = deque()
 
     cpdef UpstreamConnection acquire(self):
+        """An idle connection, or None (then `connect`)."""
         cdef UpstreamConnection conn
         idle = self.idle
         while idle:
@@ -166,24 +181,73 @@ cdef class Pool:
         return None
 
     async def connect(self):
-        _, conn = await asyncio.wait_for(
-            self.loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port,
-                ssl=self.ssl, server_hostname=self.server_hostname),
-            self.connect_timeout)
+        """A connection for one request: a new one while the pool has room, else the first one released (or
+        the slot of the first one closed) after the requests queued before this one. Raises PoolBusy after
+        queue_timeout, OSError or asyncio.TimeoutError when the upstream cannot be reached."""
+        if self.open < self.max_connections:
+            self.open += 1
+            return await self._open()
+        fut = self.loop.create_future()
+        self.waiters.append(fut)
+        self.queued += 1
+        t0 = self.loop.time()
+        try:
+            got = await asyncio.wait_for(fut, self.queue_timeout)
+        except asyncio.TimeoutError:
+            raise PoolBusy(f"all {self.max_connections} connections to {self.name} stayed busy for "
+                           f"{self.queue_timeout:g} s") from None
+        finally:
+            self.queue_wait += self.loop.time() - t0
+        if got is None:          # a closed connection's slot, reserved for this request
+            return await self._open()
+        return got
+
+    async def _open(self):
+        """Open a connection in a slot already counted in `open`."""
+        self.connects += 1
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port,
+                    ssl=self.ssl, server_hostname=self.server_hostname),
+                self.connect_timeout)
+        except BaseException:
+            self.open -= 1
+            if self._hand_over(None):
+                self.open += 1
+            raise
+        (<UpstreamConnection>conn).counted = True
         return conn
 
+    cdef bint _hand_over(self, object value):
+        """Give `value` (a connection, or None for a free slot) to the first request still waiting."""
+        waiters = self.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(value)
+                return True
+        return False
+
     cpdef release(self, UpstreamConnection conn):
+        if self._hand_over(conn):
+            return
         if len(self.idle) < self.max_idle:
             self.idle.append(conn)
         else:
             conn.close()
 
     cpdef forget(self, UpstreamConnection conn):
-        try:
-            self.idle.remove(conn)
-        except ValueError:
-            pass
+        if conn.counted:
+            conn.counted = False
+            self.open -= 1
+            if self._hand_over(None):     # the slot goes to the first waiter, who opens a connection in it
+                self.open += 1
+        if self.idle:
+            try:
+                self.idle.remove(conn)
+            except ValueError:
+                pass
 
     def close(self):
         for conn in list(self.idle):
@@ -202,10 +266,17 @@ class Pools:
     def get(self, deployment):
         pool = self.pools.get(deployment.pool_key)
         if pool is None:
+            c = self.cfg
             pool = self.pools[deployment.pool_key] = Pool(
-                self.loop, deployment, self.cfg.max_idle_per_upstream, self.cfg.connect_timeout)
+                self.loop, deployment, c.max_idle_per_upstream, c.connect_timeout, c.max_connections_per_upstream,
+                c.queue_timeout)
         return pool
 
     def close(self):
         for pool in self.pools.values():
             pool.close()
+
+    def report(self):
+        """(upstream, open, idle, waiting, connects, queued, queue_wait_s) per pool, for metrics and status."""
+        return [(p.name, p.open, len(p.idle), sum(not f.done() for f in p.waiters), p.connects, p.queued,
+                 p.queue_wait) for p in self.pools.values()]

@@ -48,7 +48,11 @@ class Upstream(msgspec.Struct, forbid_unknown_fields=True):
     first_byte_timeout: float = 120.0     # request sent -> response head (and, for streams, first event)
     stream_gap_timeout: float = 120.0     # between two body chunks
     total_timeout: float = 900.0
-    max_idle_per_upstream: int = 256
+    # Per worker and upstream address: at most this many connections; a request that finds all busy waits
+    # in a first-come queue for at most queue_timeout, then gets a 503 upstream_busy.
+    max_connections_per_upstream: int = 1024
+    max_idle_per_upstream: int = 1024     # idle ones kept for reuse (a burst then opens no new connections)
+    queue_timeout: float = 10.0
 
 
 class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -171,6 +175,12 @@ def _check(cfg: Config, source: str) -> None:
     for field in ("max_header_bytes", "max_headers", "max_body_bytes"):
         if getattr(s, field) <= 0:
             raise ConfigError(f"{source}: server.{field}: must be > 0")
+    u = cfg.upstream
+    for field in ("max_connections_per_upstream", "connect_timeout", "queue_timeout"):
+        if getattr(u, field) <= 0:
+            raise ConfigError(f"{source}: upstream.{field}: must be > 0")
+    if u.max_idle_per_upstream < 0:
+        raise ConfigError(f"{source}: upstream.max_idle_per_upstream: must be >= 0")
     seen = set()
     for i, m in enumerate(cfg.models):
         where = f"{source}: models[{i}] ({m.name!r})"

@@ -103,6 +103,7 @@ class Worker:
         gw = self.gw
         gw.stats.set_gauge("open_connections", len(gw.connections))
         gw.stats.set_gauge("draining", 1.0 if gw.draining else 0.0)
+        gw.stats.set_pools(gw.pools.report())
         gw.stats.flush()
         if self.cfg.server.admin_port:
             admin.write_status(gw, self.started, self.reloads)

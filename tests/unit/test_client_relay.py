@@ -479,3 +479,15 @@ def test_a_translating_provider_maps_errors_and_refuses_what_it_cannot_serve(rig
     out = c.transport.take()
     assert out.startswith(b"HTTP/1.1 400") and b'"code":"unsupported_endpoint"' in out
     assert up.transport.take() == b""
+
+
+def test_a_full_pool_answers_503_upstream_busy_after_the_queue_timeout(rig):
+    r = rig()
+    d = r.gw.router.wildcard.deployments[0]
+    d.pool = Pool(r.loop, d, 8, 1.0, 0, 0.05)          # no connection may be opened: every request queues
+    c = r.client()
+    c.data_received(chat(rid="busy"))
+    r.loop.run_until_complete(asyncio.sleep(0.1))
+    out = c.transport.take()
+    assert out.startswith(b"HTTP/1.1 503") and b'"code":"upstream_busy"' in out and b"retry-after: 1" in out
+    assert r.stats._upstream_errors == {(d.name, "busy"): 1}

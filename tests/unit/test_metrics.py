@@ -231,3 +231,17 @@ def test_nan_and_infinite_land_like_bisect(tmp_path):
             acc.request("m", "u", "c", 200, v, v, v, 1, 1, 0.5)
     assert str(s.records()) == str(ref.records)   # NaN sums compare by text
     assert str(s.overhead_histogram()) == str(ref.overhead)
+
+
+def test_upstream_pool_gauges_and_counters_sum_over_workers(tmp_path):
+    w1, w2 = Stats(str(tmp_path), "0"), Stats(str(tmp_path), "1")
+    w1.set_pools([("api:443", 10, 4, 0, 12, 3, 0.5)])
+    w2.set_pools([("api:443", 6, 1, 2, 7, 5, 1.25), ("local:8000", 1, 1, 0, 1, 0, 0.0)])
+    w1.flush()
+    m = parse(w2.render())
+    assert m["fastgw_upstream_connections"] == {L(upstream="api:443"): 16, L(upstream="local:8000"): 1}
+    assert m["fastgw_upstream_idle_connections"][L(upstream="api:443")] == 5
+    assert m["fastgw_upstream_waiting"][L(upstream="api:443")] == 2
+    assert m["fastgw_upstream_connects_total"][L(upstream="api:443")] == 19
+    assert m["fastgw_upstream_queued_total"][L(upstream="api:443")] == 8
+    assert m["fastgw_upstream_queue_wait_seconds_total"][L(upstream="api:443")] == pytest.approx(1.75)
