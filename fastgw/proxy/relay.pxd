@@ -53,6 +53,8 @@ cdef class Relay(UpstreamListener):
     cdef list parts                   # a non-stream body kept to read its usage (None past _MAX_KEPT)
     cdef Py_ssize_t parts_bytes
     cdef list tried                   # deployments that could not be connected to
+    cdef object pending_request       # (head, body) while queued for a connection of a full pool
+    cdef double queued_at
     cdef int attempts
     cdef readonly double next_keepalive
 

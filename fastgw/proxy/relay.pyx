@@ -27,8 +27,6 @@ from fastgw.protocol.http cimport RequestParser
 from fastgw.proxy.phases cimport refused, run_request, run_response_headers, run_stream_event
 from fastgw.proxy.upstream cimport Pool
 
-from fastgw.proxy.upstream import PoolBusy
-
 from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.jsonpeek import peek_request, peek_usage
@@ -170,16 +168,39 @@ cdef class Relay(UpstreamListener):
         if conn is not None:
             self.upstream = conn
             conn.send(self, head, body)
+        elif (<Pool>pool).reserve():
+            gw.loop.create_task(self._open_and_send(pool, d, head, body))
         else:
-            gw.loop.create_task(self._connect_and_send(pool, d, head, body))
+            # The pool is full: wait in its queue (connection_ready or slot_ready), at most queue_timeout.
+            self.pending_request = (head, body)
+            self.queued_at = ex.t_sent
+            (<Pool>pool).enqueue(self)
+            if self.client.deadline > ex.t_sent + (<Pool>pool).queue_timeout:
+                self.client.deadline = ex.t_sent + (<Pool>pool).queue_timeout
 
-    async def _connect_and_send(self, Pool pool, Deployment d, bytes head, bytes body):
+    cdef void connection_ready(self, UpstreamConnection conn) except *:
+        """Our turn in the queue: a connection released by another request."""
+        head, body = self.pending_request
+        self.pending_request = None
+        cdef double t = now()
+        conn.pool.queue_wait += t - self.queued_at
+        self.upstream = conn
+        self.ex.t_sent = t
+        wait_for(self.client, UPSTREAM_WAIT)
+        conn.send(self, head, body)
+
+    cdef void slot_ready(self) except *:
+        """Our turn in the queue: a slot to open a connection in (another one closed)."""
+        head, body = self.pending_request
+        self.pending_request = None
+        cdef Pool pool = <Pool>self.deployment.pool
+        pool.queue_wait += now() - self.queued_at
+        wait_for(self.client, UPSTREAM_WAIT)
+        self.gw.loop.create_task(self._open_and_send(pool, self.deployment, head, body))
+
+    async def _open_and_send(self, Pool pool, Deployment d, bytes head, bytes body):
         try:
-            conn = await pool.connect()
-        except PoolBusy as exc:
-            if self.state != DONE and self.deployment is d:
-                self.upstream_failed("busy", str(exc))
-            return
+            conn = await pool.open_one()
         except (OSError, asyncio.TimeoutError) as exc:
             if self.state != DONE and self.deployment is d:
                 self.upstream_failed("connect", f"cannot connect to the upstream: {type(exc).__name__}")
@@ -412,6 +433,7 @@ cdef class Relay(UpstreamListener):
         """The exchange ends without this relay (the client left, or was answered otherwise): drop the upstream
         request at once; its connection cannot be reused."""
         self.state = DONE
+        self.queued = False                  # leaves a pool's queue (skipped when its turn comes)
         up = self.upstream
         self.upstream = None
         if up is not None:
@@ -422,6 +444,13 @@ cdef class Relay(UpstreamListener):
             self.state = DONE
             self.client.refuse(GatewayError(504, "The request could not be admitted in time.",
                                             code="admission_timeout"), False)
+            return
+        if self.queued:                      # waited its queue_timeout for a connection of a full pool
+            self.queued = False
+            pool = <Pool>self.deployment.pool
+            pool.queue_wait += now() - self.queued_at
+            self.upstream_failed("busy", f"all {pool.max_connections} connections to {pool.name} stayed busy for "
+                                         f"{pool.queue_timeout:g} s")
             return
         up = self.upstream
         self.upstream = None

@@ -25,6 +25,12 @@ cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _BODY = H.BODY, _END = H.END
 cdef class UpstreamListener:
     """Base of what waits on an upstream response (fastgw.proxy.relay.Relay); its methods are overridden."""
 
+    cdef void connection_ready(self, UpstreamConnection conn) except *:
+        pass
+
+    cdef void slot_ready(self) except *:
+        pass
+
     cdef void upstream_head(self, ResponseParser r) except *:
         pass
 
@@ -154,6 +160,20 @@ class PoolBusy(Exception):
     """Every connection of the pool stayed busy for the whole queue timeout."""
 
 
+cdef class _FutureWaiter(UpstreamListener):
+    """A queued place for Pool.connect: the future gets the connection, or None for a reserved slot."""
+    cdef readonly object fut
+
+    def __init__(self, fut):
+        self.fut = fut
+
+    cdef void connection_ready(self, UpstreamConnection conn) except *:
+        self.fut.set_result(conn)
+
+    cdef void slot_ready(self) except *:
+        self.fut.set_result(None)
+
+
 cdef class Pool:
     """Keep-alive connections to one upstream address, in one worker, at most max_connections of them."""
 
@@ -180,30 +200,43 @@ cdef class Pool:
                 return conn
         return None
 
-    async def connect(self):
-        """A connection for one request: a new one while the pool has room, else the first one released (or
-        the slot of the first one closed) after the requests queued before this one. Raises PoolBusy after
-        queue_timeout, OSError or asyncio.TimeoutError when the upstream cannot be reached."""
+    cdef bint reserve(self):
+        """Count one more connection if the pool has room for it (the caller then opens it with `open_one`)."""
         if self.open < self.max_connections:
             self.open += 1
-            return await self._open()
-        fut = self.loop.create_future()
-        self.waiters.append(fut)
+            return True
+        return False
+
+    cdef void enqueue(self, UpstreamListener listener) except *:
+        """`listener` waits for a connection: the pool calls its connection_ready or slot_ready, first come
+        first served. It leaves the queue by clearing its `queued` flag (skipped when its turn comes)."""
+        listener.queued = True
+        self.waiters.append(listener)
         self.queued += 1
+
+    async def connect(self):
+        """A connection for one request, waiting in the queue when the pool is full (the Python form of
+        acquire / reserve / enqueue). Raises PoolBusy after queue_timeout, OSError or asyncio.TimeoutError
+        when the upstream cannot be reached."""
+        if self.reserve():
+            return await self.open_one()
+        waiter = _FutureWaiter(self.loop.create_future())
+        self.enqueue(waiter)
         t0 = self.loop.time()
         try:
-            got = await asyncio.wait_for(fut, self.queue_timeout)
+            got = await asyncio.wait_for(waiter.fut, self.queue_timeout)
         except asyncio.TimeoutError:
+            waiter.queued = False
             raise PoolBusy(f"all {self.max_connections} connections to {self.name} stayed busy for "
                            f"{self.queue_timeout:g} s") from None
         finally:
             self.queue_wait += self.loop.time() - t0
         if got is None:          # a closed connection's slot, reserved for this request
-            return await self._open()
+            return await self.open_one()
         return got
 
-    async def _open(self):
-        """Open a connection in a slot already counted in `open`."""
+    async def open_one(self):
+        """Open a connection in a slot already counted in `open` (reserve, or slot_ready)."""
         self.connects += 1
         try:
             _, conn = await asyncio.wait_for(
@@ -219,15 +252,27 @@ cdef class Pool:
         (<UpstreamConnection>conn).counted = True
         return conn
 
-    cdef bint _hand_over(self, object value):
-        """Give `value` (a connection, or None for a free slot) to the first request still waiting."""
+    cdef bint _hand_over(self, UpstreamConnection conn) except -1:
+        """Give `conn` (or, when None, a free slot) to the first listener still queued; False when none is."""
+        cdef UpstreamListener w
         waiters = self.waiters
         while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(value)
+            w = <UpstreamListener>waiters.popleft()
+            if w.queued:
+                w.queued = False
+                if conn is not None:
+                    w.connection_ready(conn)
+                else:
+                    w.slot_ready()
                 return True
         return False
+
+    def waiting(self):
+        """Listeners queued now."""
+        return sum(1 for w in self.waiters if (<UpstreamListener>w).queued)
+
+    def note_wait(self, double seconds):
+        self.queue_wait += seconds
 
     cpdef release(self, UpstreamConnection conn):
         if self._hand_over(conn):
@@ -241,8 +286,10 @@ cdef class Pool:
         if conn.counted:
             conn.counted = False
             self.open -= 1
-            if self._hand_over(None):     # the slot goes to the first waiter, who opens a connection in it
+            if self.waiters:              # the slot goes to the first waiter, who opens a connection in it
                 self.open += 1
+                if not self._hand_over(None):
+                    self.open -= 1
         if self.idle:
             try:
                 self.idle.remove(conn)
@@ -278,5 +325,5 @@ class Pools:
 
     def report(self):
         """(upstream, open, idle, waiting, connects, queued, queue_wait_s) per pool, for metrics and status."""
-        return [(p.name, p.open, len(p.idle), sum(not f.done() for f in p.waiters), p.connects, p.queued,
-                 p.queue_wait) for p in self.pools.values()]
+        return [(p.name, p.open, len(p.idle), p.waiting(), p.connects, p.queued, p.queue_wait)
+                for p in self.pools.values()]

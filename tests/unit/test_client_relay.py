@@ -181,7 +181,7 @@ def test_a_stale_kept_alive_connection_is_retried_on_another(rig):
 
 
 class RefusingPool(Pool):
-    async def connect(self):
+    async def open_one(self):
         raise ConnectionRefusedError()
 
 
@@ -378,7 +378,7 @@ class SlowPool(Pool):
         super().__init__(*a)
         self.ready = None
 
-    async def connect(self):
+    async def open_one(self):
         self.ready = asyncio.get_event_loop().create_future()
         return await self.ready
 
@@ -487,7 +487,38 @@ def test_a_full_pool_answers_503_upstream_busy_after_the_queue_timeout(rig):
     d.pool = Pool(r.loop, d, 8, 1.0, 0, 0.05)          # no connection may be opened: every request queues
     c = r.client()
     c.data_received(chat(rid="busy"))
-    r.loop.run_until_complete(asyncio.sleep(0.1))
+    assert c.transport.take() == b"" and d.pool.waiting() == 1
+    c.check_deadline(monotonic() + 0.1)                 # the sweeper finds its queue time is up
     out = c.transport.take()
     assert out.startswith(b"HTTP/1.1 503") and b'"code":"upstream_busy"' in out and b"retry-after: 1" in out
     assert r.stats._upstream_errors == {(d.name, "busy"): 1}
+
+
+class OneConnectionPool(Pool):
+    """Opens one stand-in connection (max_connections=1 keeps it the only one)."""
+
+    async def open_one(self):
+        self.made = UpstreamConnection(self)
+        self.made.connection_made(Transport())
+        return self.made
+
+
+def test_a_queued_request_gets_the_connection_the_one_before_it_releases(rig):
+    r = rig()
+    d = r.gw.router.wildcard.deployments[0]
+    pool = d.pool = OneConnectionPool(r.loop, d, 8, 1.0, 1, 5.0)
+    first, second, third = r.client(), r.client(), r.client()
+    first.data_received(chat(rid="one"))
+    r.spin()
+    up = pool.made
+    second.data_received(chat(rid="two"))
+    third.data_received(chat(rid="three"))
+    assert b"x-request-id: one" in up.transport.take() and pool.waiting() == 2 and pool.open == 1
+    third.connection_lost(None)                         # a queued client leaves: its place is skipped
+    assert pool.waiting() == 1
+    up.data_received(json_response(b"for-one"))         # released: handed to "two" at once, no task
+    assert b"for-one" in first.transport.take()
+    assert b"x-request-id: two" in up.transport.take() and pool.waiting() == 0
+    up.data_received(json_response(b"for-two"))
+    assert b"for-two" in second.transport.take()
+    assert pool.queued == 2 and pool.idle == [up] and pool.open == 1
