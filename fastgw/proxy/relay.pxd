@@ -49,6 +49,7 @@ cdef class Relay(UpstreamListener):
     cdef bint chunked                 # the client's response is chunked (a stream, or a body of unknown length)
     cdef bint strip_usage             # we asked for the stream's usage: hide that chunk from the client
     cdef object pending_head          # HEAD_HELD: the head to write before the first body bytes
+    cdef list outq                    # what one upstream read produced for the client: one write per read
     cdef object events_tail           # stream_event hooks: the bytes of an event not complete yet
     cdef list parts                   # a non-stream body kept to read its usage (None past _MAX_KEPT)
     cdef Py_ssize_t parts_bytes
@@ -67,6 +68,8 @@ cdef class Relay(UpstreamListener):
     cdef void _retry_or_fail(self, str kind, str message) except *
     cdef void _give_up(self, object err) except *
     cdef void _done(self) except *
+    cdef void _emit(self, data) except *
+    cdef void _flush(self) except *
     cdef void cancel(self) except *
     cdef void timed_out(self) except *
     cdef void keepalive_due(self, double t) except *

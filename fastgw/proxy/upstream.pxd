@@ -14,6 +14,7 @@ cdef class UpstreamListener:
     cdef void slot_ready(self) except *
     cdef void upstream_head(self, ResponseParser r) except *
     cdef void upstream_body(self, object data) except *
+    cdef void upstream_read_done(self) except *
     cdef void upstream_end(self) except *
     cdef void upstream_failed(self, str kind, str message) except *
     cdef void upstream_bug(self) except *

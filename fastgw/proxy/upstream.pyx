@@ -37,6 +37,10 @@ cdef class UpstreamListener:
     cdef void upstream_body(self, object data) except *:
         pass
 
+    cdef void upstream_read_done(self) except *:
+        """One read of the upstream is processed: what it produced for the client may go out now."""
+        pass
+
     cdef void upstream_end(self) except *:
         pass
 
@@ -76,6 +80,7 @@ cdef class UpstreamConnection:
         self.got_bytes = True
         try:
             self._advance(listener, data)
+            listener.upstream_read_done()
         except Exception:
             # A bug must cost one request, not hang it: drop the connection, let the listener answer.
             if self.listener is listener:

@@ -522,3 +522,22 @@ def test_a_queued_request_gets_the_connection_the_one_before_it_releases(rig):
     up.data_received(json_response(b"for-two"))
     assert b"for-two" in second.transport.take()
     assert pool.queued == 2 and pool.idle == [up] and pool.open == 1
+
+
+def test_what_one_upstream_read_produces_goes_out_in_one_write(rig):
+    r = rig()
+    up = r.upstream()
+    c = r.client()
+    c.data_received(chat(stream=True, rid="w"))
+    up.data_received(sse_response(14))                 # head, 14 events, [DONE] and the end in one read
+    assert len(c.transport.out) == 1                    # one write (one syscall), not head + events + end
+    out = c.transport.take()
+    assert out.startswith(b"HTTP/1.1 200") and out.count(b"chat.completion.chunk") == 14
+    assert out.endswith(b"0\r\n\r\n")
+    c.data_received(chat(stream=True, rid="w2"))
+    resp = sse_response(3)
+    head_end = resp.index(b"\r\n\r\n") + 4
+    up.data_received(resp[:head_end])                   # a head alone goes out at once (the client sees it)
+    assert len(c.transport.out) == 1 and c.transport.take().startswith(b"HTTP/1.1 200")
+    up.data_received(resp[head_end:])
+    assert len(c.transport.out) == 1
