@@ -17,7 +17,7 @@ import time
 
 from perf import report
 from perf.mocks import WORK_ROOT, fastgw_cmd, nginx_cmd, start_mock
-from perf.procs import Proc, free_port, pinned, tree_cpu_seconds, tree_peak_rss_bytes, wait_port
+from perf.procs import Proc, free_port, leaf_pids, pinned, tree_cpu_seconds, tree_peak_rss_bytes, wait_port
 from perf.run import HOST, RESULTS, Cpu
 from perf.scenarios import CONFIGS, WRK_SCRIPT
 
@@ -58,14 +58,26 @@ def load(port, clients, seconds, cpu, body_path):
     raise RuntimeError(f"wrk printed no PERF_JSON line:\n{out.stdout}\n{out.stderr}")
 
 
+def _status_kb(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def measure(kind, clients, seconds, cpu, work, upstream_port, body_path):
     port = free_port()
     proc = start_proxy(kind, work, port, upstream_port, cpu, clients)
     try:
+        # The worker (fastgw's, or nginx's) apart from the supervisor/master: idle RSS, then its peak.
+        worker = leaf_pids(proc.pid)[0]
+        idle_kb = _status_kb(worker, "VmRSS")
         c0 = tree_cpu_seconds(proc.pid)
         w = load(port, clients, seconds, cpu, body_path)
         used = tree_cpu_seconds(proc.pid) - c0
         rss = tree_peak_rss_bytes(proc.pid)
+        peak_kb = _status_kb(worker, "VmHWM")
         if not proc.alive():
             raise RuntimeError(f"{kind} died:\n{proc.log_tail()}")
     finally:
@@ -76,7 +88,9 @@ def measure(kind, clients, seconds, cpu, work, upstream_port, body_path):
             "p50_ms": lat["p50"] / 1e3, "p90_ms": lat["p90"] / 1e3, "p99_ms": lat["p99"] / 1e3,
             "max_ms": lat["max"] / 1e3, "timeouts": w["errors"]["timeout"],
             "errors": sum(v for k, v in w["errors"].items() if k != "timeout"),
-            "cpu_us_per_req": used * 1e6 / n if n else None, "peak_rss_mb": rss / 2**20}
+            "cpu_us_per_req": used * 1e6 / n if n else None, "peak_rss_mb": rss / 2**20,
+            "worker_idle_rss_mb": idle_kb / 1024, "worker_peak_rss_mb": peak_kb / 1024,
+            "worker_bytes_per_client": (peak_kb - idle_kb) * 1024 / clients}
 
 
 def markdown(result):
@@ -85,12 +99,14 @@ def markdown(result):
              f"Commit `{m['git_commit'][:10]}`{' (uncommitted changes)' if m['git_dirty'] else ''}; "
              f"{m['cpu_model']}, {m['cpus_usable']} CPUs usable; nginx {m['versions']['nginx']}.",
              "", f"Command: `{result['command']}`. {result['setup']}", "",
-             "| clients | proxy | RPS | p50 ms | p90 ms | p99 ms | max ms | timeouts | errors | CPU µs/req | peak RSS MB |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| clients | proxy | RPS | p50 ms | p90 ms | p99 ms | max ms | timeouts | errors | CPU µs/req | "
+             "worker RSS idle / peak MB | worker bytes per client | all processes' peak RSS MB |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         lines.append(f"| {r['clients']:,} | {r['proxy']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r['max_ms']:.0f} | {r['timeouts']} | {r['errors']} | "
-                     f"{r['cpu_us_per_req']:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['cpu_us_per_req']:.1f} | {r['worker_idle_rss_mb']:.0f} / {r['worker_peak_rss_mb']:.0f} | "
+                     f"{r['worker_bytes_per_client']:,.0f} | {r['peak_rss_mb']:.0f} |")
     lines.append("")
     for n, ratio in result["p99_ratio"].items():
         lines.append(f"- {int(n):,} clients: fastgw p99 = **{ratio:.2f}x** nginx's "
