@@ -24,7 +24,7 @@ from perf import report
 from perf.mocks import WORK_ROOT, fastgw_cmd, nginx_cmd, render, start_mock
 from perf.procs import (Proc, cpus, free_port, leaf_pids, pinned, tree_cpu_seconds, tree_peak_rss_bytes,
                         wait_port)
-from perf.scenarios import CONFIGS, PAYLOADS, SCENARIOS, WRK_SCRIPT, reference, with_references
+from perf.scenarios import CONFIGS, PACED, PAYLOADS, SCENARIOS, WRK_SCRIPT, reference, with_references
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -367,14 +367,16 @@ def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, m
     if not os.environ.get("PERF_KEEP_WORK"):  # set it to inspect configs and logs of a run
         shutil.rmtree(work, ignore_errors=True)
     if save:
-        write(result, results_dir, stamp, baseline)
+        # a run of paced streams only is filed apart, so latest.* stays the default set's (what compare reads)
+        prefix = "paced-" if runnable and set(runnable) <= set(PACED) else ""
+        write(result, results_dir, stamp, baseline, prefix)
     return result
 
 
-def write(result, results_dir, stamp, baseline=False):
+def write(result, results_dir, stamp, baseline=False, prefix=""):
     os.makedirs(results_dir, exist_ok=True)
     commit = result["meta"].get("git_commit", "nocommit")[:7]
-    base = os.path.join(results_dir, f"{stamp}-{commit}")
+    base = os.path.join(results_dir, f"{prefix}{stamp}-{commit}")
     if result["meta"]["variant"] != "normal":
         base += "-" + result["meta"]["variant"]
     md = report.markdown(result)
@@ -384,7 +386,7 @@ def write(result, results_dir, stamp, baseline=False):
         f.write(md)
     result["files"] = {"json": base + ".json", "md": base + ".md"}
     if result["meta"]["variant"] == "normal":
-        shutil.copyfile(base + ".json", os.path.join(results_dir, "latest.json"))
-        shutil.copyfile(base + ".md", os.path.join(results_dir, "latest.md"))
+        shutil.copyfile(base + ".json", os.path.join(results_dir, f"{prefix}latest.json"))
+        shutil.copyfile(base + ".md", os.path.join(results_dir, f"{prefix}latest.md"))
     if baseline:
         shutil.copyfile(base + ".json", os.path.join(results_dir, "baseline.json"))
