@@ -129,19 +129,25 @@ def request_headers(scenario):
 
 
 def whole_reply_bytes(scenario, port):
-    """Bytes of one whole reply as wrk counts them (head, chunk framing, body): a raw request, read to EOF."""
+    """Bytes of one whole reply as wrk counts them (head, chunk framing, body): a raw keep-alive request, as
+    wrk's (a `Connection: close` would change the head), read to the end of its chunked body."""
     payload = PAYLOADS[scenario.payload]
     with open(payload.body, "rb") as f:
         body = f.read()
     head = "".join(f"{k}: {v}\r\n" for k, v in request_headers(scenario).items())
     req = (f"POST {payload.path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n{head}"
-           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
-    total = 0
+           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    reply = b""
     with socket.create_connection((HOST, port), timeout=60) as sock:
         sock.sendall(req)
-        while data := sock.recv(65536):
-            total += len(data)
-    return total
+        while not reply.endswith(b"\r\n0\r\n\r\n"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    if b"transfer-encoding: chunked" not in reply.split(b"\r\n\r\n", 1)[0].lower():
+        raise RuntimeError(f"{scenario.name}: a long reply must be chunked, got {reply[:300]!r}")
+    return len(reply)
 
 
 def check_reply(scenario, port):

@@ -22,6 +22,7 @@ class Payload:
     mock: str | None = None   # the mock this payload needs whatever the run's --mock ("fastgw": it can pace)
     # The reply lasts long enough that wrk's end cuts replies in flight: count requests as stream equivalents
     # (bytes received / bytes of one whole reply), or the CPU of the cut streams would inflate CPU per stream.
+    # Exact to a few bytes per event: a proxy re-chunks what it reads together (within ~3%).
     long: bool = False
 
 
