@@ -23,11 +23,8 @@ def _send(scenario, port, count):
     payload = PAYLOADS[scenario.payload]
     with open(payload.body, "rb") as f:
         body = f.read()
-    headers = {"Content-Type": "application/json"}
-    if payload.stream:
-        headers["x-mock-stream"] = "1"
-    if scenario.api_key:
-        headers["Authorization"] = f"Bearer {scenario.api_key}"
+    from perf.run import request_headers  # late: run imports this module lazily too
+    headers = {"Content-Type": "application/json", **request_headers(scenario)}
     conn = http.client.HTTPConnection(HOST, port, timeout=120)
     for _ in range(count):
         conn.request("POST", payload.path, body=body, headers=headers)

@@ -3,7 +3,10 @@
 Runs the whole request path between stand-in transports (perf/micro/test_request_path_bench.py) N times;
 two runs with different N give the per-request count without start-up:
 
-    python -m perf.instr_request            # prints instructions per request for the chat and stream paths
+    python -m perf.instr_request   # instructions per request: chat, stream, chat with policies, paced stream
+
+The stream line feeds the 14-event reply in 16 equal reads; the paced line one provider write per upstream
+read (head, each event, [DONE], end: 17 reads), as a real stream arrives, so a per-read or per-event cost shows.
 """
 import asyncio
 import os
@@ -15,7 +18,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def drive(n: int, stream: bool, policies: bool = False) -> None:
+def drive(n: int, stream: bool, policies: bool = False, paced: bool = False) -> None:
     sys.path.insert(0, os.path.join(HERE, "micro"))
     import uvloop
     import test_request_path_bench as b
@@ -36,17 +39,17 @@ def drive(n: int, stream: bool, policies: bool = False) -> None:
     gw = Gateway(loop, cfg, log=Logger(), stats=Stats(d, "0"), access_log=al, run_dir=d, worker_id="0",
                  mock_url=None)
     run, _, _ = b.one_exchange(gw, stream=stream, chunks=16 if stream else 1,
-                               api_key="sk-perf-0001" if policies else "sk-test")
+                               api_key="sk-perf-0001" if policies else "sk-test", paced=paced)
     for i in range(n):
         run()
         if i % 500 == 0:
             al.flush()
 
 
-def count(n: int, stream: bool, policies: bool = False) -> int:
+def count(n: int, stream: bool, policies: bool = False, paced: bool = False) -> int:
+    flags = ["1" if x else "0" for x in (stream, policies, paced)]
     out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-                          "-m", "perf.instr_request", "--drive", str(n), "1" if stream else "0",
-                          "1" if policies else "0"],
+                          "-m", "perf.instr_request", "--drive", str(n), *flags],
                          capture_output=True, text=True, cwd=os.path.dirname(HERE))
     m = re.search(r"Collected : (\d+)", out.stderr)
     if not m:
@@ -56,11 +59,12 @@ def count(n: int, stream: bool, policies: bool = False) -> int:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--drive":
-        drive(int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1")
+        drive(int(sys.argv[2]), *(flag == "1" for flag in sys.argv[3:6]))
         return
-    for name, stream, policies in (("chat", False, False), ("stream (14 events)", True, False),
-                                   ("chat with policies", False, True)):
-        per = (count(3000, stream, policies) - count(1000, stream, policies)) / 2000
+    for name, stream, policies, paced in (("chat", False, False, False), ("stream (14 events)", True, False, False),
+                                          ("chat with policies", False, True, False),
+                                          ("stream, 1 event/read", True, False, True)):
+        per = (count(3000, stream, policies, paced) - count(1000, stream, policies, paced)) / 2000
         print(f"{name:20s} {per:10,.0f} instructions per request")
 
 

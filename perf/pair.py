@@ -21,17 +21,17 @@ import sys
 import time
 
 from perf import report
-from perf.mocks import WORK_ROOT, start_mock
+from perf.mocks import WORK_ROOT
 from perf.procs import free_port, tree_cpu_seconds, wait_port
-from perf.run import HOST, RESULTS, Cpu, check_reply, start_gateway, wrk
-from perf.scenarios import SCENARIOS
+from perf.run import HOST, RESULTS, Cpu, Mocks, check_reply, start_gateway, whole_reply_bytes, wrk
+from perf.scenarios import PAYLOADS, SCENARIOS
 
 # The bars: policies at most 1.3x proxy's CPU per request (issue 4), fastgw at most 1.2x nginx's (the data plane).
 TARGETS = {("policies", "proxy"): 1.3, ("proxy", "nginx"): 1.2}
 
 
-def _slice(s, port, gw, seconds, connections, cpu):
-    """Load one gateway for `seconds`; its sample."""
+def _slice(s, port, gw, reply_bytes, seconds, connections, cpu):
+    """Load one gateway for `seconds`; its sample. `reply_bytes`: long replies count as bytes / one reply's."""
     c0 = tree_cpu_seconds(gw.pid)
     t0 = time.monotonic()
     w = wrk(s, port, seconds, connections, 1, cpu.load)
@@ -39,7 +39,7 @@ def _slice(s, port, gw, seconds, connections, cpu):
     used = tree_cpu_seconds(gw.pid) - c0
     if not gw.alive():
         raise RuntimeError(f"{gw.name} died during the run:\n{gw.log_tail()}")
-    n = w["requests"]
+    n = w["bytes"] / reply_bytes if reply_bytes else w["requests"]
     if not n:
         raise RuntimeError(f"{gw.name} served no request in a {seconds}-second slice:\n{gw.log_tail()}")
     return {"requests": n, "rps": n / (w["duration_us"] / 1e6), "errors": sum(w["errors"].values()),
@@ -64,32 +64,34 @@ def run_pair(name, pairs=20, slice_s=2, warmup=3.0, connections=64, results_dir=
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = os.path.join(WORK_ROOT, "runs", "pair-" + stamp)
     os.makedirs(work, exist_ok=True)
-    mock_port = free_port()
-    proc, mock_desc = start_mock("nginx", work, HOST, mock_port, cpu.load)
+    mocks = Mocks("nginx", work, cpu)   # the paced streams bring the built-in mock
     gws = {}
     rows = []
     try:
         for s in (base, scenario):
             port = free_port()
-            gws[s.name] = (s, port, start_gateway(s, work, port, mock_port, cpu.gateway))
-        for s, port, gw in gws.values():
+            gws[s.name] = (s, port, start_gateway(s, work, port, mocks.for_scenario(s)["port"], cpu.gateway))
+        for name, (s, port, gw) in list(gws.items()):
             wait_port(HOST, port, gw, 60)
             check_reply(s, port)
+            reply_bytes = whole_reply_bytes(s, port) if PAYLOADS[s.payload].long else None
+            gws[name] = (s, port, gw, reply_bytes)
             wrk(s, port, warmup, connections, 1, cpu.load)
         for i in range(pairs):
             order = (base.name, scenario.name) if i % 2 == 0 else (scenario.name, base.name)
             print(f"[{i + 1}/{pairs}] {order[0]} then {order[1]}: {slice_s:g}s each ...", file=sys.stderr, flush=True)
             rows.append({n: _slice(*gws[n], slice_s, connections, cpu) for n in order})
     finally:
-        for _, _, gw in gws.values():
+        for _, _, gw, *_ in gws.values():
             gw.stop()
-        proc.stop()
+        mocks.stop()
     ratios = [row[scenario.name]["cpu_us_per_req"] / row[base.name]["cpu_us_per_req"] for row in rows]
     result = {
         "meta": report.machine() | {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                     "command": "python -m perf " + " ".join(argv) if argv else None,
-                                    "mock_description": mock_desc, "pinning": cpu.note, "slice_s": slice_s,
-                                    "warmup_s": warmup, "connections": connections, "pairs": pairs},
+                                    "mock_description": mocks.description(), "pinning": cpu.note, "slice_s": slice_s,
+                                    "warmup_s": warmup, "connections": scenario.connections or connections,
+                                    "pairs": pairs},
         "base": base.name, "scenario": scenario.name, "samples": rows, "ratios": ratios,
         "median_ratio": statistics.median(ratios),
         "median_cpu_us_per_req": {n: statistics.median(row[n]["cpu_us_per_req"] for row in rows)

@@ -13,6 +13,7 @@ and wrk share the first, so the gateway's CPU is its own and the RPS ceiling is 
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from perf import report
 from perf.mocks import WORK_ROOT, fastgw_cmd, nginx_cmd, render, start_mock
 from perf.procs import (Proc, cpus, free_port, leaf_pids, pinned, tree_cpu_seconds, tree_peak_rss_bytes,
                         wait_port)
-from perf.scenarios import CONFIGS, PAYLOADS, SCENARIOS, WRK_SCRIPT, reference, with_references
+from perf.scenarios import CONFIGS, PACED, PAYLOADS, SCENARIOS, WRK_SCRIPT, reference, with_references
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -84,16 +85,77 @@ def start_gateway(scenario, work, port, upstream_port, cpu, python_opts=(), env_
                 os.path.join(work, f"gateway-{scenario.name}.log"), env=env)
 
 
+class Mocks:
+    """The run's mock, and the mocks some payloads need whatever the run's (the paced streams: the built-in
+    one), each started on first use on the load CPU."""
+
+    def __init__(self, default_kind, work, cpu):
+        self.default_kind, self.work, self.cpu = default_kind, work, cpu
+        self.started = {}   # kind -> {"proc", "port", "description"}
+
+    def kind_for(self, scenario):
+        return PAYLOADS[scenario.payload].mock or self.default_kind
+
+    def for_scenario(self, scenario):
+        kind = self.kind_for(scenario)
+        if kind not in self.started:
+            port = free_port()
+            proc, desc = start_mock(kind, self.work, HOST, port, self.cpu.load)
+            self.started[kind] = {"proc": proc, "port": port, "description": desc}
+        return self.started[kind]
+
+    def description(self):
+        """The mocks used, each naming the payloads it served when it is not the run's own."""
+        out = []
+        for kind, m in self.started.items():
+            served = sorted(p for p, pay in PAYLOADS.items() if pay.mock == kind)
+            out.append(m["description"] + ("" if kind == self.default_kind else f" (for {', '.join(served)})"))
+        return "; ".join(out)
+
+    def stop(self):
+        for m in self.started.values():
+            m["proc"].stop()
+
+
+def request_headers(scenario):
+    """The headers wrk and the check requests send for the scenario (besides Content-Type)."""
+    payload = PAYLOADS[scenario.payload]
+    headers = dict(payload.headers)
+    if payload.stream:
+        headers["x-mock-stream"] = "1"
+    if scenario.api_key:
+        headers["Authorization"] = f"Bearer {scenario.api_key}"
+    return headers
+
+
+def whole_reply_bytes(scenario, port):
+    """Bytes of one whole reply as wrk counts them (head, chunk framing, body): a raw keep-alive request, as
+    wrk's (a `Connection: close` would change the head), read to the end of its chunked body."""
+    payload = PAYLOADS[scenario.payload]
+    with open(payload.body, "rb") as f:
+        body = f.read()
+    head = "".join(f"{k}: {v}\r\n" for k, v in request_headers(scenario).items())
+    req = (f"POST {payload.path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n{head}"
+           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    reply = b""
+    with socket.create_connection((HOST, port), timeout=60) as sock:
+        sock.sendall(req)
+        while not reply.endswith(b"\r\n0\r\n\r\n"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    if b"transfer-encoding: chunked" not in reply.split(b"\r\n\r\n", 1)[0].lower():
+        raise RuntimeError(f"{scenario.name}: a long reply must be chunked, got {reply[:300]!r}")
+    return len(reply)
+
+
 def check_reply(scenario, port):
     """One request before the load, so a broken setup fails with a message instead of a table of errors."""
     payload = PAYLOADS[scenario.payload]
     with open(payload.body, "rb") as f:
         body = f.read()
-    headers = {"Content-Type": "application/json"}
-    if payload.stream:
-        headers["x-mock-stream"] = "1"
-    if scenario.api_key:
-        headers["Authorization"] = f"Bearer {scenario.api_key}"
+    headers = {"Content-Type": "application/json", **request_headers(scenario)}
     req = urllib.request.Request(f"http://{HOST}:{port}{payload.path}", data=body, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -109,9 +171,12 @@ def check_reply(scenario, port):
         raise RuntimeError(f"{scenario.name}: expected a chat completion with usage, got {data[:200]!r}")
 
 
-def wrk(scenario, port, seconds, connections, threads, cpu, timeout_s=10):
+def wrk(scenario, port, seconds, connections, threads, cpu, timeout_s=None):
     payload = PAYLOADS[scenario.payload]
-    env = dict(os.environ, PERF_BODY=payload.body, PERF_PATH=payload.path,
+    connections = scenario.connections or connections
+    timeout_s = timeout_s or (30 if payload.long else 10)   # a paced stream lasts seconds
+    extra = "\n".join(f"{k}: {v}" for k, v in payload.headers)
+    env = dict(os.environ, PERF_BODY=payload.body, PERF_PATH=payload.path, PERF_HEADERS=extra,
                PERF_STREAM="1" if payload.stream else "0", PERF_KEY=scenario.api_key or "")
     seconds = max(1, round(seconds))  # wrk takes whole seconds
     cmd = pinned(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
@@ -145,14 +210,17 @@ def finish_profile(spy):
 
 
 def measure(scenario, opts, work, mock, cpu):
-    """One warm-up + one measured interval of one scenario; returns the sample dict."""
+    """One warm-up + one measured interval of one scenario; returns the sample dict. `mock`: {"proc", "port"}."""
     gw_port = free_port()
     gw = start_gateway(scenario, work, gw_port, mock["port"], cpu.gateway, opts["python_opts"], opts["env"])
     port = gw_port if gw else mock["port"]
+    reply_bytes = None
     try:
         if gw:
             wait_port(HOST, gw_port, gw, 60)
         check_reply(scenario, port)
+        if PAYLOADS[scenario.payload].long:
+            reply_bytes = whole_reply_bytes(scenario, port)
         if opts["warmup"] > 0:
             wrk(scenario, port, opts["warmup"], opts["connections"], opts["threads"], cpu.load)
         gw_cpu0 = tree_cpu_seconds(gw.pid) if gw else 0.0
@@ -172,10 +240,13 @@ def measure(scenario, opts, work, mock, cpu):
         if gw:
             gw.stop()
     n = w["requests"]
+    if reply_bytes:   # long replies: streams cut in flight at wrk's end count as the fraction received
+        n = w["bytes"] / reply_bytes
     errors = sum(w["errors"].values())
     lat = w["latency_us"]
     return {
         "requests": n,
+        "whole_reply_bytes": reply_bytes, "completed_requests": w["requests"],
         "rps": n / (w["duration_us"] / 1e6),
         "p50_ms": lat["p50"] / 1000, "p95_ms": lat["p95"] / 1000, "p99_ms": lat["p99"] / 1000,
         "max_ms": lat["max"] / 1000, "mean_ms": lat["mean"] / 1000,
@@ -249,27 +320,28 @@ def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, m
     os.makedirs(work, exist_ok=True)
     opts = dict(duration=duration, connections=connections, threads=threads, warmup=warmup,
                 python_opts=list(python_opts), env=dict(env or {}), profile=profile)
-    mock_port = free_port()
     load_before = os.getloadavg()
-    proc, mock_desc = start_mock(mock_kind, work, HOST, mock_port, cpu.load)
-    mock = {"proc": proc, "port": mock_port}
+    mocks = Mocks(mock_kind, work, cpu)
     per_scenario = {s.name: [] for s in scenarios}
     try:
+        for s in scenarios:   # every mock up before the first measurement
+            mocks.for_scenario(s)
         for r in range(repeat):
             for s in scenarios:
-                print(f"[{r + 1}/{repeat}] {s.name}: {duration:g}s, {connections} connections ...",
+                print(f"[{r + 1}/{repeat}] {s.name}: {duration:g}s, {s.connections or connections} connections ...",
                       file=sys.stderr, flush=True)
-                per_scenario[s.name].append(measure(s, opts, work, mock, cpu))
+                per_scenario[s.name].append(measure(s, opts, work, mocks.for_scenario(s), cpu))
         if instructions:
             from perf import instr
             for s in scenarios:
                 if s.is_gateway:
                     print(f"instructions: {s.name}, {instructions} requests under callgrind ...", file=sys.stderr)
-                    ipr = instr.instructions_per_request(s, work, mock_port, instructions, opts)
+                    ipr = instr.instructions_per_request(s, work, mocks.for_scenario(s)["port"], instructions,
+                                                         opts)
                     for sample in per_scenario[s.name]:
                         sample["instructions_per_req"] = ipr
     finally:
-        proc.stop()
+        mocks.stop()
     add_ratios(per_scenario)
     result = {
         "meta": report.machine() | {
@@ -277,7 +349,7 @@ def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, m
             "command": "python -m perf " + " ".join(argv) if argv else None,
             "variant": variant,
             "python_opts": list(python_opts), "gateway_env": dict(env or {}),
-            "mock": mock_kind, "mock_description": mock_desc,
+            "mock": mock_kind, "mock_description": mocks.description(),
             "pinning": cpu.note,
             "duration_s": duration, "warmup_s": warmup, "connections": connections, "wrk_threads": threads,
             "repeats": repeat, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
@@ -288,7 +360,9 @@ def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, m
     for s in scenarios:
         summary = summarize(per_scenario[s.name])
         entry = {"via": s.via, "payload": s.payload, "what": s.what, "summary": summary,
-                 "samples": per_scenario[s.name]}
+                 "samples": per_scenario[s.name], "mock": mocks.kind_for(s)}
+        if s.connections:
+            entry["connections"] = s.connections
         if s.base and s.base in per_scenario:
             entry["base"] = s.base
         cpr = summary.get("cpu_us_per_req")
@@ -299,14 +373,16 @@ def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, m
     if not os.environ.get("PERF_KEEP_WORK"):  # set it to inspect configs and logs of a run
         shutil.rmtree(work, ignore_errors=True)
     if save:
-        write(result, results_dir, stamp, baseline)
+        # a run of paced streams only is filed apart, so latest.* stays the default set's (what compare reads)
+        prefix = "paced-" if runnable and set(runnable) <= set(PACED) else ""
+        write(result, results_dir, stamp, baseline, prefix)
     return result
 
 
-def write(result, results_dir, stamp, baseline=False):
+def write(result, results_dir, stamp, baseline=False, prefix=""):
     os.makedirs(results_dir, exist_ok=True)
     commit = result["meta"].get("git_commit", "nocommit")[:7]
-    base = os.path.join(results_dir, f"{stamp}-{commit}")
+    base = os.path.join(results_dir, f"{prefix}{stamp}-{commit}")
     if result["meta"]["variant"] != "normal":
         base += "-" + result["meta"]["variant"]
     md = report.markdown(result)
@@ -316,7 +392,7 @@ def write(result, results_dir, stamp, baseline=False):
         f.write(md)
     result["files"] = {"json": base + ".json", "md": base + ".md"}
     if result["meta"]["variant"] == "normal":
-        shutil.copyfile(base + ".json", os.path.join(results_dir, "latest.json"))
-        shutil.copyfile(base + ".md", os.path.join(results_dir, "latest.md"))
+        shutil.copyfile(base + ".json", os.path.join(results_dir, f"{prefix}latest.json"))
+        shutil.copyfile(base + ".md", os.path.join(results_dir, f"{prefix}latest.md"))
     if baseline:
         shutil.copyfile(base + ".json", os.path.join(results_dir, "baseline.json"))

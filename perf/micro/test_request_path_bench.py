@@ -63,13 +63,19 @@ def response_bytes() -> bytes:
             % (len(RESPONSE_BODY), RESPONSE_BODY))
 
 
-def sse_response_bytes(events=14) -> bytes:
+def sse_response_writes(events=14) -> list:
+    """The SSE reply as a provider writes it: the head, each event, [DONE], the end of the chunked body."""
     chunk = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
     out = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"]
     for _ in range(events):
         out.append(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-    out.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(b"data: [DONE]\n\n"), b"data: [DONE]\n\n"))
-    return b"".join(out)
+    out.append(b"%x\r\n%s\r\n" % (len(b"data: [DONE]\n\n"), b"data: [DONE]\n\n"))
+    out.append(b"0\r\n\r\n")
+    return out
+
+
+def sse_response_bytes(events=14) -> bytes:
+    return b"".join(sse_response_writes(events))
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +92,10 @@ def gateway():
     loop.close()
 
 
-def one_exchange(gw, stream=False, chunks=1, api_key="sk-test"):
-    """Make a client connection with one idle upstream connection in the pool; return a runner."""
+def one_exchange(gw, stream=False, chunks=1, api_key="sk-test", paced=False):
+    """Make a client connection with one idle upstream connection in the pool; return a runner. The reply
+    arrives in `chunks` reads of equal size, or, `paced`, one upstream read per write of the provider (a
+    paced stream: head, each event, [DONE], end)."""
     target = gw.router.wildcard.pick()
     pool = gw.pools.get(target)
     up = UpstreamConnection(pool)
@@ -99,8 +107,11 @@ def one_exchange(gw, stream=False, chunks=1, api_key="sk-test"):
     client.connection_made(client_t)
     req = request_bytes(stream, api_key)
     resp = sse_response_bytes() if stream else response_bytes()
-    pieces = [resp] if chunks == 1 else [resp[i:i + len(resp) // chunks + 1]
-                                           for i in range(0, len(resp), len(resp) // chunks + 1)]
+    if paced:
+        pieces = sse_response_writes()
+    else:
+        pieces = [resp] if chunks == 1 else [resp[i:i + len(resp) // chunks + 1]
+                                               for i in range(0, len(resp), len(resp) // chunks + 1)]
 
     def run():
         client.data_received(req)
@@ -114,17 +125,18 @@ def one_exchange(gw, stream=False, chunks=1, api_key="sk-test"):
 
 def test_whole_request_is_relayed(gateway):
     """The harness really drives a request end to end (else the benchmark below would measure nothing)."""
-    for stream in (False, True):
-        _relayed_once(gateway, stream)
+    for stream, paced in ((False, False), (True, False), (True, True)):
+        _relayed_once(gateway, stream, paced)
 
 
-def _relayed_once(gateway, stream):
-    _, client, up = one_exchange(gateway, stream=stream)
+def _relayed_once(gateway, stream, paced):
+    _, client, up = one_exchange(gateway, stream=stream, paced=paced)
     ct = client.transport
     client.data_received(request_bytes(stream))
     sent = b"".join(up.transport.out)
     assert sent.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n") and b"sk-test" not in sent
-    up.data_received(sse_response_bytes() if stream else response_bytes())
+    for piece in (sse_response_writes() if paced else [sse_response_bytes() if stream else response_bytes()]):
+        up.data_received(piece)
     out = b"".join(ct.out)
     assert out.startswith(b"HTTP/1.1 200 OK\r\n")
     if stream:
@@ -141,4 +153,9 @@ def test_bench_proxied_chat_request(benchmark, gateway):
 
 def test_bench_proxied_stream_14_events(benchmark, gateway):
     run, _, _ = one_exchange(gateway, stream=True, chunks=16)
+    benchmark(run)
+
+
+def test_bench_proxied_stream_14_events_one_per_read(benchmark, gateway):
+    run, _, _ = one_exchange(gateway, stream=True, paced=True)
     benchmark(run)

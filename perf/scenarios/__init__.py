@@ -18,6 +18,20 @@ class Payload:
     body: str          # request body file POSTed by wrk
     stream: bool       # sets `x-mock-stream: 1` so a body-blind mock (nginx) replies with SSE
     path: str = "/v1/chat/completions"
+    headers: tuple = ()       # extra request headers ((name, value), ...): the built-in mock's x-mock-* knobs
+    mock: str | None = None   # the mock this payload needs whatever the run's --mock ("fastgw": it can pace)
+    # The reply lasts long enough that wrk's end cuts replies in flight: count requests as stream equivalents
+    # (bytes received / bytes of one whole reply), or the CPU of the cut streams would inflate CPU per stream.
+    # Exact to a few bytes per event: a proxy re-chunks what it reads together (within ~3%).
+    long: bool = False
+
+
+def _paced(gap_ms, *extra):
+    """A chat stream as providers send it: one SSE event per write, `gap_ms` apart (the built-in mock's
+    x-mock-paced), 100 content events like the `stream` payload's, then finish (+ usage) and [DONE]."""
+    return Payload(os.path.join(HERE, "stream_request.json"), stream=True, mock="fastgw", long=True,
+                   headers=(("x-mock-paced", "1"), ("x-mock-chunk-delay-ms", str(gap_ms)), ("x-mock-chunks", "100"),
+                            *extra))
 
 
 PAYLOADS = {
@@ -25,6 +39,13 @@ PAYLOADS = {
     "chat": Payload(os.path.join(HERE, "chat_request.json"), stream=False),
     # the same request with "stream": true; the mocks answer 100 content chunks + usage chunk + [DONE]
     "stream": Payload(os.path.join(HERE, "stream_request.json"), stream=True),
+    # paced streams (built-in mock): back to back, for the CPU per stream; with usage (include_usage) or not
+    # (then the gateway counts completion tokens itself, event by event); 20 ms apart, for the latency added;
+    # 50 ms apart on 2,000 connections, for many long streams open on one worker
+    "paced-stream": _paced(0),
+    "paced-stream-no-usage": _paced(0, ("x-mock-no-usage", "1")),
+    "paced-stream-20ms": _paced(20),
+    "paced-streams-2000": _paced(50),
 }
 
 
@@ -38,6 +59,7 @@ class Scenario:
     api_key: str | None = None   # bearer key wrk sends
     unavailable: str | None = None  # why it cannot run yet
     base: str | None = None      # the fastgw scenario this one adds features to (its cost is judged against it)
+    connections: int | None = None  # wrk connections, whatever the run's --connections (2,000 open streams)
 
     @property
     def is_gateway(self):
@@ -47,6 +69,23 @@ class Scenario:
 def _policies_unavailable():
     path = os.path.join(CONFIGS, "policies.toml")
     return None if os.path.exists(path) else "waits for the policy format (perf/configs/policies.toml)"
+
+
+def _paced_scenarios():
+    """Each paced payload through nothing, nginx and fastgw (named `direct-P`, `nginx-P`, `P`)."""
+    kinds = {
+        "paced-stream": ("100 events, one per write, no gap, with a usage chunk", None, None),
+        "paced-stream-no-usage": ("100 events, one per write, no gap, no usage", None, None),
+        "paced-stream-20ms": ("100 events 20 ms apart (2 s a stream), with usage", None, None),
+        # fastgw's default cap of 1,024 connections per upstream would queue half the streams
+        "paced-streams-2000": ("2,000 open streams: 100 events 50 ms apart (5 s a stream)", 2000, "streams.toml"),
+    }
+    for payload, (what, connections, config) in kinds.items():
+        yield Scenario(f"direct-{payload}", "direct", payload, f"wrk straight at the built-in mock: {what}",
+                       connections=connections)
+        yield Scenario(f"nginx-{payload}", "nginx", payload, f"nginx relaying {what}", connections=connections)
+        yield Scenario(payload, "fastgw", payload, f"fastgw relaying {what}", connections=connections,
+                       config=config)
 
 
 SCENARIOS = {s.name: s for s in [
@@ -62,9 +101,11 @@ SCENARIOS = {s.name: s for s in [
              config="policies.toml", api_key="sk-perf-0001", unavailable=_policies_unavailable(), base="proxy"),
     Scenario("cache-hit", "fastgw", "chat", "fastgw answering from its response cache",
              unavailable="no response cache in fastgw yet"),
+    *_paced_scenarios(),
 ]}
 
 DEFAULT = ["direct", "nginx", "proxy", "stream", "policies"]
+PACED = ["paced-stream", "paced-stream-no-usage", "paced-stream-20ms", "paced-streams-2000"]
 
 
 def reference(scenario, via):

@@ -3,6 +3,7 @@
 --   PERF_PATH    request path (default /v1/chat/completions)
 --   PERF_STREAM  "1": ask the mock for the SSE reply with `x-mock-stream: 1` (nginx mock cannot read the body)
 --   PERF_KEY     API key sent as a bearer token (the policies scenario)
+--   PERF_HEADERS extra request headers, one "name: value" a line (the paced streams' x-mock-* knobs)
 -- No request()/response() callbacks: wrk then builds the request once and never enters Lua per request,
 -- so the load generator stays as cheap as possible. done() prints one JSON line for the driver to parse.
 
@@ -23,6 +24,12 @@ end
 if os.getenv("PERF_STREAM") == "1" then
   wrk.headers["x-mock-stream"] = "1"
   wrk.headers["Accept"] = "text/event-stream"
+end
+for line in (os.getenv("PERF_HEADERS") or ""):gmatch("[^\n]+") do
+  local name, value = line:match("^([^:]+):%s*(.*)$")
+  if name then
+    wrk.headers[name] = value
+  end
 end
 local key = os.getenv("PERF_KEY")
 if key and key ~= "" then

@@ -316,6 +316,19 @@ def test_client_disconnect_mid_stream_stops_the_writer(mock):
     wait_for(lambda: mock.stats.active_requests == 0)
 
 
+def test_paced_stream_is_written_one_event_per_write(mock):
+    # Real providers send a stream as one write per event; with no delay the mock writes it in one go unless
+    # x-mock-paced asks for the providers' way (the perf suite's paced-stream scenarios rely on it).
+    for paced, writes in ((b"", 1), (b"x-mock-paced: 1\r\n", 1 + 6 + 1)):   # head + 6 events + end
+        wait_for(lambda: mock.stats.active_requests == 0)
+        before = mock.stats.stream_writes
+        with connect(mock) as s:
+            s.sendall(request(body=b'{"model":"m","stream":true}', headers=b"x-mock-chunks: 3\r\n" + paced))
+            [(status, _, body)] = read_responses(s, 1)
+        assert status == 200 and body.count(b"data: ") == 6 and body.endswith(b"data: [DONE]\n\n")
+        assert mock.stats.stream_writes - before == writes, paced
+
+
 def test_prompt_tokens_deterministic(mock):
     body = b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * 400 + b'"}]}'
     with connect(mock) as s:

@@ -146,3 +146,31 @@ def test_pair_measures_a_scenario_against_its_base_in_turns(tmp_path):
         pair.run_pair("proxy")             # proxy has no base: it needs --against
     with pytest.raises(SystemExit):
         pair.run_pair("proxy", against="direct")   # the mock alone has no gateway CPU
+
+
+def test_paced_stream_runs_beside_nginx_on_the_built_in_mock(tmp_path):
+    # A paced stream (one SSE event per write, from the built-in mock whatever --mock says) brings its direct
+    # and nginx references; streams cut at wrk's end count as the fraction received (stream equivalents).
+    res = perf_run.run(["paced-stream"], results_dir=str(tmp_path), argv=["run", "paced-stream"], **SHORT)
+    assert list(res["scenarios"]) == ["direct-paced-stream", "nginx-paced-stream", "paced-stream"]
+    assert "built-in" in res["meta"]["mock_description"]
+    for name, entry in res["scenarios"].items():
+        sample = entry["samples"][0]
+        assert entry["mock"] == "fastgw" and sample["errors"] == 0, (name, sample["error_detail"])
+        assert sample["whole_reply_bytes"] > 100 * 200, name       # 100 content events, each ~240 bytes
+        # proxies re-chunk what they read, so a stream's bytes vary by a few per event: equivalents are ±3%
+        assert sample["requests"] >= 0.97 * sample["completed_requests"] > 0, name
+    fastgw, nginx = (res["scenarios"][n]["summary"] for n in ("paced-stream", "nginx-paced-stream"))
+    assert fastgw["cpu_vs_nginx"] == pytest.approx(fastgw["cpu_us_per_req"] / nginx["cpu_us_per_req"])
+    # filed apart from the default set's latest.*, which `compare` reads
+    assert (tmp_path / "paced-latest.md").exists() and not (tmp_path / "latest.md").exists()
+
+
+def test_pair_a_paced_stream_against_nginx(tmp_path):
+    from perf import pair
+    res = pair.run_pair("paced-stream", against="nginx-paced-stream", pairs=2, slice_s=1, warmup=1, connections=4,
+                        results_dir=str(tmp_path), argv=["pair", "paced-stream", "--against", "nginx-paced-stream"])
+    for row in res["samples"]:
+        for s in row.values():
+            assert s["requests"] > 0 and s["errors"] == 0 and s["cpu_us_per_req"] > 0
+    assert (tmp_path / "pair-paced-stream-nginx-paced-stream-latest.md").exists()

@@ -7,6 +7,9 @@ Fault injection by request header (the gateway forwards client headers, so tests
   x-mock-delay-ms: N               wait before the response head
   x-mock-first-token-delay-ms: N   stream: head at once, the first event after N ms
   x-mock-chunk-delay-ms: N         stream: N ms between events
+  x-mock-paced: 1                  stream: one write per event (head, each event, end) even with no delay, the
+                                   loop running between writes, as real providers send; without it a stream
+                                   with no delays is written in one go
   x-mock-chunks: N                 N content pieces (default 14)
   x-mock-reset-after: N            stream: abort the TCP connection after N events (no final chunk)
   x-mock-no-usage: 1               never send usage
@@ -81,7 +84,8 @@ ROUTES.add(b"GET", b"/health", health)
 class MockStats:
     """Per-server counters, so tests can check that the gateway does not leak upstream connections."""
 
-    __slots__ = ("open_connections", "connections_total", "requests", "active_requests", "resets")
+    __slots__ = ("open_connections", "connections_total", "requests", "active_requests", "resets",
+                 "stream_writes")
 
     def __init__(self):
         self.open_connections = 0
@@ -89,6 +93,7 @@ class MockStats:
         self.requests = 0
         self.active_requests = 0  # requests whose response is still being written (delays, streams)
         self.resets = 0           # connections aborted by x-mock-reset-after
+        self.stream_writes = 0    # socket writes of streamed replies (head, events, end): shows the pacing
 
 
 class MockServer(asyncio.AbstractServer):
@@ -128,7 +133,8 @@ class MockServer(asyncio.AbstractServer):
 class _Faults:
     """The x-mock-* settings of one request (see the module docstring), over the server's defaults."""
 
-    __slots__ = ("status", "delay", "first", "gap", "chunks", "reset_after", "no_usage", "echo_headers", "close")
+    __slots__ = ("status", "delay", "first", "gap", "chunks", "reset_after", "no_usage", "echo_headers", "close",
+                 "paced")
 
     def __init__(self, faults: dict, defaults: dict):
         self.status = _int_header(faults, b"x-mock-status", 0)
@@ -140,6 +146,7 @@ class _Faults:
         self.no_usage = faults.get(b"x-mock-no-usage") == b"1"
         self.echo_headers = faults.get(b"x-mock-echo-headers") == b"1"
         self.close = faults.get(b"x-mock-close") == b"1"
+        self.paced = faults.get(b"x-mock-paced") == b"1"
 
 
 def _int_header(faults: dict, name: bytes, default: int) -> int:
@@ -274,7 +281,8 @@ class _MockConnection(asyncio.Protocol):
         events = reply.events
         reset_after = f.reset_after
         head = _HEAD_STREAM % (reply.content_type, _CLOSE if close else b"")
-        if delay <= 0 and f.first <= 0 and f.gap <= 0:
+        if delay <= 0 and f.first <= 0 and f.gap <= 0 and not f.paced:
+            self.stats.stream_writes += 1
             if 0 <= reset_after < len(events):
                 self.transport.write(head + b"".join(events[:reset_after]))
                 self._reset()
@@ -283,7 +291,7 @@ class _MockConnection(asyncio.Protocol):
             if close:
                 self.transport.close()
             return True
-        self._start(self._stream(head, events, delay, f.first, f.gap, reset_after, close))
+        self._start(self._stream(head, events, delay, f.first, f.gap, reset_after, close, f.paced))
         return False
 
     def _respond_json(self, status: int, body: bytes, close: bool, delay_ms: int) -> bool:
@@ -310,8 +318,14 @@ class _MockConnection(asyncio.Protocol):
         finally:
             self._finish_async()
 
-    async def _stream(self, head, events, delay_ms, first_ms, gap_ms, reset_after, close):
-        write = self.transport.write
+    async def _stream(self, head, events, delay_ms, first_ms, gap_ms, reset_after, close, paced):
+        stats = self.stats
+        transport_write = self.transport.write
+
+        def write(data):
+            stats.stream_writes += 1
+            transport_write(data)
+
         try:
             if delay_ms > 0:
                 await asyncio.sleep(delay_ms / 1000)
@@ -328,6 +342,10 @@ class _MockConnection(asyncio.Protocol):
                     return
                 if i and gap_ms > 0:
                     await asyncio.sleep(gap_ms / 1000)
+                    if self.closed:
+                        return
+                elif paced:   # let the loop run (and the socket take this write alone) before the next event
+                    await asyncio.sleep(0)
                     if self.closed:
                         return
                 write(event)
