@@ -49,7 +49,8 @@ cdef class Relay(UpstreamListener):
     cdef bint chunked                 # the client's response is chunked (a stream, or a body of unknown length)
     cdef bint strip_usage             # we asked for the stream's usage: hide that chunk from the client
     cdef object pending_head          # HEAD_HELD: the head to write before the first body bytes
-    cdef list outq                    # what one upstream read produced for the client: one write per read
+    cdef object out1                  # what one upstream read produced for the client (one write per read):
+    cdef list outq                    #   its first piece, and a list only once there are more
     cdef object events_tail           # stream_event hooks: the bytes of an event not complete yet
     cdef list parts                   # a non-stream body kept to read its usage (None past _MAX_KEPT)
     cdef Py_ssize_t parts_bytes

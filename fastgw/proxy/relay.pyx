@@ -382,7 +382,7 @@ cdef class Relay(UpstreamListener):
         """Nothing reached the client yet: retry a stale keep-alive connection, or try another deployment."""
         cdef Exchange ex = self.ex
         self.pending_head = None
-        self.outq = None
+        self.out1 = self.outq = None
         self.parts = None
         self.sse = None
         self.chunked = False
@@ -425,7 +425,7 @@ cdef class Relay(UpstreamListener):
             self.client.exchange_over(ex)
         else:
             self.state = DONE
-            self.outq = None                # nothing of this response goes out: the error answer does
+            self.out1 = self.outq = None    # nothing of this response goes out: the error answer does
             self.client.refuse(err, False)
 
     cdef void _done(self) except *:
@@ -438,17 +438,20 @@ cdef class Relay(UpstreamListener):
     cdef inline void _emit(self, data) except *:
         """Queue bytes for the client; they go out together when this upstream read is processed, so a head,
         its events and the stream's end that arrive in one read cost one write (one syscall), not three."""
-        if self.outq is None:
-            self.outq = [data]
+        if self.out1 is None:
+            self.out1 = data                # the common case, one piece per read: no list
+        elif self.outq is None:
+            self.outq = [self.out1, data]
         else:
             self.outq.append(data)
 
     cdef void _flush(self) except *:
-        q = self.outq
-        if q is None:
+        data = self.out1
+        if data is None:
             return
-        self.outq = None
-        client_write(self.client, q[0] if len(q) == 1 else b"".join(q))
+        q = self.outq
+        self.out1 = self.outq = None
+        client_write(self.client, data if q is None else b"".join(q))
 
     # -- what the client connection tells the relay ------------------------------------------------------------
 
