@@ -19,6 +19,20 @@ _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 PAUSE_ON_RESOURCE_ERROR = 0.1
 
 
+def listen_socket(host: str, port: int, backlog: int = 2048, reuse_port: bool = True) -> socket.socket:
+    """A non-blocking listening TCP socket. reuse_port: each worker binds its own socket to the same port and
+    the kernel spreads new connections over them (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
 class Listener:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol_factory: Callable,
                  log=None, batch: int = 1024):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import resource
 import signal
-import socket
 import time
 from typing import Callable
 
@@ -17,23 +16,12 @@ import uvloop
 from fastgw.runtime import admin
 from fastgw.observability.accesslog import AccessLog
 from fastgw.runtime.config import Config, ConfigError
-from fastgw.runtime.listener import Listener
+from fastgw.runtime.listener import Listener, listen_socket
 from fastgw.proxy.client import ClientConnection, monotonic
 from fastgw.proxy.gateway import Gateway
 from fastgw.observability.metrics import Stats
 
 STATS_FLUSH_INTERVAL = 1.0
-
-
-def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
 
 
 class Worker:

@@ -5,8 +5,7 @@ import socket
 
 import uvloop
 
-from fastgw.runtime.listener import Listener
-from fastgw.runtime.worker import listen_socket
+from fastgw.runtime.listener import Listener, listen_socket
 
 
 class Echo(asyncio.Protocol):

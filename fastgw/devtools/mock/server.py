@@ -30,6 +30,7 @@ from fastgw.devtools.mock.wire import JsonReply, MockRequest, Refusal, openai_er
 from fastgw.errors import reason
 from fastgw.observability.logs import Logger
 from fastgw.protocol.http import END, ERROR, HEAD, NEED_DATA, RequestParser
+from fastgw.runtime.listener import Listener, listen_socket
 
 __all__ = ["start_mock", "run_mock", "MockServer", "MockStats", "Routes", "ROUTES"]
 
@@ -368,9 +369,45 @@ async def start_mock(host: str, port: int, *, ssl=None, routes: Routes = ROUTES,
     """
     stats = MockStats()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _MockConnection(stats, defaults, routes), host, port,
-                                      reuse_address=True, backlog=2048, ssl=ssl)
+    factory = lambda: _MockConnection(stats, defaults, routes)  # noqa: E731
+    if ssl is not None:
+        server = await loop.create_server(factory, host, port, reuse_address=True, backlog=2048, ssl=ssl)
+    else:
+        # Every pending connection accepted per readiness event, as the gateway does (runtime/listener.py):
+        # uvloop's server accepts one per loop iteration, and a burst of thousands of clients then waits.
+        server = _ListenerServer(loop, Listener(loop, listen_socket(host, port, reuse_port=False), factory))
     return MockServer(server, stats)
+
+
+class _ListenerServer:
+    """A Listener behind the few AbstractServer methods MockServer forwards."""
+
+    def __init__(self, loop, listener: Listener):
+        self._loop = loop
+        self._listener = listener
+        self._closed = loop.create_future()
+        self.sockets = [listener.sock]
+        listener.start()
+
+    def close(self):
+        self._listener.close()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    async def wait_closed(self):
+        pass
+
+    def get_loop(self):
+        return self._loop
+
+    def is_serving(self):
+        return not self._closed.done()
+
+    async def start_serving(self):
+        pass
+
+    async def serve_forever(self):
+        await self._closed
 
 
 def run_mock(host: str, port: int, **defaults) -> int:
