@@ -9,6 +9,8 @@ never depends on this script, and so a reviewer can read exactly what goes over 
   perf/mocks/bodies/models.json      GET /v1/models
   perf/scenarios/chat_request.json   ~4.4 KB request, ~1,000 prompt tokens of English prose (the seed's load)
   perf/scenarios/stream_request.json the same request with "stream": true and include_usage
+  perf/scenarios/stream_request_no_usage.json  "stream": true without include_usage (the gateway's token
+                                     accounting then asks for it and hides that chunk from the client)
 """
 import json
 import os
@@ -86,7 +88,7 @@ Please keep the summary under two hundred words, mention the change from fires t
 building on exposed rocks, and the daily life of the keepers, and end with one sentence about automation."""
 
 
-def chat_request(stream):
+def chat_request(stream, include_usage=True):
     body = {
         "model": "gpt-4o-mini",
         "messages": [
@@ -98,7 +100,8 @@ def chat_request(stream):
     }
     if stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
     # The OpenAI Python SDK sends compact JSON; so do we.
     return json.dumps(body, separators=(",", ":"))
 
@@ -223,6 +226,7 @@ def main():
         os.path.join(BODIES, "models.json"): models_response(),
         os.path.join(SCENARIOS, "chat_request.json"): chat_request(False),
         os.path.join(SCENARIOS, "stream_request.json"): chat_request(True),
+        os.path.join(SCENARIOS, "stream_request_no_usage.json"): chat_request(True, include_usage=False),
     }
     for path, text in files.items():
         with open(path, "w") as f:

@@ -39,6 +39,9 @@ PAYLOADS = {
     "chat": Payload(os.path.join(HERE, "chat_request.json"), stream=False),
     # the same request with "stream": true; the mocks answer 100 content chunks + usage chunk + [DONE]
     "stream": Payload(os.path.join(HERE, "stream_request.json"), stream=True),
+    # the same without stream_options: with token accounting on, the gateway adds include_usage and strips
+    # the usage chunk from the client's stream
+    "stream-no-usage": Payload(os.path.join(HERE, "stream_request_no_usage.json"), stream=True),
     # paced streams (built-in mock): back to back, for the CPU per stream; with usage (include_usage) or not
     # (then the gateway counts completion tokens itself, event by event); 20 ms apart, for the latency added;
     # 50 ms apart on 2,000 connections, for many long streams open on one worker
@@ -99,6 +102,10 @@ SCENARIOS = {s.name: s for s in [
     Scenario("policies", "fastgw", "chat",
              "fastgw with key auth + token rate limit + metrics + access log",
              config="policies.toml", api_key="sk-perf-0001", unavailable=_policies_unavailable(), base="proxy"),
+    Scenario("stream-policies", "fastgw", "stream-no-usage",
+             "fastgw relaying the 100-chunk SSE reply with key auth + token rate limit (include_usage forced "
+             "and the usage chunk stripped) + metrics + access log",
+             config="policies.toml", api_key="sk-perf-0001", unavailable=_policies_unavailable(), base="stream"),
     Scenario("cache-hit", "fastgw", "chat", "fastgw answering from its response cache",
              unavailable="no response cache in fastgw yet"),
     *_paced_scenarios(),
