@@ -12,6 +12,7 @@ cdef class SSERelay:
     cdef readonly Py_ssize_t events
     cdef readonly bint done
     cdef readonly bint usage_seen
+    cdef readonly bint usage_promised  # an event had "usage": null: the upstream reports usage at the end
     cdef readonly long long prompt_tokens
     cdef readonly long long completion_tokens
     cdef readonly long long total_tokens

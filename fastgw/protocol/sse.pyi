@@ -6,6 +6,7 @@ class SSERelay:
     events: int
     done: bool
     usage_seen: bool
+    usage_promised: bool
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int

@@ -17,6 +17,11 @@ event; `data` lines (`data:value`, `data: value` or a bare `data`) are joined wi
 `:` comments pass through untouched. A block without a data line is not an event (it is not counted). An
 incomplete event at the end of the body is discarded as in the spec (but its bytes are still forwarded).
 
+Text is collected only until an event shows `"usage": null` (`usage_promised`): an upstream that honours
+stream_options.include_usage sends it on every chunk and the real usage at the end, so the text (a fallback
+for upstreams that send no usage) is not needed, and walking every event for it would cost more than the
+rest of the relay.
+
 Normal mode never holds bytes back: feed() returns the very `chunk` object it was given. With
 strip_usage_chunk=True (the gateway asked for `stream_options.include_usage` on its own behalf), the event
 carrying a non-null top-level `usage` and `"choices": []` is removed: to decide, the bytes of an event still
@@ -212,6 +217,22 @@ cdef bint may_carry_usage(const unsigned char* d, Py_ssize_t n) noexcept nogil:
         i = (q - d) + 7
     return False
 
+cdef bint promises_usage(const unsigned char* d, Py_ssize_t n) noexcept nogil:
+    """True when some `"usage"` in d is followed by `: null`: the stream will carry its usage at the end."""
+    cdef const unsigned char* q
+    cdef Py_ssize_t i = 0, j
+    while i < n:
+        q = <const unsigned char*>memmem(d + i, n - i, b'"usage"', 7)
+        if q == NULL:
+            return False
+        j = skip_ws(d, (q - d) + 7, n)
+        if j < n and d[j] == 58:
+            j = skip_ws(d, j + 1, n)
+            if n - j >= 4 and memcmp(d + j, b"null", 4) == 0:
+                return True
+        i = (q - d) + 7
+    return False
+
 # ---------------------------------------------------------------------------------------------- relay
 
 cdef class SSERelay:
@@ -397,11 +418,15 @@ cdef class SSERelay:
         cdef Top t
         cdef Py_ssize_t i, e, vs, ve, cs, ce, ts, te
         cdef bint strip = False
-        if not self.collect_text and not may_carry_usage(d, n):
+        cdef bint collect = self.collect_text and not self.usage_promised
+        if collect and promises_usage(d, n):
+            self.usage_promised = True
+            collect = False
+        if not collect and not may_carry_usage(d, n):
             return 0
         if scan_top(d, n, &t) < 0:
             return 0
-        if self.collect_text:
+        if collect:
             if t.choices_s >= 0:  # choices[].delta.content, in order
                 e = t.choices_e
                 i = skip_ws(d, t.choices_s + 1, e)

@@ -520,7 +520,11 @@ cdef void _note_upstream_error(Exchange ex, str kind) except *:
 
 
 cdef void _count_streamed(Exchange ex, SSERelay sse) except *:
-    """No usage in the stream: count what streamed, and the prompt, exactly, so limits and budgets still hold."""
+    """No usage in the stream: count what streamed, and the prompt, exactly, so limits and budgets still hold.
+    A stream that promised its usage ("usage": null on its chunks) and ended without it kept no text: its
+    counts stay unknown (-1), so limits and budgets keep what they reserved."""
+    if sse.usage_promised:
+        return
     from fastgw.tokens.exact import count_prompt, count_text, encoding_for_model
 
     ex.completion_tokens = count_text(sse.text(), encoding_for_model(ex.model))

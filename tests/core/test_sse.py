@@ -25,8 +25,12 @@ def _count(v):
     return v if ok else -1
 
 
+_PROMISE = re.compile(rb'"usage"[ \t\n\r]*:[ \t\n\r]*null')
+
+
 def twin(stream: bytes, strip: bool) -> dict:
-    r = {"events": 0, "done": False, "usage_seen": False, "prompt": -1, "completion": -1, "total": -1}
+    r = {"events": 0, "done": False, "usage_seen": False, "prompt": -1, "completion": -1, "total": -1,
+         "usage_promised": False}
     text, fwd = [], []
     pos = block_start = 0
     data = []
@@ -39,6 +43,8 @@ def twin(stream: bytes, strip: bool) -> dict:
         if payload == b"[DONE]":
             r["done"] = True
             return False
+        if not r["usage_promised"] and _PROMISE.search(payload):
+            r["usage_promised"] = True      # text is collected only until the stream promises its usage
         try:
             obj = json.loads(payload)
         except ValueError:
@@ -46,13 +52,14 @@ def twin(stream: bytes, strip: bool) -> dict:
         if not isinstance(obj, dict):
             return False
         choices = obj.get("choices")
-        if isinstance(choices, list):
+        if isinstance(choices, list) and not r["usage_promised"]:
             for ch in choices:
                 delta = ch.get("delta") if isinstance(ch, dict) else None
                 content = delta.get("content") if isinstance(delta, dict) else None
                 if isinstance(content, str):
                     text.append(content)
-        if obj.get("type") == "response.output_text.delta" and isinstance(obj.get("delta"), str):
+        if (obj.get("type") == "response.output_text.delta" and isinstance(obj.get("delta"), str)
+                and not r["usage_promised"]):
             text.append(obj["delta"])
         usage = obj.get("usage")
         top = isinstance(usage, dict)
@@ -107,6 +114,7 @@ def run(stream: bytes, pieces, strip: bool, collect: bool = True) -> dict:
         "events": relay.events, "done": relay.done, "usage_seen": relay.usage_seen,
         "prompt": relay.prompt_tokens, "completion": relay.completion_tokens, "total": relay.total_tokens,
         "forwarded": b"".join(out), "text": relay.text() if collect else "",
+        "usage_promised": relay.usage_promised,
     }
 
 
@@ -280,7 +288,14 @@ def test_openai_stream():
     assert relay.finish() == b""
     assert (relay.events, relay.done, relay.usage_seen) == (5, True, True)
     assert (relay.prompt_tokens, relay.completion_tokens, relay.total_tokens) == (9, 12, 21)
-    assert relay.text() == 'Hi the "usage": {"prompt_tokens": 99} field'
+    # Its chunks say "usage": null (it will report usage): no text is collected, it is not needed.
+    assert relay.usage_promised and relay.text() == ""
+    # A stream whose chunks carry no usage key (an upstream that ignores include_usage): text is collected.
+    bare = OPENAI.replace(b',"usage":null', b"") + DONE
+    relay = SSERelay(collect_text=True)
+    relay.feed(bare)
+    assert not relay.usage_promised and not relay.usage_seen
+    assert relay.text() == 'Hi the "usage": {"prompt_tokens": 99} field' == twin(bare, False)["text"]
 
 
 def test_usage_in_content_is_not_usage():
@@ -342,8 +357,11 @@ def test_responses_api_usage_and_text():
     relay = SSERelay(collect_text=True)
     relay.feed(s)
     assert (relay.prompt_tokens, relay.completion_tokens, relay.total_tokens) == (5, 2, 7)
-    assert relay.text() == "Hello é"
+    assert relay.usage_promised and relay.text() == ""     # response.created said "usage": null
     assert relay.events == 4 and not relay.done
+    relay = SSERelay(collect_text=True)
+    relay.feed(s.replace(b',"usage":null', b""))
+    assert relay.text() == "Hello é"
 
 
 def test_whitespace_and_key_order():
