@@ -38,6 +38,10 @@ import re
 
 import orjson
 
+cdef enum:
+    USAGE_NULL = 1
+    USAGE_VALUE = 2
+
 _JSON_STRING = re.compile(b'"(?:[^"\\\\]|\\\\.)*"', re.S)  # one JSON string token
 
 cdef extern from "string.h":
@@ -200,38 +204,23 @@ cdef int scan_top(const unsigned char* d, Py_ssize_t n, Top* t) noexcept nogil:
         return -1
 
 
-cdef bint may_carry_usage(const unsigned char* d, Py_ssize_t n) noexcept nogil:
-    """False when every `"usage"` in d is followed by `: null` (or there is none): such an event can carry
-    no usage wherever the match sits (a key with a null value, or text inside a string)."""
+cdef int usage_values(const unsigned char* d, Py_ssize_t n) noexcept nogil:
+    """What follows the `"usage":` keys in d: USAGE_NULL when one is `null` (the stream promises its usage for
+    the end), USAGE_VALUE when one is something else (this event may carry usage); 0 when there is none. A
+    match inside a string cannot be a key, and is told apart later by scan_top."""
     cdef const unsigned char* q
     cdef Py_ssize_t i = 0, j
+    cdef int found = 0
     while i < n:
         q = <const unsigned char*>memmem(d + i, n - i, b'"usage"', 7)
         if q == NULL:
-            return False
+            break
         j = skip_ws(d, (q - d) + 7, n)
         if j < n and d[j] == 58:
             j = skip_ws(d, j + 1, n)
-            if not (n - j >= 4 and memcmp(d + j, b"null", 4) == 0):
-                return True
+            found |= USAGE_NULL if n - j >= 4 and memcmp(d + j, b"null", 4) == 0 else USAGE_VALUE
         i = (q - d) + 7
-    return False
-
-cdef bint promises_usage(const unsigned char* d, Py_ssize_t n) noexcept nogil:
-    """True when some `"usage"` in d is followed by `: null`: the stream will carry its usage at the end."""
-    cdef const unsigned char* q
-    cdef Py_ssize_t i = 0, j
-    while i < n:
-        q = <const unsigned char*>memmem(d + i, n - i, b'"usage"', 7)
-        if q == NULL:
-            return False
-        j = skip_ws(d, (q - d) + 7, n)
-        if j < n and d[j] == 58:
-            j = skip_ws(d, j + 1, n)
-            if n - j >= 4 and memcmp(d + j, b"null", 4) == 0:
-                return True
-        i = (q - d) + 7
-    return False
+    return found
 
 # ---------------------------------------------------------------------------------------------- relay
 
@@ -419,10 +408,11 @@ cdef class SSERelay:
         cdef Py_ssize_t i, e, vs, ve, cs, ce, ts, te
         cdef bint strip = False
         cdef bint collect = self.collect_text and not self.usage_promised
-        if collect and promises_usage(d, n):
+        cdef int usage = usage_values(d, n)
+        if collect and usage & USAGE_NULL:
             self.usage_promised = True
             collect = False
-        if not collect and not may_carry_usage(d, n):
+        if not collect and not usage & USAGE_VALUE:
             return 0
         if scan_top(d, n, &t) < 0:
             return 0
