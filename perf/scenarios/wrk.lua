@@ -36,6 +36,15 @@ if key and key ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. key
 end
 
+-- PERF_DELAY_MS: each connection waits this long between its requests (perf/latency.py: a load below the
+-- gateway's capacity, since wrk has no rate option); only then is delay() defined, at a Lua call per request.
+local delay_ms = tonumber(os.getenv("PERF_DELAY_MS") or "")
+if delay_ms then
+  function delay()
+    return delay_ms
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   -- latency values are microseconds; errors.status counts responses with status >= 400
