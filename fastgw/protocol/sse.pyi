@@ -1,4 +1,4 @@
-"""Type stub of the compiled SSE relay (fastgw/_core/sse.pyx)."""
+"""Type stub of the compiled SSE relay (fastgw/protocol/sse.pyx)."""
 
 class SSERelay:
     strip_usage_chunk: bool

@@ -97,7 +97,7 @@ cdef inline void buf_free(Buf* b) noexcept:
     b.len = b.cap = 0
 
 # ----------------------------------------------------------------------------- minimal JSON scanning
-# (skip_ws, skip_string, skip_value: fastgw/_core/jsonskip.pxd)
+# (skip_ws, skip_string, skip_value: fastgw/protocol/jsonskip.pxd)
 
 cdef Py_ssize_t obj_find(const unsigned char* d, Py_ssize_t s, Py_ssize_t e, const char* key,
                          Py_ssize_t klen, Py_ssize_t* vend) noexcept nogil:

@@ -1,7 +1,7 @@
 """One worker process: its own uvloop, its own SO_REUSEPORT listener, drained on SIGTERM, reloaded on SIGHUP.
 
 The kernel spreads new connections over the workers' listeners; a worker never shares a socket or a lock with
-another (token buckets, the only shared state on the request path, live in shared memory: fastgw/_core/bucket).
+another (token buckets, the only shared state on the request path, live in shared memory: fastgw/policies/ratelimit/bucket.pyx).
 """
 from __future__ import annotations
 

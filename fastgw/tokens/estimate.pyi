@@ -1,4 +1,4 @@
-"""Type stub of the compiled token estimator (fastgw/_core/tokens.pyx)."""
+"""Type stub of the compiled token estimator (fastgw/tokens/estimate.pyx)."""
 
 TOKENS_PER_MESSAGE: int
 TOKENS_PER_NAME: int
