@@ -142,13 +142,7 @@ def main(argv=None):
               "command": "python -m perf.fairness " + " ".join(argv), "runs": runs, "p99_ratio": ratio,
               "setup": f"{cpu.note}; mock: {desc}; wrk -t2 --timeout 15s, {seconds} s per run, each proxy started "
                        "fresh for its run, small chat request."}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(RESULTS, f"fairness-{stamp}-{result['meta']['git_commit'][:7]}")
-    for path in (base, os.path.join(RESULTS, "fairness-latest")):
-        with open(path + ".json", "w") as f:
-            json.dump(result, f, indent=1)
-        with open(path + ".md", "w") as f:
-            f.write(markdown(result))
+    report.save(RESULTS, "fairness", result, markdown(result))
     print(markdown(result))
     shutil.rmtree(work, ignore_errors=True)
 

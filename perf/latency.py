@@ -90,13 +90,7 @@ def main(argv=None):
               "command": "python -m perf.latency " + " ".join(argv), "capacity_rps": capacity, "levels": levels,
               "setup": f"{cpu.note}; mock: {desc}; wrk 1 thread, {seconds} s per measurement, each connection "
                        "waiting 1 ms between its requests."}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(RESULTS, f"latency-{stamp}-{result['meta']['git_commit'][:7]}")
-    for path in (base, os.path.join(RESULTS, "latency-latest")):
-        with open(path + ".json", "w") as f:
-            json.dump(result, f, indent=1)
-        with open(path + ".md", "w") as f:
-            f.write(markdown(result))
+    report.save(RESULTS, "latency", result, markdown(result))
     print(markdown(result))
     shutil.rmtree(work, ignore_errors=True)
 

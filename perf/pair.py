@@ -13,7 +13,6 @@ request (utime+stime of each gateway's process tree over its slice, divided by t
 
 Writes perf/results/pair-<scenario>-<other>-<date>-<commit>.{json,md} and pair-<scenario>-<other>-latest.{json,md}.
 """
-import json
 import os
 import shutil
 import statistics
@@ -99,14 +98,7 @@ def run_pair(name, pairs=20, slice_s=2, warmup=3.0, connections=64, results_dir=
     }
     shutil.rmtree(work, ignore_errors=True)
     if save:
-        commit = result["meta"].get("git_commit") or "nocommit"
-        os.makedirs(results_dir, exist_ok=True)
-        tag = f"pair-{scenario.name}-{base.name}"
-        for stem in (f"{tag}-{stamp}-{commit[:7]}", f"{tag}-latest"):
-            with open(os.path.join(results_dir, stem + ".json"), "w") as f:
-                json.dump(result, f, indent=1)
-            with open(os.path.join(results_dir, stem + ".md"), "w") as f:
-                f.write(markdown(result))
+        report.save(results_dir, f"pair-{scenario.name}-{base.name}", result, markdown(result), stamp)
     return result
 
 

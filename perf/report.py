@@ -3,6 +3,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -60,6 +61,18 @@ def machine():
         "git_commit": _cmd("git", "rev-parse", "HEAD") or "nocommit",
         "git_dirty": bool(dirty),
     }
+
+
+def save(results_dir, tag, result, text, stamp=None):
+    """Write `result` (JSON) and `text` (Markdown) as <tag>-<date>-<commit> and <tag>-latest in results_dir."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    commit = (result["meta"].get("git_commit") or "nocommit")[:7]
+    os.makedirs(results_dir, exist_ok=True)
+    for stem in (f"{tag}-{stamp}-{commit}", f"{tag}-latest"):
+        with open(os.path.join(results_dir, stem + ".json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(results_dir, stem + ".md"), "w") as f:
+            f.write(text)
 
 
 def _f(value, fmt="{:,.0f}", none="–"):
