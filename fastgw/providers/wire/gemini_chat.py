@@ -1,0 +1,350 @@
+"""OpenAI Chat Completions in front of the Gemini API (v1beta generateContent, streamGenerateContent?alt=sse).
+
+Field names are Gemini's REST (camelCase) ones, as in Google's API reference and the google-genai SDK. The
+model goes in the URL (models/<id>:generateContent), so the request translation never writes it.
+
+Choices made where the two APIs differ (each one a deliberate answer, not an accident):
+- JSON Schemas travel as JSON Schema: tool parameters go in `parametersJsonSchema` and a json_schema
+  response_format in `responseJsonSchema`. Gemini's older `parameters` / `responseSchema` take an OpenAPI
+  subset that refuses what OpenAI schemas routinely hold (additionalProperties, $defs, ...).
+- System and developer messages, wherever they stand, become the one `systemInstruction`, in order.
+- Tool call ids are "call_<n>", unique within one response; a tool message finds its function name in the
+  latest assistant message that declared its id (so ids repeated across responses stay unambiguous).
+- Gemini's thoughtSignature on a function call (Gemini 3 refuses a tool-call history without it) travels to
+  the client as tool_calls[].extra_content.google.thought_signature, the place Google's own OpenAI-compatible
+  endpoint uses, and comes back from the assistant message into the functionCall part.
+- Thought parts (thought: true) are dropped; their tokens count as completion tokens (reasoning_tokens). So
+  are the signatures Gemini puts on text parts: only function-call signatures are required back.
+- A prompt Gemini blocks (promptFeedback.blockReason, no candidates) is a 400 with code "content_filter"
+  (Azure OpenAI's answer to a filtered prompt). A stream has already answered 200 by then: it ends normally
+  with finish_reason "content_filter" instead.
+- reasoning_effort none/low/medium/high becomes thinkingConfig.thinkingBudget 0/1024/8192/24576, the mapping
+  Google documents for its OpenAI-compatible endpoint.
+- Fields that only tune OpenAI's own service (store, metadata, user, prompt_cache_*, service_tier,
+  prediction, ...) are ignored; every other field Gemini cannot express is refused with a 400.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import orjson
+
+from fastgw.errors import GatewayError, error_type
+
+# ------------------------------------------------------------------------------------------------ request
+
+# Fields with no effect on the generated answer: safe to drop.
+_IGNORED = frozenset({
+    "model", "stream", "stream_options", "user", "metadata", "store", "safety_identifier", "prompt_cache_key",
+    "prompt_cache_retention", "prompt_cache_options", "service_tier", "prediction",
+})
+# Fields Gemini cannot express, with the reason given to the client.
+_REFUSED = {
+    "logit_bias": "Gemini has no token bias",
+    "logprobs": "log probabilities are not translated from Gemini",
+    "top_logprobs": "log probabilities are not translated from Gemini",
+    "audio": "audio output is not available through Gemini's generateContent translation",
+    "functions": "the deprecated `functions` is not translated; use `tools`",
+    "function_call": "the deprecated `function_call` is not translated; use `tool_choice`",
+    "moderation": "Gemini has no OpenAI moderation",
+    "web_search_options": "Gemini's search grounding is not translated",
+    "verbosity": "Gemini has no verbosity setting",
+}
+# top_k is not OpenAI's, but clients of OpenAI-compatible servers send it and Gemini has it.
+_SAMPLING = {"temperature": "temperature", "top_p": "topP", "top_k": "topK", "seed": "seed",
+             "presence_penalty": "presencePenalty", "frequency_penalty": "frequencyPenalty"}
+_TRANSLATED = frozenset({
+    "messages", "max_tokens", "max_completion_tokens", "n", "stop", "response_format", "reasoning_effort",
+    "modalities", "parallel_tool_calls", "tools", "tool_choice", *_SAMPLING,
+})
+_THINKING_BUDGET = {"none": 0, "low": 1024, "medium": 8192, "high": 24576}
+_TOOL_CHOICE_MODE = {"none": "NONE", "auto": "AUTO", "required": "ANY"}
+_IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp",
+                "gif": "image/gif", "heic": "image/heic", "heif": "image/heif"}
+_AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mp3"}
+
+
+def _unsupported(param: str, why: str) -> GatewayError:
+    return GatewayError(400, f"`{param}`: {why}.", param=param, code="unsupported_parameter")
+
+
+def _invalid(param: str, why: str) -> GatewayError:
+    return GatewayError(400, f"`{param}`: {why}.", param=param, code="invalid_value")
+
+
+def chat_request_to_gemini(body: dict) -> dict:
+    """An OpenAI chat.completions request body -> a Gemini GenerateContentRequest body."""
+    if not isinstance(body, dict):
+        raise _invalid("body", "the request body must be a JSON object")
+    for key, value in body.items():
+        if key in _REFUSED and value not in (None, False, {}, []):
+            raise _unsupported(key, _REFUSED[key])
+        if key not in _IGNORED and key not in _REFUSED and key not in _TRANSLATED:
+            raise _unsupported(key, "not a Chat Completions parameter that translates to Gemini")
+
+    system, contents = _messages(body.get("messages"))
+    request: dict = {"contents": contents}
+    if system:
+        request["systemInstruction"] = {"parts": system}
+    config = _generation_config(body)
+    if config:
+        request["generationConfig"] = config
+    declarations = _function_declarations(body.get("tools"))
+    if declarations:
+        request["tools"] = [{"functionDeclarations": declarations}]
+    if body.get("tool_choice") is not None:
+        request["toolConfig"] = {"functionCallingConfig": _function_calling_config(body["tool_choice"])}
+    return request
+
+
+def _generation_config(body: dict) -> dict:
+    config: dict = {}
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is not None:
+        config["maxOutputTokens"] = max_tokens
+    for ours, theirs in _SAMPLING.items():
+        if body.get(ours) is not None:
+            config[theirs] = body[ours]
+    stop = body.get("stop")
+    if stop is not None:
+        config["stopSequences"] = [stop] if isinstance(stop, str) else stop
+    n = body.get("n")
+    if n is not None:
+        if body.get("stream") and n != 1:
+            raise _unsupported("n", "several choices cannot be streamed from Gemini; use n=1 or stream=false")
+        config["candidateCount"] = n
+    _response_format(body.get("response_format"), config)
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in _THINKING_BUDGET:
+            raise _unsupported("reasoning_effort", f"Gemini takes none, low, medium or high, not {effort!r}")
+        config["thinkingConfig"] = {"thinkingBudget": _THINKING_BUDGET[effort]}
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise _unsupported("modalities", "only text output is translated from Gemini")
+    if body.get("parallel_tool_calls") is False:
+        raise _unsupported("parallel_tool_calls", "Gemini cannot be limited to one tool call per turn")
+    return config
+
+
+def _response_format(fmt, config: dict) -> None:
+    if fmt is None:
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return
+    if kind == "json_object":
+        config["responseMimeType"] = "application/json"
+    elif kind == "json_schema":
+        config["responseMimeType"] = "application/json"
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise _invalid("response_format.json_schema", "must be an object")
+        if spec.get("schema") is not None:
+            config["responseJsonSchema"] = spec["schema"]     # `strict` has no Gemini switch: ignored
+    else:
+        raise _unsupported("response_format.type", f"{kind!r} has no Gemini equivalent")
+
+
+def _function_declarations(tools) -> list:
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise _invalid("tools", "must be an array")
+    declarations = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise _unsupported(f"tools[{i}]", "only function tools translate to Gemini")
+        function = tool["function"]
+        if not isinstance(function.get("name"), str):
+            raise _invalid(f"tools[{i}].function.name", "must be a string")
+        declaration = {"name": function["name"]}
+        if function.get("description") is not None:
+            declaration["description"] = function["description"]
+        if function.get("parameters") is not None:
+            declaration["parametersJsonSchema"] = function["parameters"]
+        # `strict` is ignored: Gemini has no switch for it, and SDK-made tools (pydantic_function_tool) set it.
+        declarations.append(declaration)
+    return declarations
+
+
+def _function_calling_config(choice) -> dict:
+    if isinstance(choice, str) and choice in _TOOL_CHOICE_MODE:
+        return {"mode": _TOOL_CHOICE_MODE[choice]}
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = (choice.get("function") or {}).get("name")
+        if isinstance(name, str):
+            return {"mode": "ANY", "allowedFunctionNames": [name]}
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools") or {}
+        names = [(t.get("function") or {}).get("name") for t in allowed.get("tools") or ()
+                 if isinstance(t, dict) and t.get("type") == "function"]
+        # VALIDATED: text or a call limited to the names, which is what mode "auto" asks for.
+        mode = {"auto": "VALIDATED", "required": "ANY"}.get(allowed.get("mode"))
+        if mode and names and all(isinstance(n, str) for n in names):
+            return {"mode": mode, "allowedFunctionNames": names}
+    raise _unsupported("tool_choice", "Gemini takes none, auto, required, a named function or allowed function tools")
+
+
+# -- messages
+
+def _messages(messages) -> tuple[list, list]:
+    """(systemInstruction parts, contents). Consecutive turns of one role are merged: Gemini wants them
+    alternating, and a run of tool results must form one user turn."""
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages", "must be a non-empty array")
+    system: list = []
+    contents: list = []
+    tool_names: dict = {}   # tool_call_id -> function name, from the latest assistant message declaring it
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _invalid(where, "must be an object")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system += _text_parts(message.get("content"), where)
+        elif role == "user":
+            _append(contents, "user", _user_parts(message.get("content"), where))
+        elif role == "assistant":
+            _append(contents, "model", _assistant_parts(message, where, tool_names))
+        elif role == "tool":
+            _append(contents, "user", [_function_response(message, where, tool_names)])
+        elif role == "function":
+            raise _unsupported(f"{where}.role", "the deprecated function role is not translated; use tool")
+        else:
+            raise _invalid(f"{where}.role", f"unknown role {role!r}")
+    if not contents:
+        raise _invalid("messages", "Gemini needs at least one user or assistant message")
+    return system, contents
+
+
+def _append(contents: list, role: str, parts: list) -> None:
+    if not parts:
+        return      # an empty turn (content "" or null): Gemini refuses empty parts
+    if contents and contents[-1]["role"] == role:
+        contents[-1]["parts"].extend(parts)
+    else:
+        contents.append({"role": role, "parts": parts})
+
+
+def _text_parts(content, where: str, kinds=("text",)) -> list:
+    """Text-only content (a string or text parts; `kinds` adds "refusal" for assistants) -> text parts.
+    Empty strings are left out: Gemini refuses an empty text part."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    if not isinstance(content, list):
+        raise _invalid(f"{where}.content", "must be a string or an array of content parts")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in kinds or not isinstance(part.get(kind), str):
+            raise _unsupported(f"{where}.content[{j}]", f"only {' and '.join(kinds)} parts are allowed here")
+        if part[kind]:
+            parts.append({"text": part[kind]})
+    return parts
+
+
+def _user_parts(content, where: str) -> list:
+    if not isinstance(content, list):
+        return _text_parts(content, where)
+    parts = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            if part["text"]:
+                parts.append({"text": part["text"]})
+        elif kind == "image_url" and isinstance(part.get("image_url"), dict):
+            parts.append(_image_part(part["image_url"].get("url"), f"{at}.image_url.url"))
+        elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
+            audio = part["input_audio"]
+            mime = _AUDIO_TYPES.get(audio.get("format"))
+            if mime is None or not isinstance(audio.get("data"), str):
+                raise _invalid(f"{at}.input_audio", "needs base64 `data` and a `format` of wav or mp3")
+            parts.append({"inlineData": {"mimeType": mime, "data": audio["data"]}})
+        elif kind == "file" and isinstance(part.get("file"), dict):
+            data = part["file"].get("file_data")
+            if not isinstance(data, str) or not data.startswith("data:"):
+                raise _unsupported(f"{at}.file", "Gemini needs the file inline, as a data: URL in `file_data`")
+            parts.append(_data_url_part(data, f"{at}.file.file_data"))
+        else:
+            raise _unsupported(at, f"content part type {kind!r} does not translate to Gemini")
+    return parts
+
+
+def _image_part(url, where: str) -> dict:
+    if not isinstance(url, str):
+        raise _invalid(where, "must be a string")
+    if url.startswith("data:"):
+        return _data_url_part(url, where)
+    if url.startswith(("https://", "http://")):
+        path = url.split("?", 1)[0].split("#", 1)[0]
+        mime = _IMAGE_TYPES.get(path.rsplit(".", 1)[-1].lower()) if "." in path.rsplit("/", 1)[-1] else None
+        if mime is None:
+            raise _unsupported(where, "Gemini needs the image's MIME type and the URL has no known image "
+                                      "extension (png, jpg, jpeg, webp, gif, heic, heif); send a data: URL")
+        return {"fileData": {"mimeType": mime, "fileUri": url}}
+    raise _invalid(where, "must be an http(s) URL or a data: URL")
+
+
+def _data_url_part(url: str, where: str) -> dict:
+    header, comma, data = url.partition(",")
+    mime, _, encoding = header[len("data:"):].partition(";")
+    if not comma or encoding != "base64" or not mime:
+        raise _invalid(where, "a data: URL must be data:<mime type>;base64,<data>")
+    return {"inlineData": {"mimeType": mime, "data": data}}
+
+
+def _assistant_parts(message: dict, where: str, tool_names: dict) -> list:
+    if message.get("audio") is not None:
+        raise _unsupported(f"{where}.audio", "audio does not translate to Gemini")
+    if message.get("function_call") is not None:
+        raise _unsupported(f"{where}.function_call", "the deprecated function_call is not translated; use tool_calls")
+    parts = _text_parts(message.get("content"), where, kinds=("text", "refusal"))
+    calls = message.get("tool_calls")
+    if calls is None:
+        return parts
+    if not isinstance(calls, list):
+        raise _invalid(f"{where}.tool_calls", "must be an array")
+    for k, call in enumerate(calls):
+        at = f"{where}.tool_calls[{k}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function":
+            raise _unsupported(at, "only function tool calls translate to Gemini")
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str) or not isinstance(call.get("id"), str):
+            raise _invalid(at, "needs an `id` and a `function.name`")
+        try:
+            args = orjson.loads(arguments) if arguments else {}
+        except (orjson.JSONDecodeError, TypeError):
+            args = None
+        if not isinstance(args, dict):
+            raise _invalid(f"{at}.function.arguments", "Gemini needs the arguments as a JSON object")
+        part = {"functionCall": {"name": name, "args": args}}
+        signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+        if isinstance(signature, str):
+            part["thoughtSignature"] = signature
+        parts.append(part)
+        tool_names[call["id"]] = name
+    return parts
+
+
+def _function_response(message: dict, where: str, tool_names: dict) -> dict:
+    call_id = message.get("tool_call_id")
+    name = tool_names.get(call_id) if isinstance(call_id, str) else None
+    if name is None:
+        raise _invalid(f"{where}.tool_call_id", "matches no tool call of an earlier assistant message")
+    text = "".join(p["text"] for p in _text_parts(message.get("content"), where))
+    try:
+        response = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        response = None
+    if not isinstance(response, dict):
+        response = {"content": text}
+    return {"functionResponse": {"name": name, "response": response}}
