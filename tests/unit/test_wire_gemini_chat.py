@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.shared import ErrorObject
 
 from fastgw.errors import GatewayError
-from fastgw.providers.wire.gemini_chat import chat_request_to_gemini
+from fastgw.providers.wire.gemini_chat import chat_request_to_gemini, gemini_error_to_chat, gemini_response_to_chat
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "wire" / "gemini"
 
@@ -264,3 +264,145 @@ def test_harmless_or_default_fields_are_accepted():
 ])
 def test_malformed_requests_are_clear_400s(body, param):
     assert refused(body).param == param
+
+
+# ----------------------------------------------------------------------------------------------- response
+
+
+def test_text_response():
+    out = gemini_response_to_chat(load("response_text.json"), "my-gemini")
+    completion = ChatCompletion.model_validate(out)
+    assert completion.id == "chatcmpl-mWRpaNKLHYOkxN8P1qDNyQ4"
+    assert completion.model == "my-gemini" and completion.object == "chat.completion"
+    (choice,) = completion.choices
+    assert (choice.index, choice.finish_reason) == (0, "stop")
+    assert choice.message.content == "AI learns patterns from data to make predictions."
+    assert choice.message.tool_calls is None
+    usage = completion.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (1034, 9 + 25, 1068)
+    assert usage.prompt_tokens_details.cached_tokens == 1024
+    assert usage.completion_tokens_details.reasoning_tokens == 25
+
+
+def test_tool_call_response():
+    out = gemini_response_to_chat(load("response_tool_calls.json"), "m")
+    completion = ChatCompletion.model_validate(out)
+    (choice,) = completion.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None          # the thought part is dropped
+    calls = choice.message.tool_calls
+    assert [c.id for c in calls] == ["call_0", "call_1"]
+    assert [(c.function.name, orjson.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_weather", {"city": "Tokyo", "unit": "celsius"})]
+    raw = out["choices"][0]["message"]["tool_calls"]
+    signature = "CiQB0e2Kb5x1Lq3mJ0kq9vN2c0yQ2nq6WkqS1e0P6m8yTQ=="
+    assert raw[0]["extra_content"] == {"google": {"thought_signature": signature}}
+    assert "extra_content" not in raw[1]
+    assert (completion.usage.completion_tokens, completion.usage.total_tokens) == (40 + 98, 250)
+
+
+def test_tool_calls_round_trip_into_the_next_request():
+    """The assistant message a client appends to its history comes back to Gemini as the same parts."""
+    resp = load("response_tool_calls.json")
+    message = gemini_response_to_chat(resp, "m")["choices"][0]["message"]
+    history = [USER, message] + [{"role": "tool", "tool_call_id": c["id"], "content": '{"temp_c": 20}'}
+                                 for c in message["tool_calls"]]
+    out = chat_request_to_gemini({"messages": history})
+    calls = [p for p in resp["candidates"][0]["content"]["parts"] if "functionCall" in p]
+    assert out["contents"][1] == {"role": "model", "parts": calls}
+    assert [p["functionResponse"]["name"] for p in out["contents"][2]["parts"]] == ["get_weather", "get_weather"]
+
+
+def test_an_empty_signed_text_part_beside_a_tool_call_leaves_content_null():
+    parts = [{"functionCall": {"name": "f", "args": {}}}, {"text": "", "thoughtSignature": "c2ln"}]
+    out = gemini_response_to_chat({"candidates": [{"content": {"parts": parts}, "finishReason": "STOP"}]}, "m")
+    assert out["choices"][0]["message"]["content"] is None
+    out = gemini_response_to_chat({"candidates": [{"content": {"parts": [{"text": ""}]}, "finishReason": "STOP"}]},
+                                  "m")
+    assert out["choices"][0]["message"]["content"] == ""
+
+
+def test_two_candidates_and_a_safety_stop():
+    completion = ChatCompletion.model_validate(gemini_response_to_chat(load("response_two_candidates.json"), "m"))
+    assert [(c.index, c.finish_reason, c.message.content) for c in completion.choices] == [
+        (0, "stop", "Blue."), (1, "length", "The sky looks blue because shorter")]
+    completion = ChatCompletion.model_validate(gemini_response_to_chat(load("response_safety.json"), "m"))
+    (choice,) = completion.choices
+    assert (choice.finish_reason, choice.message.content) == ("content_filter", None)
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (14, 0)
+
+
+def test_blocked_prompt_is_a_400_content_filter():
+    with pytest.raises(GatewayError) as info:
+        gemini_response_to_chat(load("response_blocked_prompt.json"), "m")
+    error = info.value
+    assert (error.status, error.type, error.code, error.param) == (400, "invalid_request_error", "content_filter",
+                                                                   "messages")
+    assert "SAFETY" in error.message
+
+
+# Every FinishReason of google-genai's types.py.
+@pytest.mark.parametrize("reason, expected", [
+    ("STOP", "stop"), ("MAX_TOKENS", "length"), ("SAFETY", "content_filter"), ("RECITATION", "content_filter"),
+    ("BLOCKLIST", "content_filter"), ("PROHIBITED_CONTENT", "content_filter"), ("SPII", "content_filter"),
+    ("IMAGE_SAFETY", "content_filter"), ("IMAGE_PROHIBITED_CONTENT", "content_filter"),
+    ("IMAGE_RECITATION", "content_filter"), ("LANGUAGE", "stop"), ("OTHER", "stop"),
+    ("MALFORMED_FUNCTION_CALL", "stop"), ("UNEXPECTED_TOOL_CALL", "stop"), ("TOO_MANY_TOOL_CALLS", "stop"),
+    ("FINISH_REASON_UNSPECIFIED", "stop"), ("NO_IMAGE", "stop"), ("IMAGE_OTHER", "stop"),
+])
+def test_finish_reasons(reason, expected):
+    resp = {"candidates": [{"content": {"parts": [{"text": "x"}], "role": "model"}, "finishReason": reason}]}
+    out = ChatCompletion.model_validate(gemini_response_to_chat(resp, "m"))
+    assert out.choices[0].finish_reason == expected
+    assert out.usage is None and out.id.startswith("chatcmpl-")
+
+
+@pytest.mark.parametrize("resp", [
+    [], {}, {"candidates": "x"}, {"candidates": ["x"]}, {"candidates": [{"content": {"parts": "x"}}]},
+    {"candidates": [{"content": {"parts": [{"functionCall": {"args": {}}}]}}]},
+    {"candidates": [{"content": {"parts": [{"text": "x"}]}}], "usageMetadata": {"promptTokenCount": "7"}},
+])
+def test_malformed_responses_are_502(resp):
+    with pytest.raises(GatewayError) as info:
+        gemini_response_to_chat(resp, "m")
+    assert (info.value.status, info.value.type, info.value.code) == (502, "upstream_error", "upstream_malformed")
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("name, http, status, type, code", [
+    ("error_400.json", 400, 400, "invalid_request_error", "invalid_argument"),
+    ("error_api_key.json", 400, 502, "upstream_error", "upstream_auth"),
+    ("error_403.json", 403, 502, "upstream_error", "upstream_auth"),
+    ("error_404.json", 404, 404, "invalid_request_error", "not_found"),
+    ("error_429.json", 429, 429, "rate_limit_error", "resource_exhausted"),
+    ("error_500.json", 500, 502, "upstream_error", "upstream_error"),
+    ("error_503.json", 503, 503, "api_error", "unavailable"),
+    ("error_504.json", 504, 504, "api_error", "deadline_exceeded"),
+])
+def test_errors(name, http, status, type, code):
+    body = (DATA / name).read_bytes()
+    got_status, error = gemini_error_to_chat(http, body)
+    assert got_status == status
+    obj = ErrorObject.model_validate(error["error"])
+    assert (obj.type, obj.code, obj.param) == (type, code, None)
+    assert orjson.loads(body)["error"]["message"] in obj.message
+
+
+@pytest.mark.parametrize("http, body, status", [
+    (401, b'{"error": {"code": 401, "message": "Request had invalid authentication credentials."}}', 502),
+    (413, b'{"error": {"code": 413, "message": "Request payload size exceeds the limit"}}', 413),
+    (400, b'[{"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}}]', 400),
+    (400, b'{"error": {"code": 400, "message": "User location is not supported for the API use.", '
+          b'"status": "FAILED_PRECONDITION"}}', 502),
+])
+def test_error_variants(http, body, status):
+    assert gemini_error_to_chat(http, body)[0] == status
+
+
+@pytest.mark.parametrize("body", [b"", b"<html>502 Bad Gateway</html>", b'{"message": "x"}', b"[1, 2]"])
+def test_error_bodies_that_are_not_gemini_errors_are_502(body):
+    status, error = gemini_error_to_chat(500, body)
+    assert status == 502
+    assert ErrorObject.model_validate(error["error"]).code == "upstream_malformed"

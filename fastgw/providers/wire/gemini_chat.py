@@ -348,3 +348,164 @@ def _function_response(message: dict, where: str, tool_names: dict) -> dict:
     if not isinstance(response, dict):
         response = {"content": text}
     return {"functionResponse": {"name": name, "response": response}}
+
+
+# ----------------------------------------------------------------------------------------------- response
+
+_FINISH_REASON = {
+    "STOP": "stop", "MAX_TOKENS": "length",
+    "SAFETY": "content_filter", "RECITATION": "content_filter", "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter", "SPII": "content_filter", "IMAGE_SAFETY": "content_filter",
+    "IMAGE_PROHIBITED_CONTENT": "content_filter", "IMAGE_RECITATION": "content_filter",
+}   # anything else (OTHER, LANGUAGE, MALFORMED_FUNCTION_CALL, ...) has no OpenAI name: "stop"
+
+
+def _malformed(what: str) -> GatewayError:
+    return GatewayError(502, f"Gemini sent a malformed response: {what}.", type="upstream_error",
+                        code="upstream_malformed")
+
+
+def _finish_reason(reason, has_calls: bool) -> str:
+    mapped = _FINISH_REASON.get(reason, "stop")
+    return "tool_calls" if mapped == "stop" and has_calls else mapped
+
+
+def _completion_id(resp: dict) -> str:
+    response_id = resp.get("responseId")
+    return "chatcmpl-" + (response_id if isinstance(response_id, str) and response_id else os.urandom(12).hex())
+
+
+def _parts(candidate) -> list:
+    """A candidate's answer parts, thoughts left out. A candidate may have no content (a SAFETY stop)."""
+    if not isinstance(candidate, dict):
+        raise _malformed("a candidate is not an object")
+    content = candidate.get("content") or {}
+    parts = content.get("parts", []) if isinstance(content, dict) else None
+    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+        raise _malformed("a candidate's content.parts is not an array of objects")
+    return [p for p in parts if not p.get("thought")]
+
+
+def _tool_call(part: dict, number: int) -> dict:
+    call = part["functionCall"]
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise _malformed("a functionCall has no name")
+    args = call.get("args")
+    tool_call = {"id": f"call_{number}", "type": "function",
+                 "function": {"name": call["name"], "arguments": orjson.dumps(args or {}).decode()}}
+    if isinstance(part.get("thoughtSignature"), str):
+        tool_call["extra_content"] = {"google": {"thought_signature": part["thoughtSignature"]}}
+    return tool_call
+
+
+def _usage(meta) -> dict | None:
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise _malformed("usageMetadata is not an object")
+    counts = {}
+    for key in ("promptTokenCount", "toolUsePromptTokenCount", "candidatesTokenCount", "thoughtsTokenCount",
+                "cachedContentTokenCount"):
+        value = meta.get(key, 0)
+        if not isinstance(value, int):
+            raise _malformed(f"usageMetadata.{key} is not an integer")
+        counts[key] = value
+    # promptTokenCount already includes cached tokens; tool-use prompt tokens are input too.
+    prompt = counts["promptTokenCount"] + counts["toolUsePromptTokenCount"]
+    completion = counts["candidatesTokenCount"] + counts["thoughtsTokenCount"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": counts["cachedContentTokenCount"]},
+            "completion_tokens_details": {"reasoning_tokens": counts["thoughtsTokenCount"]}}
+
+
+def _blocked(resp: dict) -> str | None:
+    feedback = resp.get("promptFeedback")
+    reason = feedback.get("blockReason") if isinstance(feedback, dict) else None
+    return reason if isinstance(reason, str) else None
+
+
+def gemini_response_to_chat(resp: dict, model: str) -> dict:
+    """A Gemini GenerateContentResponse -> an OpenAI chat.completion object for `model`."""
+    if not isinstance(resp, dict):
+        raise _malformed("the body is not a JSON object")
+    candidates = resp.get("candidates")
+    if not candidates:
+        reason = _blocked(resp)
+        if reason is not None:
+            raise GatewayError(400, f"Gemini blocked the prompt (blockReason {reason}).", param="messages",
+                               code="content_filter")
+        raise _malformed("no candidates and no blockReason")
+    if not isinstance(candidates, list):
+        raise _malformed("candidates is not an array")
+    numbers = itertools.count()      # tool call ids, unique across the candidates
+    choices = []
+    for position, candidate in enumerate(candidates):
+        parts = _parts(candidate)
+        texts = [p["text"] for p in parts if isinstance(p.get("text"), str)]
+        calls = [_tool_call(p, next(numbers)) for p in parts if "functionCall" in p]
+        text = "".join(texts)
+        # null when there is no text, as OpenAI answers a pure tool call (Gemini may add an empty signed part)
+        content = text if text or (texts and not calls) else None
+        message = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+        index = candidate.get("index")
+        choices.append({"index": index if isinstance(index, int) else position, "message": message, "logprobs": None,
+                        "finish_reason": _finish_reason(candidate.get("finishReason"), bool(calls))})
+    completion = {"id": _completion_id(resp), "object": "chat.completion", "created": int(time.time()),
+                  "model": model, "choices": choices}
+    usage = _usage(resp.get("usageMetadata"))
+    if usage is not None:
+        completion["usage"] = usage
+    return completion
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+# Gemini's error status -> the status the client gets. The provider key being refused (UNAUTHENTICATED,
+# PERMISSION_DENIED, API_KEY_INVALID) is the gateway's fault, not the client's: 502, never 401/403. So are
+# FAILED_PRECONDITION (billing, region) and Gemini's own failures (INTERNAL, UNKNOWN, ...).
+_ERROR_STATUS = {
+    "INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
+}
+_PASSED_HTTP = {400, 404, 413, 429, 503, 504}   # when Gemini names no status, the HTTP status passed as is
+_AUTH = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
+
+
+def _openai_error(status: int, message: str, code: str | None, type: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type or error_type(status), "param": None, "code": code}}
+
+
+def _key_invalid(error: dict) -> bool:
+    details = error.get("details")
+    return isinstance(details, list) and any(
+        isinstance(d, dict) and d.get("reason") == "API_KEY_INVALID" for d in details)
+
+
+def _translate_error(http_status: int, error: dict) -> tuple[int, dict]:
+    status = error.get("status") if isinstance(error.get("status"), str) else None
+    message = error.get("message") if isinstance(error.get("message"), str) else "(no message)"
+    if status in _AUTH or _key_invalid(error) or (status is None and http_status in (401, 403)):
+        return 502, _openai_error(502, f"Gemini refused the gateway's credentials for this deployment "
+                                       f"({status or http_status}): {message}", "upstream_auth", "upstream_error")
+    client_status = _ERROR_STATUS.get(status) if status else (http_status if http_status in _PASSED_HTTP else None)
+    if client_status is None:
+        return 502, _openai_error(502, f"Gemini failed ({status or http_status}): {message}", "upstream_error",
+                                  "upstream_error")
+    return client_status, _openai_error(client_status, message, status.lower() if status else None)
+
+
+def gemini_error_to_chat(status: int, body: bytes) -> tuple[int, dict]:
+    """A Gemini error response (HTTP status, body) -> (the status for the client, an OpenAI error object)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, list) and len(parsed) == 1:
+        parsed = parsed[0]      # some Gemini front ends wrap the error in an array
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if not isinstance(error, dict):
+        return 502, _openai_error(502, f"Gemini answered HTTP {status} with a body that is not a Gemini error.",
+                                  "upstream_malformed", "upstream_error")
+    return _translate_error(status, error)
