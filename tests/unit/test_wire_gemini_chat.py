@@ -15,7 +15,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.shared import ErrorObject
 
 from fastgw.errors import GatewayError
-from fastgw.providers.wire.gemini_chat import chat_request_to_gemini, gemini_error_to_chat, gemini_response_to_chat
+from fastgw.providers.wire.gemini_chat import (GeminiToChatStream, chat_request_to_gemini, gemini_error_to_chat,
+                                               gemini_response_to_chat)
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "wire" / "gemini"
 
@@ -406,3 +407,216 @@ def test_error_bodies_that_are_not_gemini_errors_are_502(body):
     status, error = gemini_error_to_chat(500, body)
     assert status == 502
     assert ErrorObject.model_validate(error["error"]).code == "upstream_malformed"
+
+
+# ------------------------------------------------------------------------------------------------- stream
+
+_LINE = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+class EventStreamParser:
+    """The WHATWG event-stream rules, fed in arbitrary chunks: the reference the relay's splitter follows."""
+
+    def __init__(self):
+        self.buffer = b""
+        self.data = []
+        self.name = None
+        self.first = True
+        self.after_cr = False   # the last line ended with CR: an LF starting the next chunk belongs to it
+
+    def feed(self, chunk):
+        self.buffer += chunk
+        if self.after_cr and self.buffer:
+            self.after_cr = False
+            if self.buffer.startswith(b"\n"):
+                self.buffer = self.buffer[1:]
+        if self.first:      # a byte order mark may open the stream, possibly split across chunks
+            if len(self.buffer) < 3 and _BOM.startswith(self.buffer):
+                return []
+            self.first = False
+            if self.buffer.startswith(_BOM):
+                self.buffer = self.buffer[3:]
+        events = []
+        while (match := _LINE.search(self.buffer)) is not None:
+            line, self.buffer = self.buffer[:match.start()], self.buffer[match.end():]
+            self.after_cr = match.group() == b"\r" and not self.buffer
+            events += self._line(line)
+        return events
+
+    def _line(self, line):
+        if not line:
+            event = (self.name, b"\n".join(self.data)) if self.data else None
+            self.data, self.name = [], None
+            return [event] if event else []
+        if line.startswith(b":"):
+            return []
+        field, colon, value = line.partition(b":")
+        if colon and value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            self.data.append(value)
+        elif field == b"event":
+            self.name = value.decode()
+        return []
+
+
+def translate(chunks, include_usage=True, model="my-gemini"):
+    """Feed a body in chunks through the parser and the translator: (client SSE blocks, translator)."""
+    parser, stream = EventStreamParser(), GeminiToChatStream(model, include_usage)
+    blocks = []
+    for chunk in chunks:
+        for name, data in parser.feed(chunk):
+            blocks += stream.event(name, data)
+    blocks += stream.finish()
+    return blocks, stream
+
+
+def payloads(blocks):
+    """The JSON of each block (the `created` second left out, it is the clock's), "[DONE]" as is."""
+    out = []
+    for block in blocks:
+        assert block.startswith(b"data: ") and block.endswith(b"\n\n") and block.count(b"\n") == 2
+        data = block[6:-2]
+        if data == b"[DONE]":
+            out.append("[DONE]")
+        else:
+            obj = orjson.loads(data)
+            obj.pop("created", None)
+            out.append(obj)
+    return out
+
+
+def accumulate(blocks):
+    """The final ChatCompletion the openai SDK builds from the chunks (each validated as a chunk first)."""
+    state = ChatCompletionStreamState()
+    for block in blocks:
+        if block != b"data: [DONE]\n\n":
+            state.handle_chunk(ChatCompletionChunk.model_validate(orjson.loads(block[6:])))
+    return state.get_final_completion()
+
+
+def test_text_stream():
+    body = (DATA / "stream_text.txt").read_bytes()
+    blocks, stream = translate([body])
+    chunks = payloads(blocks)
+    assert chunks[-1] == "[DONE]"
+    assert all(c["id"] == "chatcmpl-4dVoaJXcHbKkxN8Pxp-y4Qo" and c["model"] == "my-gemini" for c in chunks[:-1])
+    assert [c["choices"][0]["delta"] for c in chunks[:-2]] == [
+        {"role": "assistant", "content": "", "refusal": None},
+        {"content": "Hello"}, {"content": " wörld, grüße aus Zürich 🌍"}, {"content": "!"}, {}]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-2]] == [None, None, None, None, "stop"]
+    assert all(c["usage"] is None for c in chunks[:-2])
+    assert chunks[-2]["choices"] == [] and chunks[-2]["usage"] == {
+        "prompt_tokens": 8, "completion_tokens": 12 + 20, "total_tokens": 40,
+        "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 20}}
+    assert (stream.complete, stream.prompt_tokens, stream.completion_tokens) == (True, 8, 32)
+    final = accumulate(blocks)
+    assert final.choices[0].message.content == "Hello wörld, grüße aus Zürich 🌍!"
+    assert final.usage.total_tokens == 40
+
+
+def test_each_text_delta_is_sent_in_the_call_that_brings_it():
+    body = (DATA / "stream_text.txt").read_bytes()
+    stream = GeminiToChatStream("m", include_usage=False)
+    per_event = [payloads(stream.event(None, data)) for _, data in EventStreamParser().feed(body)]
+    assert [[c["choices"][0]["delta"].get("content") for c in event] for event in per_event] == [
+        [""], ["Hello"], [" wörld, grüße aus Zürich 🌍"], ["!", None]]
+    assert stream.prompt_tokens == 8 and stream.completion_tokens == 32
+
+
+def test_without_include_usage_no_usage_anywhere():
+    blocks, stream = translate([(DATA / "stream_text.txt").read_bytes()], include_usage=False)
+    assert all("usage" not in c for c in payloads(blocks)[:-1])
+    assert len(blocks) == 6 and stream.prompt_tokens == 8      # usage is still read for accounting
+
+
+def test_tool_call_stream():
+    blocks, stream = translate([(DATA / "stream_tool_call.txt").read_bytes()])
+    chunks = payloads(blocks)
+    assert chunks[2]["choices"][0]["delta"] == {"tool_calls": [{
+        "id": "call_0", "type": "function", "index": 0,
+        "function": {"name": "get_weather", "arguments": '{"city":"Zürich"}'},
+        "extra_content": {"google": {"thought_signature": "EpcCCpQCAdHtim9oQm2QeFvK3Ue1fVb2w=="}}}]}
+    assert chunks[3]["choices"][0]["finish_reason"] == "tool_calls"
+    final = accumulate(blocks)
+    message = final.choices[0].message
+    assert message.content == "Let me check the weather."
+    assert [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls] == [
+        ("call_0", "get_weather", '{"city":"Zürich"}')]
+    assert (stream.prompt_tokens, stream.completion_tokens) == (95, 22 + 53)
+
+
+def test_blocked_prompt_stream_ends_with_content_filter():
+    blocks, stream = translate([(DATA / "stream_blocked.txt").read_bytes()])
+    chunks = payloads(blocks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:2]] == [None, "content_filter"]
+    assert chunks[2]["usage"]["prompt_tokens"] == 17 and chunks[3] == "[DONE]"
+    assert stream.complete
+    with pytest.raises(openai.ContentFilterFinishReasonError):     # what the SDK makes of a filtered answer
+        accumulate(blocks)
+
+
+def test_truncated_stream_is_not_complete_and_gets_no_end():
+    blocks, stream = translate([(DATA / "stream_truncated.txt").read_bytes()])
+    assert not stream.complete and stream.finish() == []
+    chunks = payloads(blocks)
+    assert "[DONE]" not in chunks and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Once upon a time"
+    assert (stream.prompt_tokens, stream.completion_tokens) == (5, -1)
+
+
+def test_an_error_event_mid_stream_is_passed_on_as_an_openai_error_and_the_stream_stays_incomplete():
+    stream = GeminiToChatStream("m", include_usage=False)
+    stream.event(None, b'{"candidates": [{"content": {"parts": [{"text": "Hi"}], "role": "model"}}]}')
+    (block,) = stream.event(None, (DATA / "error_503.json").read_bytes())
+    error = ErrorObject.model_validate(orjson.loads(block[6:])["error"])
+    assert (error.code, error.message) == ("unavailable", "The model is overloaded. Please try again later.")
+    assert not stream.complete and stream.finish() == []
+
+
+def test_events_after_the_finish_add_nothing_but_usage():
+    stream = GeminiToChatStream("m", include_usage=True)
+    stream.event(None, b'{"candidates": [{"content": {"parts": [{"text": "Hi"}]}, "finishReason": "STOP"}]}')
+    late = b'{"candidates": [{"content": {"parts": [{"text": "late"}]}}], "usageMetadata": {"promptTokenCount": 3}}'
+    assert stream.event(None, late) == []
+    assert stream.prompt_tokens == 3
+    assert payloads(stream.finish())[0]["usage"]["prompt_tokens"] == 3
+
+
+@pytest.mark.parametrize("data", [b"not json", b"[1]", b'{"candidates": 5}', b'{"candidates": [{"content": 5}]}'])
+def test_unparseable_stream_events_are_502(data):
+    with pytest.raises(GatewayError) as info:
+        GeminiToChatStream("m", include_usage=False).event(None, data)
+    assert (info.value.status, info.value.code) == (502, "upstream_malformed")
+
+
+STREAMS = ["stream_text.txt", "stream_tool_call.txt", "stream_blocked.txt", "stream_truncated.txt"]
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_a_stream_split_at_every_byte_boundary_translates_identically(name):
+    body = (DATA / name).read_bytes()
+    whole = payloads(translate([body])[0])
+    for i in range(1, len(body)):
+        assert payloads(translate([body[:i], body[i:]])[0]) == whole, i
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_any_line_ending_translates_identically(name):
+    body = (DATA / name).read_bytes()
+    whole = payloads(translate([body])[0])
+    for ending in (b"\n", b"\r"):
+        assert payloads(translate([body.replace(b"\r\n", ending)])[0]) == whole
+    with_bom = b"\xef\xbb\xbf: keep-alive\r\n\r\n" + body
+    for i in range(0, 40):
+        assert payloads(translate([with_bom[:i], with_bom[i:]])[0]) == whole, i
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(STREAMS), cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=30))
+def test_a_stream_cut_into_many_pieces_translates_identically(name, cuts):
+    body = (DATA / name).read_bytes()
+    bounds = sorted({c % (len(body) + 1) for c in cuts} | {0, len(body)})
+    pieces = [body[a:b] for a, b in zip(bounds, bounds[1:])]
+    assert payloads(translate(pieces)[0]) == payloads(translate([body])[0])

@@ -509,3 +509,94 @@ def gemini_error_to_chat(status: int, body: bytes) -> tuple[int, dict]:
         return 502, _openai_error(502, f"Gemini answered HTTP {status} with a body that is not a Gemini error.",
                                   "upstream_malformed", "upstream_error")
     return _translate_error(status, error)
+
+
+# ------------------------------------------------------------------------------------------------- stream
+
+class GeminiToChatStream:
+    """streamGenerateContent?alt=sse events -> chat.completion.chunk SSE blocks (the translator interface of the
+    relay). Gemini sends whole GenerateContentResponses with no event names and no end marker: the candidate
+    carrying a finishReason is the normal end. Only one candidate is streamed (n > 1 is refused with stream)."""
+
+    def __init__(self, model: str, include_usage: bool):
+        self.model = model
+        self.include_usage = include_usage
+        self.prompt_tokens = -1
+        self.completion_tokens = -1
+        self.complete = False
+        self._id: str | None = None
+        self._created = int(time.time())
+        self._usage: dict | None = None
+        self._started = False       # the role chunk was sent
+        self._calls = 0             # tool calls sent: the next one's index and id number
+
+    def event(self, name: str | None, data: bytes) -> list[bytes]:
+        try:
+            resp = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise _malformed("a stream event is not JSON") from None
+        if not isinstance(resp, dict):
+            raise _malformed("a stream event is not a JSON object")
+        if isinstance(resp.get("error"), dict):
+            # An error after the 200: passed on as OpenAI does mid-stream; not complete, so the relay closes.
+            error = resp["error"]
+            http_status = error["code"] if isinstance(error.get("code"), int) else 500
+            return [b"data: " + orjson.dumps(_translate_error(http_status, error)[1]) + b"\n\n"]
+        self._note_usage(resp.get("usageMetadata"))
+        if self.complete:
+            return []
+        if self._id is None:
+            self._id = _completion_id(resp)
+        blocks = [] if self._started else [self._chunk({"role": "assistant", "content": "", "refusal": None})]
+        self._started = True
+        candidates = resp.get("candidates")
+        if not candidates:
+            if _blocked(resp) is not None:
+                self.complete = True
+                blocks.append(self._chunk({}, "content_filter"))
+            return blocks
+        if not isinstance(candidates, list):
+            raise _malformed("candidates is not an array")
+        candidate = candidates[0]
+        for part in _parts(candidate):
+            if "functionCall" in part:
+                call = _tool_call(part, self._calls)
+                call["index"] = self._calls
+                self._calls += 1
+                blocks.append(self._chunk({"tool_calls": [call]}))
+            elif isinstance(part.get("text"), str) and part["text"]:
+                blocks.append(self._chunk({"content": part["text"]}))
+        reason = candidate.get("finishReason")
+        if reason:
+            self.complete = True
+            blocks.append(self._chunk({}, _finish_reason(reason, self._calls > 0)))
+        return blocks
+
+    def finish(self) -> list[bytes]:
+        if not self.complete:
+            return []
+        blocks = []
+        if self.include_usage and self._usage is not None:
+            chunk = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
+                     "model": self.model, "choices": [], "usage": self._usage}
+            blocks.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        blocks.append(b"data: [DONE]\n\n")
+        return blocks
+
+    def _note_usage(self, meta) -> None:
+        """Every chunk may carry usageMetadata, the counts so far; the last one is final."""
+        usage = _usage(meta)
+        if usage is None:
+            return
+        self._usage = usage
+        if "promptTokenCount" in meta:
+            self.prompt_tokens = usage["prompt_tokens"]
+        if "candidatesTokenCount" in meta or "thoughtsTokenCount" in meta:
+            self.completion_tokens = usage["completion_tokens"]
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
+        chunk = {"id": self._id, "object": "chat.completion.chunk", "created": self._created, "model": self.model,
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
