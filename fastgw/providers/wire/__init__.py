@@ -1,0 +1,1 @@
+"""Pure translations between wire formats; no I/O."""
