@@ -1,8 +1,10 @@
 # cython: language_level=3
 """The provider interface: what the relay asks of a deployment's wire format, per request and per chunk.
 
-A provider is one module with one Provider subclass. At load time it gives each deployment its request lines
-(`request_lines`, by endpoint) and its constant header lines (host, key). Per request the relay asks it for:
+A provider is one module with one Provider subclass. At load time it checks a deployment's config (`check`) and
+gives it its request lines (`request_lines`, by endpoint), its constant header lines (host, key) and the
+provider that serves the Anthropic Messages API in front of it (`messages_front`). Per request the relay asks
+it for:
 
   request_line(ex, request_lines)         the request line for this exchange
   request_body(ex, model_json, add_usage) the body to send: the client's, with the provider's model spliced in
@@ -12,7 +14,8 @@ A provider is one module with one Provider subclass. At load time it gives each 
                                           translates events to OpenAI chunks) whose feed() returns the bytes for
                                           the client and which reports events, usage and, with keep_text, the text
   response_body(ex, status, body)         translating providers only: a whole non-stream response body (a
-                                          success or an error) as OpenAI's JSON; usage goes to ex
+                                          success or an error) in the client's wire format; usage goes to ex,
+                                          and the status the client gets to ex.status
 
 The OpenAI pass-through (openai.pyx) translates nothing: the relay forwards its response bytes unchanged and
 never calls response_body, so the OpenAI path pays one C method call per request for being a provider.
@@ -27,13 +30,22 @@ cdef class Provider:
         self.name = name
         self.translates = translates
 
-    def request_lines(self, str base_path, endpoints):
-        """Endpoint -> request line for a deployment whose URL path is base_path (load time)."""
+    def check(self, d):
+        """A deployment config's problem as "field: what is wrong", or "" (load time)."""
+        return ""
+
+    def request_lines(self, str base_path, endpoints, d):
+        """Endpoint -> request line for deployment config `d` whose URL path is base_path (load time)."""
         raise NotImplementedError
 
-    def header_lines(self, str host_value, str key):
+    def header_lines(self, str host_value, str key, d):
         """The header lines every request to this deployment carries: host and the provider key (load time)."""
         raise NotImplementedError
+
+    def messages_front(self):
+        """The provider serving POST /v1/messages (Anthropic's API) on this format's deployments; None when none
+        can (load time)."""
+        return None
 
     cpdef bytes request_line(self, Exchange ex, dict request_lines):
         line = request_lines.get(ex.endpoint)

@@ -19,14 +19,20 @@ cdef class OpenAI(Provider):
     def __init__(self):
         Provider.__init__(self, "openai", False)
 
-    def request_lines(self, str base_path, endpoints):
-        return {ep: b"POST " + (base_path + ep[3:]).encode() + b" HTTP/1.1\r\n" for ep in endpoints}
+    def request_lines(self, str base_path, endpoints, d):
+        # Not the Messages API's: an Anthropic client is served as chat by the messages front.
+        return {ep: b"POST " + (base_path + ep[3:]).encode() + b" HTTP/1.1\r\n" for ep in endpoints
+                if not ep.startswith("/v1/messages")}
 
-    def header_lines(self, str host_value, str key):
+    def header_lines(self, str host_value, str key, d):
         lines = [b"host: " + host_value.encode() + b"\r\n"]
         if key:
             lines.append(b"authorization: Bearer " + key.encode() + b"\r\n")
         return b"".join(lines)
+
+    def messages_front(self):
+        from fastgw.providers.messages import MessagesFront
+        return MessagesFront(self)
 
     cpdef bytes request_line(self, Exchange ex, dict request_lines):
         return <bytes>request_lines[ex.endpoint]       # every proxied endpoint has one

@@ -7,6 +7,7 @@ cdef class Exchange:
     cdef public _Message _parser     # the request's parser (None once the request is over)
     cdef public object fields, route, deployment, scratch
     cdef public bint stream, client_wants_usage
+    cdef public bint messages_api    # the client speaks Anthropic's Messages API (POST /v1/messages...)
     cdef public long long _prompt_estimate
     cdef public int status, events
     cdef public list response_headers

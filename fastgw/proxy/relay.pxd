@@ -67,6 +67,7 @@ cdef class Relay(UpstreamListener):
     cdef void _end_stream(self) except *
     cdef void _end_body(self) except *
     cdef void _retry_or_fail(self, str kind, str message) except *
+    cdef void _resend(self, Deployment d) except *
     cdef void _give_up(self, object err) except *
     cdef void _done(self) except *
     cdef void _emit(self, data) except *

@@ -17,6 +17,7 @@ Invariants:
 """
 import asyncio
 import re
+import sys
 
 cimport cython
 
@@ -30,20 +31,24 @@ from fastgw.proxy.upstream cimport Pool
 from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.jsonpeek import peek_request, peek_usage
+from fastgw.routing.router import MESSAGES
 
 _frame = H.frame_chunk
 cdef bytes _LAST_CHUNK = H.LAST_CHUNK
 cdef bytes _JSON = b"content-type: application/json\r\n"
 # Client headers that never reach a provider: its key (the provider key replaces it), our request id (re-added),
-# and accept-encoding (a compressed response could not be metered or relayed event by event).
+# accept-encoding (a compressed response could not be metered or relayed event by event), and an Anthropic
+# client's API version (an Anthropic deployment's is sent; two would conflict).
 # A tuple, not a set: forward_head walks it once per request, and a tuple walks by index (a set by iterator).
-cdef tuple _DROP = (b"authorization", b"api-key", b"x-api-key", b"x-request-id", b"accept-encoding")
+cdef tuple _DROP = (b"authorization", b"api-key", b"x-api-key", b"x-request-id", b"accept-encoding",
+                    b"anthropic-version")
 cdef bytes _SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
                         b"transfer-encoding: chunked\r\n")
 cdef bytes _KEEPALIVE_EVENT = _frame(b": keep-alive\n\n")
 # A non-streamed response body is kept (to read its usage, or to translate it) up to this size.
 cdef Py_ssize_t _MAX_KEPT = 16 * 1024 * 1024
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+cdef frozenset _MESSAGES = frozenset(MESSAGES)
 
 
 cdef class ClientSide:
@@ -95,6 +100,7 @@ cdef class Relay(UpstreamListener):
                                param="model", code="model_not_found")
         ex.fields = f
         ex.model = model
+        ex.messages_api = ex.endpoint in _MESSAGES
         ex.stream = f.stream
         ex.client_wants_usage = f.include_usage
         ex.route = route
@@ -145,12 +151,17 @@ cdef class Relay(UpstreamListener):
         cdef Gateway gw = self.gw
         cdef Provider provider = <Provider>d.provider
         cdef bint add_usage = ex.stream and gw.needs_usage and not ex.fields.include_usage
+        if ex.messages_api:
+            if d.messages_provider is None:
+                raise GatewayError(400, f"The Messages API is not available for model `{ex.model}` (provider "
+                                        f"{provider.name}).", code="unsupported_endpoint")
+            provider = <Provider>d.messages_provider
         # Accounting needs a stream's usage: ask for it, and hide that extra chunk from this client.
         self.strip_usage = add_usage
         self.deployment = d
         self.provider = provider
+        ex.deployment = d                    # before request_body: a translating provider reads its config
         body = provider.request_body(ex, d.model_json, add_usage)
-        ex.deployment = d
         ex.upstream_name = d.name
         head = (<RequestParser>ex._parser).forward_head(
             provider.request_line(ex, d.request_lines),
@@ -247,6 +258,9 @@ cdef class Relay(UpstreamListener):
             extra += b"connection: close\r\n"
         self.state = HEAD_HELD
         if self.sse is None and self.provider.translates:
+            retry_after = r.header(b"retry-after")  # the one upstream header a translated error keeps
+            if retry_after is not None:
+                extra += b"retry-after: " + retry_after + b"\r\n"
             self.pending_head = extra       # the head is made at the end, for the translated body
         elif r.content_length >= 0 and self.sse is None:
             self.pending_head = r.forward_head(extra, False, r.content_length)
@@ -311,10 +325,14 @@ cdef class Relay(UpstreamListener):
         cdef Exchange ex = self.ex
         self.upstream = None
         ex.upstream_wait = now() - ex.t_sent
-        if self.sse is not None:
-            self._end_stream()
-        else:
-            self._end_body()
+        try:
+            if self.sse is not None:
+                self._end_stream()
+            else:
+                self._end_body()
+        except GatewayError as err:         # a translating provider found the response broken or truncated
+            self._give_up(err)
+            return
         self._flush()
         self._done()
 
@@ -375,6 +393,10 @@ cdef class Relay(UpstreamListener):
         self.client.exchange_over(ex)
 
     cdef void upstream_bug(self) except *:
+        err = sys.exc_info()[1]
+        if isinstance(err, GatewayError):   # a translating provider refused the upstream's data: no bug
+            self._give_up(err)
+            return
         self.gw.log.exception("upstream response handling failed", request_id=self.ex.request_id)
         self._give_up(GatewayError(500, "The gateway failed to process the request."))
 
@@ -388,7 +410,7 @@ cdef class Relay(UpstreamListener):
         self.chunked = False
         self.attempts += 1
         if kind == "stale" and self.attempts <= 2:
-            self._send(self.deployment)
+            self._resend(self.deployment)
             return
         if kind != "stale":
             _note_upstream_error(ex, kind)
@@ -396,7 +418,7 @@ cdef class Relay(UpstreamListener):
             self.tried = (self.tried or []) + [self.deployment]
             others = [d for d in (<Route>ex.route).fallbacks(self.deployment) if d not in self.tried]
             if others:
-                self._send(others[0])
+                self._resend(others[0])
                 return
         self.state = DONE
         if kind == "busy":                  # our own limit, not the upstream's fault: 503, retry soon
@@ -406,6 +428,12 @@ cdef class Relay(UpstreamListener):
             err = GatewayError(504 if kind == "timeout" else 502, f"The upstream failed: {message}.",
                                type="upstream_error", code="upstream_" + kind)
         self.client.refuse(err, False)
+
+    cdef void _resend(self, Deployment d) except *:
+        try:
+            self._send(d)
+        except GatewayError as err:         # this deployment's provider cannot express the request
+            self._give_up(err)
 
     cdef void _give_up(self, object err) except *:
         """Our side (a policy, or our own code) cannot go on with this response: drop the upstream request, and

@@ -4,6 +4,8 @@
 cdef class Deployment:
     cdef readonly str name, model
     cdef readonly object provider          # fastgw.providers.base.Provider
+    cdef readonly object messages_provider # the Provider serving POST /v1/messages here (None: not available)
+    cdef readonly object config            # its DeploymentConfig (provider settings: api_version, ...)
     cdef readonly object host, server_hostname, ssl
     cdef readonly int port
     cdef readonly bint tls

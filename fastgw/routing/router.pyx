@@ -12,18 +12,22 @@ from urllib.parse import urlsplit
 import orjson
 
 from fastgw.providers import PROVIDERS
-from fastgw.runtime.config import Config, ConfigError, provider_key
+from fastgw.runtime.config import Config, ConfigError, DeploymentConfig, provider_key
 
-# Endpoints proxied upstream; the part after "/v1" is appended to the deployment's base path.
+# Endpoints proxied upstream (the OpenAI ones, then Anthropic's Messages API, served by messages_provider).
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+MESSAGES = ("/v1/messages", "/v1/messages/count_tokens")
 
 
 cdef class Deployment:
     """One deployment of a model (a provider's endpoint, its model id and key), ready to send to. Its `name`
     (host:port) is the `upstream` of metrics and the access log: the server requests go to."""
 
-    def __init__(self, str url, str model, str key, str ca_file="", str provider="openai"):
+    def __init__(self, str url, str model, str key, str ca_file="", str provider="openai", config=None):
+        self.config = config if config is not None else DeploymentConfig(url=url, model=model, provider=provider,
+                                                                         ca_file=ca_file)
         self.provider = PROVIDERS[provider]
+        self.messages_provider = self.provider.messages_front()
         parts = urlsplit(url)
         self.tls = parts.scheme == "https"
         self.ssl = tls_context(ca_file) if self.tls else None
@@ -33,10 +37,10 @@ cdef class Deployment:
         self.name = f"{self.host}:{self.port}"   # the metrics label: bounded, from the config
         self.pool_key = (self.host, self.port, self.tls, ca_file)
         base = parts.path.rstrip("/")
-        self.request_lines = self.provider.request_lines(base, PROXIED)
+        self.request_lines = self.provider.request_lines(base, PROXIED + MESSAGES, self.config)
         default_port = 443 if self.tls else 80
         host_value = self.host if self.port == default_port else f"{self.host}:{self.port}"
-        self.header_lines = self.provider.header_lines(host_value, key)
+        self.header_lines = self.provider.header_lines(host_value, key, self.config)
         self.model = model                       # "" = forward the client's model unchanged
         self.model_json = orjson.dumps(model) if model else b""
         self.pool = None
@@ -81,7 +85,7 @@ cdef class Router:
             for j, d in enumerate(m.deployments):
                 url = mock_url if (mock_url and "mock.invalid" in d.url) else d.url
                 key = provider_key(d, env, f"{cfg.source}: models[{i}] ({m.name!r}).deployments[{j}].key_env")
-                deployments.append((Deployment(url, d.model, key, d.ca_file, d.provider), d.weight))
+                deployments.append((Deployment(url, d.model, key, d.ca_file, d.provider, d), d.weight))
             route = Route(m.name, deployments)
             if m.name == "*":
                 self.wildcard = route

@@ -60,8 +60,13 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     model: str = ""                       # provider's model id; "" keeps the client's model name
     key_env: str = ""                     # environment variable holding the provider key; "" = no key
     weight: int = 1
-    provider: str = "openai"              # wire format; "openai" is a pass-through
+    provider: str = "openai"              # wire format: openai (a pass-through), azure, anthropic, gemini
     ca_file: str = ""                     # https: a PEM file of extra CAs to trust (a private CA); "" = system CAs
+    api_version: str = ""                 # azure: the api-version query value; anthropic: the anthropic-version
+                                          # header; "" = the provider's default
+    auth: str = ""                        # azure: "bearer" sends the key as Authorization: Bearer (an Entra ID
+                                          # token) instead of api-key; "" = the provider's default
+    default_max_tokens: int = 4096        # anthropic: max_tokens when the client sends none (Anthropic requires it)
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True):
@@ -198,6 +203,9 @@ def _check(cfg: Config, source: str) -> None:
             if d.provider not in PROVIDERS:
                 raise ConfigError(f"{where}.deployments[{j}].provider: unknown provider {d.provider!r} "
                                   f"(known: {', '.join(sorted(PROVIDERS))})")
+            problem = PROVIDERS[d.provider].check(d)
+            if problem:
+                raise ConfigError(f"{where}.deployments[{j}].{problem}")
 
 
 def provider_key(d: DeploymentConfig, env=None, field: str = "") -> str:

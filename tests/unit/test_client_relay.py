@@ -414,10 +414,10 @@ class Gen(Provider):
     def __init__(self):
         super().__init__("test-gen", True)
 
-    def request_lines(self, base_path, endpoints):
+    def request_lines(self, base_path, endpoints, d):
         return {"/v1/chat/completions": b"POST " + base_path.encode() + b"/gen HTTP/1.1\r\n"}
 
-    def header_lines(self, host_value, key):
+    def header_lines(self, host_value, key, d):
         return b"host: " + host_value.encode() + b"\r\n"
 
     def request_body(self, ex, model_json, add_usage):

@@ -38,6 +38,8 @@ cdef class KeyLookup:
             found = PyDict_GetItemWithError(self.seen, PyObject_Hash(v))
         elif p is not None:
             key = p.header(b"api-key")
+            if key is None:
+                key = p.header(b"x-api-key")     # Anthropic's clients
             if key is not None:
                 found = PyDict_GetItemWithError(self.seen_api_key, PyObject_Hash(key))
         cdef tuple entry = <tuple>found if found != NULL else self.check(ex, v)

@@ -1,8 +1,8 @@
 """Identity: API keys of consumers, consumer groups, allowed models ("key-auth").
 
-Keys live in the config only as SHA-256 hex digests. The presented key (Authorization: Bearer <key>, or the
-`api-key` header) is hashed and the digest looked up in a dict of the configured digests; that lookup is the
-whole check. Why no constant-time compare is needed: the only comparisons that depend on a secret are the
+Keys live in the config only as SHA-256 hex digests. The presented key (Authorization: Bearer <key>, else the
+`api-key` header, else `x-api-key` as Anthropic's clients send it) is hashed and the digest looked up in a dict
+of the configured digests; that lookup is the whole check. Why no constant-time compare is needed: the only comparisons that depend on a secret are the
 dict's, between the digest of the caller's own input and a stored digest. The most a timing side channel can
 leak is how much of a stored *digest* some input's digest matches, and a digest, even whole, does not give a
 key: finding a key for it is a SHA-256 preimage. (A compare_digest of the found entry with the digest that found
@@ -82,8 +82,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
 _SEEN_MAX = 4096
 
 _MISSING = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
-            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the api-key header.")
+            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the api-key or x-api-key header.")
 _WRONG = "Incorrect API key provided."
+
+
+def _key_header(ex):
+    """The key of the api-key header (Azure OpenAI's clients), else of x-api-key (Anthropic's clients)."""
+    k = ex.header(b"api-key")
+    return k if k is not None else ex.header(b"x-api-key")
 
 
 class KeyAuth(Policy):
@@ -138,7 +144,7 @@ class KeyAuth(Policy):
         if v is not None:
             entry = self._seen.get(hash(v))
         else:
-            k = ex.header(b"api-key")
+            k = _key_header(ex)
             entry = self._seen_api_key.get(hash(k)) if k is not None else None
         if entry is None:
             entry = self._check(ex, v)
@@ -154,7 +160,7 @@ class KeyAuth(Policy):
             if scheme.lower() == b"bearer":
                 key = rest.strip()
         if not key:
-            v = ex.header(b"api-key")
+            v = _key_header(ex)
             seen = self._seen_api_key
             key = v.strip() if v is not None else None
         if not key:

@@ -1,7 +1,8 @@
 """Model prices in US dollars per million tokens (input, output), for budgets and the cost metric.
 
-OpenAI's published list prices for common models (standard tier, no cached-input discount); a policy file can
-override or add entries. Dated snapshots ("gpt-4o-2024-08-06") find their family by the longest matching prefix.
+The providers' published list prices for common models (OpenAI, Anthropic, Google Gemini; standard tier, no
+cached-input discount, Gemini's prices for prompts up to 200k tokens); a policy file can override or add entries.
+A model is priced by the virtual name the client asked for, whichever provider serves it. Dated snapshots ("gpt-4o-2024-08-06") find their family by the longest matching prefix.
 """
 from __future__ import annotations
 
@@ -23,6 +24,20 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "o3": (2.00, 8.00),
     "o3-mini": (1.10, 4.40),
     "o4-mini": (1.10, 4.40),
+    "claude-opus-4-1": (15.00, 75.00),
+    "claude-opus-4": (15.00, 75.00),
+    "claude-sonnet-4-5": (3.00, 15.00),
+    "claude-sonnet-4": (3.00, 15.00),
+    "claude-3-7-sonnet": (3.00, 15.00),
+    "claude-3-5-sonnet": (3.00, 15.00),
+    "claude-haiku-4-5": (1.00, 5.00),
+    "claude-3-5-haiku": (0.80, 4.00),
+    "claude-3-haiku": (0.25, 1.25),
+    "gemini-2.5-pro": (1.25, 10.00),
+    "gemini-2.5-flash": (0.30, 2.50),
+    "gemini-2.5-flash-lite": (0.10, 0.40),
+    "gemini-2.0-flash": (0.10, 0.40),
+    "gemini-2.0-flash-lite": (0.075, 0.30),
     "text-embedding-3-small": (0.02, 0.0),
     "text-embedding-3-large": (0.13, 0.0),
     "text-embedding-ada-002": (0.10, 0.0),

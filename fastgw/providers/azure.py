@@ -1,0 +1,47 @@
+"""Azure OpenAI: the OpenAI wire format at Azure's deployment URLs. Bodies and streams pass through untouched
+(Azure's content-filter errors are OpenAI-shaped already); only the request lines and the key header differ.
+
+url: https://<resource>.openai.azure.com; model: the Azure deployment name; api_version: the api-version query
+value; auth: "" (the api-key header) or "bearer" (Authorization: Bearer, for an Entra ID token in key_env).
+"""
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from fastgw.providers.openai import OpenAI
+from fastgw.providers.base import Provider
+
+API_VERSION = "2024-10-21"   # the latest GA data-plane version
+
+
+class Azure(OpenAI):
+    def __init__(self):
+        Provider.__init__(self, "azure", False)
+
+    def check(self, d):
+        if not d.model:
+            return "model: the azure provider needs the Azure deployment name as model"
+        if d.auth not in ("", "api-key", "bearer"):
+            return f"auth: expected \"api-key\" or \"bearer\", got {d.auth!r}"
+        return ""
+
+    def request_lines(self, base_path, endpoints, d):
+        base = base_path.removesuffix("/openai")
+        query = "?api-version=" + quote(d.api_version or API_VERSION, safe="-._~")
+        deployment = f"{base}/openai/deployments/{quote(d.model, safe='-._~')}"
+        lines = {}
+        for ep in endpoints:
+            if ep == "/v1/responses":           # not per deployment: the model goes in the body
+                path = f"{base}/openai/responses{query}"
+            elif ep.startswith("/v1/messages"):
+                continue                         # served as chat by the messages front
+            else:
+                path = f"{deployment}{ep[3:]}{query}"
+            lines[ep] = b"POST " + path.encode() + b" HTTP/1.1\r\n"
+        return lines
+
+    def header_lines(self, host_value, key, d):
+        lines = f"host: {host_value}\r\n"
+        if key:
+            lines += f"authorization: Bearer {key}\r\n" if d.auth == "bearer" else f"api-key: {key}\r\n"
+        return lines.encode()
