@@ -18,11 +18,9 @@ import orjson
 
 from fastgw.devtools.mock.wire import (
     PROMPT_TOKENS as _P, TOTAL_TOKENS as _T, Canned, JsonReply, MockRequest, Refusal, StreamReply, TemplateCache,
-    fill, frame, sse, template, to_template)
+    fill, frame, pieces as _pieces, sse, template, to_template)
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o4-mini", "text-embedding-3-small")
-PIECES = ("Hello", "!", " This", " is", " the", " fastgw", " mock", " upstream", " answering", " your",
-          " request", " with", " canned", " tokens", ".")
 EMBEDDING_DIM = 8
 
 # usage modes of the renderers
@@ -36,12 +34,6 @@ def _usage_chat(n: int):
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
-
-
-def _pieces(n: int, content: str | None = None) -> list[str]:
-    if content is not None:
-        return [content]
-    return [PIECES[i % len(PIECES)] for i in range(n)]
 
 
 def render_chat(model: str, stream: bool, n: int, usage_mode: int, content: str | None = None) -> Canned:
