@@ -61,6 +61,13 @@ class MockRequest:
                 return v
         return None
 
+    def bearer(self) -> bytes | None:
+        """The token of an `authorization: Bearer <token>` header, None when there is none (or it is empty)."""
+        value = self.header(b"authorization")
+        if value is None or value[:7].lower() != b"bearer ":
+            return None
+        return value[7:].strip() or None
+
     def query_param(self, name: str) -> str | None:
         """The (decoded) value of the query parameter `name`, None when absent."""
         for n, v in parse_qsl(self.query.decode("latin-1"), keep_blank_values=True):
