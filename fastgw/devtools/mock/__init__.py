@@ -15,12 +15,13 @@ The error function renders that format's refusals and its x-mock-status answers.
 by prefix, for formats that put the model in the path (Gemini: b"/v1beta/models/*", the handler splitting
 `req.path` at ":" for generateContent / streamGenerateContent and reading `req.query` for alt=sse).
 """
-from fastgw.devtools.mock import anthropic, gemini, openai
+from fastgw.devtools.mock import anthropic, azure, gemini, openai
 from fastgw.devtools.mock.openai import EMBEDDING_DIM
 from fastgw.devtools.mock.server import ROUTES, MockServer, MockStats, Routes, run_mock, start_mock
 
 ROUTES.add_all(openai.ROUTES)  # OpenAI's error shape is the default
 ROUTES.add_all(anthropic.ROUTES, anthropic.error_body)
 ROUTES.add_all(gemini.ROUTES, gemini.error_body)
+ROUTES.add_all(azure.ROUTES, azure.error_body)
 
 __all__ = ["EMBEDDING_DIM", "ROUTES", "MockServer", "MockStats", "Routes", "run_mock", "start_mock"]
