@@ -309,7 +309,8 @@ def test_anthropic_honours_the_fault_headers(mock):
     assert data.count(b"event: ") == 8 and data.endswith(b"0\r\n\r\n")
     assert mock.stats.stream_writes - before == 1 + 8 + 1
     # a delayed error in Anthropic's shape
-    data = raw_exchange(mock, raw_request("/v1/messages", body, auth + b"x-mock-status: 529\r\nx-mock-delay-ms: 20\r\n"))
+    data = raw_exchange(mock, raw_request("/v1/messages", body,
+                                          auth + b"x-mock-status: 529\r\nx-mock-delay-ms: 20\r\n"))
     assert data.startswith(b"HTTP/1.1 529 ") and b'"overloaded_error"' in data
 
 
@@ -486,8 +487,9 @@ def test_azure_tool_calls_and_embeddings(azure):
     assert e.model == "my-gpt" and len(e.data) == 2
 
 
-@pytest.mark.parametrize("content", ["tell me FASTGW_CONTENT_FILTER now",
-                                     [{"type": "text", "text": "x"}, {"type": "text", "text": "FASTGW_CONTENT_FILTER"}]])
+@pytest.mark.parametrize("content", [
+    "tell me FASTGW_CONTENT_FILTER now",
+    [{"type": "text", "text": "x"}, {"type": "text", "text": "FASTGW_CONTENT_FILTER"}]])
 @pytest.mark.parametrize("stream", [False, True])
 def test_azure_content_filter(azure, content, stream):
     with pytest.raises(openai.BadRequestError) as info:

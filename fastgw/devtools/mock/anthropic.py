@@ -4,11 +4,13 @@ with tool use, and POST /v1/messages/count_tokens, shaped as docs.anthropic.com 
 
 A request needs a key, in an x-api-key header (any non-empty value) or as `authorization: Bearer <key>` (which
 the `anthropic` SDK 2.x sends; else 401 "x-api-key header is required"), an anthropic-version header (any
-value; else 400) and a body Anthropic accepts: model, max_tokens (>= 1) and messages whose roles alternate, starting with "user";
-each refusal names the field, as Anthropic's do. A text answer is x-mock-chunks pieces, at most max_tokens of
-them (then stop_reason "max_tokens", else "end_turn"), rendered once per key into byte templates as the OpenAI
-ones are; usage.input_tokens is len(body) // 4, output_tokens the number of pieces (x-mock-no-usage does not
-apply: Anthropic always reports usage). A stream is the documented event sequence, each with its `event:` line:
+value; else 400) and a body Anthropic accepts: model, max_tokens (>= 1) and messages whose roles alternate,
+starting with "user"; each refusal names the field, as Anthropic's do.
+
+A text answer is x-mock-chunks pieces, at most max_tokens of them (then stop_reason "max_tokens", else
+"end_turn"), rendered once per key into byte templates as the OpenAI ones are; usage.input_tokens is
+len(body) // 4, output_tokens the number of pieces (x-mock-no-usage does not apply: Anthropic always reports
+usage). A stream is the documented event sequence, each with its `event:` line:
 message_start, content_block_start, ping, content_block_delta per piece, content_block_stop, message_delta
 (stop_reason, usage.output_tokens), message_stop.
 

@@ -12,9 +12,9 @@ Fault injection by request header (the gateway forwards client headers, so tests
                                    with no delays is written in one go
   x-mock-chunks: N                 N content pieces (default 14)
   x-mock-reset-after: N            stream: abort the TCP connection after N events (no final chunk)
-  x-mock-no-usage: 1               never send usage
+  x-mock-no-usage: 1               never send usage (OpenAI and Azure; Anthropic and Gemini always report it)
   x-mock-close: 1                  answer with Connection: close and close
-  x-mock-echo-headers: 1           non-stream: the request headers as a JSON object in the content
+  x-mock-echo-headers: 1           non-stream text answers: the request headers as a JSON object in the content
 Defaults for the delays and chunk count can be given to start_mock(**defaults): delay_ms,
 first_token_delay_ms, chunk_delay_ms, chunks.
 
