@@ -6,6 +6,14 @@ an orjson.loads of its body and one bytes %-format. prompt_tokens is a cheap det
 len(request body) // 4; completion_tokens is the number of content pieces. Stream usage follows OpenAI: a final
 `"choices": []` chunk with usage only when stream_options.include_usage is true, and then every chunk carries
 "usage": null. Errors use openai_error_body, the default of the routes.
+
+Tool calls (chat): when the body has `tools`, tool_choice is not "none" and the last message is not a "tool"
+message, the answer calls the first function (the named one for tool_choice {"type": "function", ...}) with
+arguments built from its parameters schema (tools.example_arguments), finish_reason "tool_calls"; a stream sends
+the call as OpenAI does, the id and name in the first delta, then the arguments in fragments. Only a body with
+`tools` takes that branch; completion_tokens is then the number of fragments.
+
+answer_chat, answer_completion and answer_embeddings take a parsed body and the model to name, for azure.py.
 """
 from __future__ import annotations
 
@@ -16,13 +24,12 @@ import time
 
 import orjson
 
+from fastgw.devtools.mock import tools
 from fastgw.devtools.mock.wire import (
     PROMPT_TOKENS as _P, TOTAL_TOKENS as _T, Canned, JsonReply, MockRequest, Refusal, StreamReply, TemplateCache,
-    fill, frame, sse, template, to_template)
+    fill, frame, pieces as _pieces, sse, template, to_template)
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o4-mini", "text-embedding-3-small")
-PIECES = ("Hello", "!", " This", " is", " the", " fastgw", " mock", " upstream", " answering", " your",
-          " request", " with", " canned", " tokens", ".")
 EMBEDDING_DIM = 8
 
 # usage modes of the renderers
@@ -38,12 +45,6 @@ def _usage_chat(n: int):
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 
 
-def _pieces(n: int, content: str | None = None) -> list[str]:
-    if content is not None:
-        return [content]
-    return [PIECES[i % len(PIECES)] for i in range(n)]
-
-
 def render_chat(model: str, stream: bool, n: int, usage_mode: int, content: str | None = None) -> Canned:
     created = int(time.time())
     rid = f"chatcmpl-mock{created:x}"
@@ -57,24 +58,54 @@ def render_chat(model: str, stream: bool, n: int, usage_mode: int, content: str 
         if usage_mode:
             obj["usage"] = _usage_chat(n)
         return Canned(body=template(obj))
+    deltas = [{"role": "assistant", "content": "", "refusal": None}] + [{"content": p} for p in pieces]
+    return _chat_stream(rid, created, model, usage_mode, deltas, "stop", n)
+
+
+def _chat_stream(rid: str, created: int, model: str, usage_mode: int, deltas: list, finish: str,
+                 completion_tokens: int) -> Canned:
+    """A chat stream: one chunk per delta, the finish chunk, the usage chunk if asked for, [DONE]."""
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "service_tier": "default", "system_fingerprint": "fp_mock"}
 
-    def chunk(delta, finish=None):
-        c = dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+    def chunk(delta, finish_reason=None):
+        c = dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
         if usage_mode == STREAM_USAGE:
             c["usage"] = None
         return frame(sse(c))
 
-    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
-    events += [chunk({"content": p}) for p in pieces]
-    events.append(chunk({}, "stop"))
+    events = [chunk(d) for d in deltas]
+    events.append(chunk({}, finish))
     templated = ()
-    if usage_mode == STREAM_USAGE:
-        events.append(to_template(sse(dict(base, choices=[], usage=_usage_chat(n)))))  # framed once filled
+    if usage_mode == STREAM_USAGE:  # framed once filled
+        events.append(to_template(sse(dict(base, choices=[], usage=_usage_chat(completion_tokens)))))
         templated = (len(events) - 1,)
     events.append(frame(b"data: [DONE]\n\n"))
     return Canned(events=events, templated=templated)
+
+
+def render_chat_tool_call(model: str, stream: bool, usage_mode: int, name: str, arguments: dict
+                          ) -> tuple[Canned, int]:
+    """A chat answer calling function `name` with `arguments`; (answer, completion_tokens)."""
+    created = int(time.time())
+    rid = f"chatcmpl-mock{created:x}"
+    call_id = tools.call_id("call_")
+    text = tools.arguments_json(arguments)
+    fragments = tools.fragments(text)
+    if not stream:
+        call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": text}}
+        obj = {"id": rid, "object": "chat.completion", "created": created, "model": model,
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call],
+                                                     "refusal": None, "annotations": []},
+                            "logprobs": None, "finish_reason": "tool_calls"}],
+               "service_tier": "default", "system_fingerprint": "fp_mock"}
+        if usage_mode:
+            obj["usage"] = _usage_chat(len(fragments))
+        return Canned(body=template(obj)), len(fragments)
+    first = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+        {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}]}
+    deltas = [first] + [{"tool_calls": [{"index": 0, "function": {"arguments": f}}]} for f in fragments]
+    return _chat_stream(rid, created, model, usage_mode, deltas, "tool_calls", len(fragments)), len(fragments)
 
 
 def render_completion(model: str, stream: bool, n: int, usage_mode: int, content: str | None = None) -> Canned:
@@ -153,8 +184,19 @@ def render_responses(model: str, stream: bool, n: int, usage_mode: int, content:
 
 # -- handlers -------------------------------------------------------------------------------------------
 
+def parse_json(req: MockRequest) -> dict:
+    """The request body as a JSON object, or a Refusal."""
+    try:
+        obj = orjson.loads(req.body)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise Refusal(400, "We could not parse the JSON body of your request.", "invalid_json")
+    return obj
+
+
 def _request_json(req: MockRequest) -> dict:
-    """The request body as a JSON object naming a model, or a Refusal."""
+    """The request body as a JSON object naming a model, or a Refusal (parse_json inlined: the hot path)."""
     try:
         obj = orjson.loads(req.body)
     except orjson.JSONDecodeError:
@@ -167,14 +209,21 @@ def _request_json(req: MockRequest) -> dict:
     return obj
 
 
-def _text(req: MockRequest, render, cache: TemplateCache, stream_options: bool):
+def _usage_mode(req: MockRequest, obj: dict, stream: bool, stream_options: bool) -> int:
+    if req.no_usage:
+        return NO_USAGE
+    if stream and stream_options:
+        opts = obj.get("stream_options")
+        return STREAM_USAGE if isinstance(opts, dict) and opts.get("include_usage") is True else USAGE
+    return USAGE
+
+
+def _text(req: MockRequest, obj: dict, model: str, render, cache: TemplateCache, stream_options: bool):
     """A text answer; `stream_options`: the endpoint takes stream_options.include_usage (chat, completions)."""
-    obj = _request_json(req)
-    model = obj["model"]
     stream = obj.get("stream") is True
     n = req.chunks
     prompt = len(req.body) // 4
-    if req.no_usage:
+    if req.no_usage:  # _usage_mode, inlined: this is every text request's path
         usage_mode = NO_USAGE
     elif stream and stream_options:
         opts = obj.get("stream_options")
@@ -194,24 +243,78 @@ _RESPONSES = TemplateCache(render_responses)
 
 
 def chat(req: MockRequest):
-    return _text(req, render_chat, _CHAT, True)
+    obj = _request_json(req)
+    if "tools" in obj:
+        return answer_chat(req, obj, obj["model"])
+    return _text(req, obj, obj["model"], render_chat, _CHAT, True)  # answer_chat's text path, one call less
+
+
+def answer_chat(req: MockRequest, obj: dict, model: str):
+    """The chat answer to the parsed body `obj`, naming `model`: a tool call (see the docstring) or text."""
+    if "tools" in obj:  # the only branch a body without tools pays for
+        call = _tool_call(obj)
+        if call is not None:  # rendered for this request only: the tools are the client's
+            stream = obj.get("stream") is True
+            canned, completion_tokens = render_chat_tool_call(model, stream, _usage_mode(req, obj, stream, True),
+                                                              *call)
+            prompt = len(req.body) // 4
+            if stream:
+                return StreamReply(canned.events_for(prompt, completion_tokens))
+            return JsonReply(200, canned.body_for(prompt, completion_tokens))
+    return _text(req, obj, model, render_chat, _CHAT, True)
+
+
+def _tool_call(obj: dict) -> tuple[str, dict] | None:
+    """(name, arguments) of the function the chat answer calls, or None for a text answer."""
+    declared = obj.get("tools")
+    choice = obj.get("tool_choice")
+    messages = obj.get("messages")
+    if not isinstance(declared, list) or choice == "none":
+        return None
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "tool":
+        return None  # the model answers the tool's result with text
+    functions = [t["function"] for t in declared if isinstance(t, dict) and t.get("type", "function") == "function"
+                 and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)]
+    if isinstance(choice, dict):
+        named = choice.get("function")
+        name = named.get("name") if isinstance(named, dict) else None
+        function = next((f for f in functions if f["name"] == name), None)
+        if function is None:
+            raise Refusal(400, f"Invalid value for 'tool_choice': no function named {name!r} in 'tools'.",
+                          "invalid_value")
+    elif functions:
+        function = functions[0]
+    else:
+        return None
+    return function["name"], tools.example_arguments(function.get("parameters"))
 
 
 def completions(req: MockRequest):
-    return _text(req, render_completion, _COMPLETION, True)
+    obj = _request_json(req)
+    return answer_completion(req, obj, obj["model"])
+
+
+def answer_completion(req: MockRequest, obj: dict, model: str):
+    return _text(req, obj, model, render_completion, _COMPLETION, True)
 
 
 def responses(req: MockRequest):
-    return _text(req, render_responses, _RESPONSES, False)
+    obj = _request_json(req)
+    return _text(req, obj, obj["model"], render_responses, _RESPONSES, False)
 
 
 def embeddings(req: MockRequest) -> JsonReply:
     obj = _request_json(req)
+    return answer_embeddings(req, obj, obj["model"])
+
+
+def answer_embeddings(req: MockRequest, obj: dict, model: str) -> JsonReply:
     count = _count_inputs(obj.get("input"))
     if count == 0:
         raise Refusal(400, "'input' must be a non-empty string or array", "invalid_input")
     fmt = "base64" if obj.get("encoding_format") == "base64" else "float"
-    out = {"object": "list", "model": obj["model"],
+    out = {"object": "list", "model": model,
            "data": [{"object": "embedding", "index": i, "embedding": _embedding(i, fmt)} for i in range(count)]}
     if not req.no_usage:
         prompt = len(req.body) // 4

@@ -12,14 +12,14 @@ Fault injection by request header (the gateway forwards client headers, so tests
                                    with no delays is written in one go
   x-mock-chunks: N                 N content pieces (default 14)
   x-mock-reset-after: N            stream: abort the TCP connection after N events (no final chunk)
-  x-mock-no-usage: 1               never send usage
+  x-mock-no-usage: 1               never send usage (OpenAI and Azure; Anthropic and Gemini always report it)
   x-mock-close: 1                  answer with Connection: close and close
-  x-mock-echo-headers: 1           non-stream: the request headers as a JSON object in the content
+  x-mock-echo-headers: 1           non-stream text answers: the request headers as a JSON object in the content
 Defaults for the delays and chunk count can be given to start_mock(**defaults): delay_ms,
 first_token_delay_ms, chunk_delay_ms, chunks.
 
-Unknown paths get 404 and known paths asked with another method 405, in OpenAI's error shape; all status lines
-and the default error bodies come from fastgw.errors, as the gateway's own.
+Unknown paths get 404 in OpenAI's error shape, known paths asked with another method 405 in their wire format's;
+all status lines and the default error bodies come from fastgw.errors, as the gateway's own.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ __all__ = ["start_mock", "run_mock", "MockServer", "MockStats", "Routes", "ROUTE
 class Routes:
     """The dispatch table: (method, path) -> (handler, error function). A path ending in b"*" matches every
     path with that prefix (the longest prefix wins); exact paths are tried first. `error(status, message,
-    code) -> bytes` renders the route's refusals and x-mock-status answers in its wire format's shape."""
+    code) -> bytes` renders the route's refusals and x-mock-status answers in its wire format's shape (or
+    returns a JsonReply when the answer needs headers of its own, such as a 429's retry-after)."""
 
     def __init__(self):
         self._exact: dict[bytes, dict] = {}
@@ -162,7 +163,7 @@ def _int_header(faults: dict, name: bytes, default: int) -> int:
 
 # -- the protocol --------------------------------------------------------------------------------------
 
-_HEAD_JSON = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n"
+_HEAD_JSON = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s%s\r\n"
 _HEAD_STREAM = (b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncache-control: no-cache\r\n"
                 b"transfer-encoding: chunked\r\n%s\r\n")
 _CONTINUE = b"HTTP/1.1 100 %s\r\n\r\n" % reason(100)
@@ -239,8 +240,9 @@ class _MockConnection(asyncio.Protocol):
         if self.eof and not self.busy:
             self.transport.close()
 
-    def _send_json(self, status: int, body: bytes, close: bool = False):
-        self.transport.write(_HEAD_JSON % (status, reason(status), len(body), _CLOSE if close else b"") + body)
+    def _send_json(self, status: int, body: bytes, close: bool = False, headers: bytes = b""):
+        self.transport.write(_HEAD_JSON % (status, reason(status), len(body), headers, _CLOSE if close else b"")
+                             + body)
         if close:
             self.transport.close()
 
@@ -263,21 +265,21 @@ class _MockConnection(asyncio.Protocol):
         else:  # the path's wire format answers a wrong method; OpenAI's shape an unknown path
             error = next(iter(methods.values()))[1] if methods else openai_error_body
         if f.status >= 400:
-            body = error(f.status, f"mock error {f.status} (x-mock-status)", "mock_error")
-            return self._respond_json(f.status, body, close, delay)
+            return self._respond_error(error, f.status, f"mock error {f.status} (x-mock-status)", "mock_error",
+                                       close, delay)
         if route is None:
             if methods is None:
-                return self._respond_json(404, error(
-                    404, f"Invalid URL ({method.decode()} {path.decode('latin-1')})", "unknown_url"), close, delay)
-            return self._respond_json(405, error(405, f"Method {method.decode()} not allowed"), close, delay)
+                return self._respond_error(error, 404, f"Invalid URL ({method.decode()} {path.decode('latin-1')})",
+                                           "unknown_url", close, delay)
+            return self._respond_error(error, 405, f"Method {method.decode()} not allowed", None, close, delay)
 
         try:
             reply = route[0](MockRequest(method, path, query, headers, p.body, f.chunks, f.no_usage,
                                          f.echo_headers))
         except Refusal as r:
-            return self._respond_json(r.status, error(r.status, r.message, r.code), close, delay)
+            return self._respond_error(error, r.status, r.message, r.code, close, delay)
         if reply.__class__ is JsonReply:
-            return self._respond_json(reply.status, reply.body, close, delay)
+            return self._respond_json(reply.status, reply.body, close, delay, reply.headers)
 
         events = reply.events
         reset_after = f.reset_after
@@ -295,12 +297,19 @@ class _MockConnection(asyncio.Protocol):
         self._start(self._stream(head, events, delay, f.first, f.gap, reset_after, close, f.paced))
         return False
 
-    def _respond_json(self, status: int, body: bytes, close: bool, delay_ms: int) -> bool:
+    def _respond_json(self, status: int, body: bytes, close: bool, delay_ms: int, headers: bytes = b"") -> bool:
         if delay_ms <= 0:
-            self._send_json(status, body, close)
+            self._send_json(status, body, close, headers)
             return True
-        self._start(self._delayed_json(status, body, close, delay_ms))
+        self._start(self._delayed_json(status, body, close, delay_ms, headers))
         return False
+
+    def _respond_error(self, error, status: int, message: str, code, close: bool, delay_ms: int) -> bool:
+        """Answer with the route's error function: a body, or a JsonReply with headers of its own."""
+        out = error(status, message, code)
+        if out.__class__ is JsonReply:
+            return self._respond_json(out.status, out.body, close, delay_ms, out.headers)
+        return self._respond_json(status, out, close, delay_ms)
 
     def _start(self, coro):
         self.busy = True
@@ -311,11 +320,11 @@ class _MockConnection(asyncio.Protocol):
         self.stats.resets += 1
         self.transport.abort()
 
-    async def _delayed_json(self, status, body, close, delay_ms):
+    async def _delayed_json(self, status, body, close, delay_ms, headers):
         try:
             await asyncio.sleep(delay_ms / 1000)
             if not self.closed:
-                self._send_json(status, body, close)
+                self._send_json(status, body, close, headers)
         finally:
             self._finish_async()
 

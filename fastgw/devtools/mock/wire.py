@@ -1,10 +1,12 @@
-"""What a wire-format module (openai.py, a later anthropic.py or gemini.py) gets from the mock server and gives
-back, plus the byte-template helpers that keep a request's cost to one %-format.
+"""What a wire-format module (openai.py, anthropic.py, gemini.py, azure.py) gets from the mock server and gives
+back, plus the canned text and the byte-template helpers that keep a request's cost to one %-format.
 
 A handler takes a `MockRequest` and returns a `JsonReply` or a `StreamReply`, or raises `Refusal` for bad input
 (the server renders it with the route's error function, so each wire format answers in its own error shape).
 """
 from __future__ import annotations
+
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -14,6 +16,17 @@ from fastgw.errors import error_body, error_type
 # choose every number in the templates).
 PROMPT_TOKENS, TOTAL_TOKENS = -7777771, -7777772
 SSE = b"text/event-stream; charset=utf-8"
+
+# The canned answer every wire format sends, one piece per content chunk (and per completion token).
+PIECES = ("Hello", "!", " This", " is", " the", " fastgw", " mock", " upstream", " answering", " your",
+          " request", " with", " canned", " tokens", ".")
+
+
+def pieces(n: int, content: str | None = None) -> list[str]:
+    """The first n pieces of the canned answer (cycling), or [content] when the content is given."""
+    if content is not None:
+        return [content]
+    return [PIECES[i % len(PIECES)] for i in range(n)]
 
 
 class MockRequest:
@@ -41,13 +54,37 @@ class MockRequest:
             echoed[n] = f"{echoed[n]}, {v}" if n in echoed else v
         return orjson.dumps(echoed).decode()
 
+    def header(self, name: bytes) -> bytes | None:
+        """The value of the request header `name` (lower case), None when absent."""
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None
+
+    def bearer(self) -> bytes | None:
+        """The token of an `authorization: Bearer <token>` header, None when there is none (or it is empty)."""
+        value = self.header(b"authorization")
+        if value is None or value[:7].lower() != b"bearer ":
+            return None
+        return value[7:].strip() or None
+
+    def query_param(self, name: str) -> str | None:
+        """The (decoded) value of the query parameter `name`, None when absent."""
+        for n, v in parse_qsl(self.query.decode("latin-1"), keep_blank_values=True):
+            if n == name:
+                return v
+        return None
+
 
 class JsonReply:
-    __slots__ = ("status", "body")
+    """A JSON response; `headers` are extra header lines, each ending in CRLF (e.g. b"retry-after: 1\r\n")."""
 
-    def __init__(self, status: int, body: bytes):
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, status: int, body: bytes, headers: bytes = b""):
         self.status = status
         self.body = body
+        self.headers = headers
 
 
 class StreamReply:
@@ -72,7 +109,8 @@ class Refusal(Exception):
 
 def openai_error_body(status: int, message: str, code: str | None = None) -> bytes:
     """OpenAI's error JSON, rendered by fastgw.errors exactly as the gateway renders its own refusals. The
-    default error function of a route; another wire format registers its own with the same signature."""
+    default error function of a route; another wire format registers its own with the same signature, which
+    may return a JsonReply instead of the body when its answer carries headers (Anthropic's retry-after)."""
     return error_body(message, error_type(status), code)
 
 
