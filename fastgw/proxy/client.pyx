@@ -38,6 +38,7 @@ from fastgw.routing.router import MESSAGES, PROXIED
 
 cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _END = H.END
 cdef frozenset _PROXIED = frozenset(PROXIED + MESSAGES)
+cdef frozenset _MESSAGES = frozenset(MESSAGES)
 cdef frozenset _LOCAL = frozenset(("/healthz", "/readyz", "/metrics", "/v1/models"))
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes _JSON = b"content-type: application/json\r\n"
@@ -296,7 +297,7 @@ cdef class ClientConnection(ClientSide):
             self.keep_alive = False
         ex.error = err.code or err.type
         extra = b"".join([f"{k}: {v}\r\n".encode("latin-1") for k, v in err.headers]) + b"".join(ex.response_headers)
-        if ex.messages_api:                  # an Anthropic client: Anthropic's error shape
+        if ex.endpoint in _MESSAGES:         # an Anthropic client: Anthropic's error shape
             from fastgw.providers.messages import messages_error_body
             status, body = messages_error_body(err.status, err.body())
             self._respond(status, body, _JSON, extra)

@@ -161,10 +161,11 @@ cdef class Relay(UpstreamListener):
         self.deployment = d
         self.provider = provider
         ex.deployment = d                    # before request_body: a translating provider reads its config
+        line = provider.request_line(ex, d.request_lines)   # first: it refuses an endpoint the provider lacks
         body = provider.request_body(ex, d.model_json, add_usage)
         ex.upstream_name = d.name
         head = (<RequestParser>ex._parser).forward_head(
-            provider.request_line(ex, d.request_lines),
+            line,
             d.header_lines + b"x-request-id: " + ex.request_id.encode() + b"\r\n",
             len(body), _DROP)
         pool = d.pool                        # cached on the deployment: no Pools lookup per request
