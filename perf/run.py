@@ -24,7 +24,7 @@ from perf import report
 from perf.mocks import WORK_ROOT, fastgw_cmd, nginx_cmd, render, start_mock
 from perf.procs import (Proc, cpus, free_port, leaf_pids, pinned, tree_cpu_seconds, tree_peak_rss_bytes,
                         wait_port)
-from perf.scenarios import CONFIGS, PACED, PAYLOADS, SCENARIOS, WRK_SCRIPT, reference, with_references
+from perf.scenarios import CONFIGS, PACED, PAYLOADS, TRANSLATE, SCENARIOS, WRK_SCRIPT, reference, with_references
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -80,7 +80,8 @@ def start_gateway(scenario, work, port, upstream_port, cpu, python_opts=(), env_
     cmd = gateway_cmd(scenario, work, port, upstream_port, python_opts)
     if cmd is None:
         return None
-    env = dict(os.environ, **(env_extra or {}))
+    # PERF_PROVIDER_KEY: the key the translated providers' configs name (the mock takes any).
+    env = dict(os.environ, PERF_PROVIDER_KEY="perf-mock-key", **(env_extra or {}))
     return Proc(f"gateway-{scenario.name}", [*wrap, *pinned(cmd, cpu)],
                 os.path.join(work, f"gateway-{scenario.name}.log"), env=env)
 
@@ -373,8 +374,10 @@ def run(names, duration=15.0, connections=64, threads=1, warmup=3.0, repeat=1, m
     if not os.environ.get("PERF_KEEP_WORK"):  # set it to inspect configs and logs of a run
         shutil.rmtree(work, ignore_errors=True)
     if save:
-        # a run of paced streams only is filed apart, so latest.* stays the default set's (what compare reads)
-        prefix = "paced-" if runnable and set(runnable) <= set(PACED) else ""
+        # a run of paced streams only, or of translations only, is filed apart, so latest.* stays the default
+        # set's (what compare reads)
+        prefix = ("paced-" if runnable and set(runnable) <= set(PACED) else
+                  "translate-" if runnable and set(runnable) <= set(TRANSLATE) else "")
         write(result, results_dir, stamp, baseline, prefix)
     return result
 

@@ -49,6 +49,8 @@ PAYLOADS = {
     "paced-stream-no-usage": _paced(0, ("x-mock-no-usage", "1")),
     "paced-stream-20ms": _paced(20),
     "paced-streams-2000": _paced(50),
+    # the chat payload answered by the built-in mock, which also speaks Anthropic's format (translate-anthropic)
+    "chat-builtin": Payload(os.path.join(HERE, "chat_request.json"), stream=False, mock="fastgw"),
 }
 
 
@@ -106,6 +108,14 @@ SCENARIOS = {s.name: s for s in [
              "fastgw relaying the 100-chunk SSE reply with key auth + token rate limit (include_usage forced "
              "and the usage chunk stripped) + metrics + access log",
              config="policies.toml", api_key="sk-perf-0001", unavailable=_policies_unavailable(), base="stream"),
+    Scenario("proxy-builtin", "fastgw", "chat-builtin",
+             "fastgw as in `proxy`, the built-in mock upstream (the base of translate-anthropic)"),
+    Scenario("translate-anthropic", "fastgw", "chat-builtin",
+             "fastgw as in `proxy-builtin` with an Anthropic deployment: chat translated to Messages and back",
+             config="anthropic.toml", base="proxy-builtin"),
+    Scenario("translate-anthropic-stream", "fastgw", "paced-stream",
+             "fastgw as in `paced-stream` with an Anthropic deployment: its event stream translated to chat "
+             "chunks, event by event", config="anthropic.toml", base="paced-stream"),
     Scenario("cache-hit", "fastgw", "chat", "fastgw answering from its response cache",
              unavailable="no response cache in fastgw yet"),
     *_paced_scenarios(),
@@ -113,6 +123,7 @@ SCENARIOS = {s.name: s for s in [
 
 DEFAULT = ["direct", "nginx", "proxy", "stream", "policies"]
 PACED = ["paced-stream", "paced-stream-no-usage", "paced-stream-20ms", "paced-streams-2000"]
+TRANSLATE = ["translate-anthropic", "translate-anthropic-stream"]
 
 
 def reference(scenario, via):

@@ -70,6 +70,7 @@ def authed(tmp_path, mock, start_gateway):
     d.mkdir()
     (d / "10-auth.toml").write_text(f'policy = "key-auth"\n[[consumers]]\nname = "team"\nkeys = ["{hash_key(KEY)}"]\n')
     (d / "20-rate.toml").write_text('policy = "rate-limit"\n[[rules]]\nwindow = "minute"\ntokens = 1000000\n')
+    (d / "30-budget.toml").write_text('policy = "budget"\n[[budgets]]\nconsumer = "*"\nusd = 100.0\nperiod = "day"\n')
     return start_gateway(config(mock.port, f'policies_dir = "{d}"\n'), env=ENV)
 
 
@@ -164,8 +165,20 @@ def test_anthropic_sdk_on_the_messages_api(authed, model):
 
 
 def test_openai_clients_with_the_gateway_key_on_translated_providers(authed):
-    r = client(authed, KEY).chat.completions.create(model="claude-sonnet-4", **chat())
+    raw = client(authed, KEY).chat.completions.with_raw_response.create(model="claude-sonnet-4", **chat())
+    assert int(raw.headers["x-fastgw-overhead-us"]) > 0 and raw.headers["x-request-id"]
+    r = raw.parse()
     assert r.choices[0].message.content.startswith("Hello")
+    for model in TRANSLATED:   # a stream's usage reaches limits and budgets though the client did not ask for it
+        chunks = list(client(authed, KEY).chat.completions.create(model=model, stream=True, **chat()))
+        assert all(ch.usage is None for ch in chunks)
+    # priced by the virtual name (Anthropic's and Google's list prices), counted from the translated usage
+    lines = wait_for(lambda: [x for x in authed.access_lines() if x.get("model") in TRANSLATED
+                              and x.get("status") == 200] if len(authed.access_lines()) >= 3 else None,
+                     what="three access lines")
+    assert len(lines) == 3
+    for x in lines:
+        assert x["prompt_tokens"] > 0 and x["completion_tokens"] > 0 and x["cost_usd"] > 0, x
     with pytest.raises(openai.AuthenticationError):
         client(authed, "sk-wrong").chat.completions.create(model="gemini-2.5-flash", **chat())
 
