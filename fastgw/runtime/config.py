@@ -69,9 +69,44 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     default_max_tokens: int = 4096        # anthropic: max_tokens when the client sends none (Anthropic requires it)
 
 
+class Retry(msgspec.Struct, forbid_unknown_fields=True):
+    """[models.retry]: what a request does when an attempt fails before the client has a response head."""
+    attempts: int = 1                     # tries per request on this model (1: only the connect failover and a
+                                          # stale kept-alive connection's resend, as without this table)
+    backoff_ms: float = 100.0             # the wait before retry n is random(0, min(max, backoff * 2**(n-1)))
+    max_backoff_ms: float = 2000.0
+    retry_after_cap_ms: float = 5000.0    # the upstream's retry-after(-ms) is waited up to this (same deployment)
+    deadline_ms: float = 0.0              # no attempt starts, and no answer is awaited, past this; 0 = none
+
+
+class Breaker(msgspec.Struct, forbid_unknown_fields=True):
+    """[models.breaker]: a circuit breaker per deployment of the model, shared by the gateway's workers."""
+    consecutive_failures: int = 5         # opens after this many failed attempts in a row; 0 = not this way
+    error_rate: float = 0.0               # opens when this share of the window's attempts failed; 0 = not this way
+    min_requests: int = 20                # ... once the window has at least this many attempts
+    window_s: float = 30.0
+    cooldown_s: float = 30.0              # open this long, then half-open
+    half_open_probes: int = 1             # requests let through while half-open; a success closes it
+
+
+class HealthCheck(msgspec.Struct, forbid_unknown_fields=True):
+    """health_check = { ... }: an active check of each deployment of the model (off when absent)."""
+    path: str = "/v1/models"              # GET on the deployment's host; 2xx-4xx but 429 = up
+    interval_s: float = 10.0
+    timeout_s: float = 5.0
+
+
 class Model(msgspec.Struct, forbid_unknown_fields=True):
     name: str                             # the virtual name clients ask for; "*" matches any model
     deployments: list[DeploymentConfig]
+    # Resilience: retries, fallback models (tried in order once this model's attempts are used up), and the
+    # fallbacks for an upstream 400 context_length_exceeded / content_filter (content_policy_violation).
+    retry: Retry = msgspec.field(default_factory=Retry)
+    fallbacks: list[str] = []
+    context_window_fallbacks: list[str] = []
+    content_policy_fallbacks: list[str] = []
+    breaker: Breaker | None = None        # None: no breaker (a health_check alone uses Breaker's defaults)
+    health_check: HealthCheck | None = None
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
@@ -206,6 +241,87 @@ def _check(cfg: Config, source: str) -> None:
             problem = PROVIDERS[d.provider].check(d)
             if problem:
                 raise ConfigError(f"{where}.deployments[{j}].{problem}")
+        _check_resilience(m, where)
+    _check_fallbacks(cfg.models, source)
+
+
+def _check_resilience(m: Model, where: str) -> None:
+    r = m.retry
+    if r.attempts < 1:
+        raise ConfigError(f"{where}.retry.attempts: must be >= 1 (1 = no retries)")
+    for field in ("backoff_ms", "max_backoff_ms", "retry_after_cap_ms", "deadline_ms"):
+        if not getattr(r, field) >= 0:
+            raise ConfigError(f"{where}.retry.{field}: must be >= 0")
+    b = m.breaker
+    if b is not None:
+        if b.consecutive_failures < 0:
+            raise ConfigError(f"{where}.breaker.consecutive_failures: must be >= 0 (0 = not used)")
+        if not 0 <= b.error_rate <= 1:
+            raise ConfigError(f"{where}.breaker.error_rate: must be between 0 and 1 (0 = not used)")
+        if b.consecutive_failures == 0 and b.error_rate == 0:
+            raise ConfigError(f"{where}.breaker: set consecutive_failures or error_rate, or the breaker never opens")
+        if b.min_requests < 1:
+            raise ConfigError(f"{where}.breaker.min_requests: must be >= 1")
+        for field in ("window_s", "cooldown_s"):
+            if not getattr(b, field) > 0:
+                raise ConfigError(f"{where}.breaker.{field}: must be > 0")
+        if b.half_open_probes < 1:
+            raise ConfigError(f"{where}.breaker.half_open_probes: must be >= 1")
+    h = m.health_check
+    if h is not None:
+        if not h.path.startswith("/") or any(c in h.path for c in " \r\n"):
+            raise ConfigError(f"{where}.health_check.path: expected an absolute path such as \"/v1/models\", "
+                              f"got {h.path!r}")
+        for field in ("interval_s", "timeout_s"):
+            if not getattr(h, field) > 0:
+                raise ConfigError(f"{where}.health_check.{field}: must be > 0")
+
+
+_FALLBACK_LISTS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
+
+
+def _check_fallbacks(models: list[Model], source: str) -> None:
+    """Every name in a fallback list is another configured model (not "*"), and no list kind has a cycle."""
+    index = {m.name: i for i, m in enumerate(models)}
+    for field in _FALLBACK_LISTS:
+        for i, m in enumerate(models):
+            where = f"{source}: models[{i}] ({m.name!r}).{field}"
+            names = getattr(m, field)
+            for name in names:
+                if name == m.name:
+                    raise ConfigError(f"{where}: {name!r} is this model itself")
+                if name == "*" or name not in index:
+                    raise ConfigError(f"{where}: {name!r} is not a configured model name")
+            if len(set(names)) != len(names):
+                raise ConfigError(f"{where}: a model is named twice")
+        for i, m in enumerate(models):
+            cycle = _cycle_from(m.name, {n.name: getattr(n, field) for n in models})
+            if cycle:
+                raise ConfigError(f"{source}: models[{i}] ({m.name!r}).{field}: a fallback cycle: "
+                                  + " -> ".join(cycle))
+
+
+def _cycle_from(start: str, edges: dict) -> list[str] | None:
+    """A path start -> ... -> start through `edges`, or None."""
+    path, on_path, done = [start], {start}, set()
+
+    def walk(name):
+        for nxt in edges.get(name, ()):
+            if nxt == start:
+                path.append(nxt)
+                return True
+            if nxt in on_path or nxt in done:
+                continue
+            path.append(nxt)
+            on_path.add(nxt)
+            if walk(nxt):
+                return True
+            path.pop()
+            on_path.discard(nxt)
+            done.add(nxt)
+        return False
+
+    return path if walk(start) else None
 
 
 def provider_key(d: DeploymentConfig, env=None, field: str = "") -> str:
