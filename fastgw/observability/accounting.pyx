@@ -11,6 +11,7 @@ the first event relayed to the client; overhead = latency minus the time spent w
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_Clear
+from cpython.unicode cimport PyUnicode_GET_LENGTH, PyUnicode_READ_CHAR
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy, strlen
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
@@ -18,22 +19,27 @@ from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 from fastgw.observability.linebuf cimport LineBuffer
 from fastgw.observability.stats cimport RequestStats
 from fastgw.proxy.exchange cimport Exchange, new_exchange
+from fastgw.routing.router cimport Route
 
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) noexcept
 
 # The access-log record, in order.
-FIELDS = ("ts", "request_id", "client", "method", "path", "model", "consumer", "upstream", "status", "stream",
-          "latency_ms", "ttft_ms", "overhead_us", "prompt_tokens", "completion_tokens", "cost_usd", "bytes_in",
-          "bytes_out", "error")
+# `model` is the client's; `served_model` the fallback model that answered instead, null when `model` did (so
+# the common line does not repeat the name); `attempts` the requests sent upstream (0: none, a refusal).
+FIELDS = ("ts", "request_id", "client", "method", "path", "model", "consumer", "upstream", "served_model",
+          "attempts", "status", "stream", "latency_ms", "ttft_ms", "overhead_us", "prompt_tokens",
+          "completion_tokens", "cost_usd", "bytes_in", "bytes_out", "error")
 
 cdef enum FieldId:
-    F_TS, F_REQUEST_ID, F_CLIENT, F_METHOD, F_PATH, F_MODEL, F_CONSUMER, F_UPSTREAM, F_STATUS, F_STREAM,
-    F_LATENCY, F_TTFT, F_OVERHEAD, F_PROMPT, F_COMPLETION, F_COST, F_BYTES_IN, F_BYTES_OUT, F_ERROR
+    F_TS, F_REQUEST_ID, F_CLIENT, F_METHOD, F_PATH, F_MODEL, F_CONSUMER, F_UPSTREAM, F_SERVED_MODEL, F_ATTEMPTS,
+    F_STATUS, F_STREAM, F_LATENCY, F_TTFT, F_OVERHEAD, F_PROMPT, F_COMPLETION, F_COST, F_BYTES_IN, F_BYTES_OUT,
+    F_ERROR
 
 _IDS = {"ts": F_TS, "request_id": F_REQUEST_ID, "client": F_CLIENT, "method": F_METHOD, "path": F_PATH,
-        "model": F_MODEL, "consumer": F_CONSUMER, "upstream": F_UPSTREAM, "status": F_STATUS, "stream": F_STREAM,
+        "model": F_MODEL, "served_model": F_SERVED_MODEL, "consumer": F_CONSUMER, "upstream": F_UPSTREAM,
+        "attempts": F_ATTEMPTS, "status": F_STATUS, "stream": F_STREAM,
         "latency_ms": F_LATENCY, "ttft_ms": F_TTFT, "overhead_us": F_OVERHEAD, "prompt_tokens": F_PROMPT,
         "completion_tokens": F_COMPLETION, "cost_usd": F_COST, "bytes_in": F_BYTES_IN, "bytes_out": F_BYTES_OUT,
         "error": F_ERROR}
@@ -104,6 +110,10 @@ cdef object _field_value(int f, Exchange ex, double latency, double ttft, double
         return ex.path
     if f == F_MODEL:
         return ex.model
+    if f == F_SERVED_MODEL:
+        return _fallback_served(ex)
+    if f == F_ATTEMPTS:
+        return ex.attempts
     if f == F_CONSUMER:
         return ex.consumer
     if f == F_UPSTREAM:
@@ -165,6 +175,17 @@ cdef bytes _access_line(Exchange ex, double latency, double ttft, double overhea
     _put_str(ex.consumer)
     _puts(',"upstream":')
     _put_str(ex.upstream_name)
+    served = _fallback_served(ex)
+    if served is None and ex.attempts == 1:     # the common line: its own model answered at the first attempt
+        _puts(',"served_model":null,"attempts":1')
+    else:
+        if served is None:
+            _puts(',"served_model":null')
+        else:
+            _puts(',"served_model":')
+            _put_str(served)
+        _puts(',"attempts":')
+        _put_int(ex.attempts)
     _puts(',"status":')
     _put_int(ex.status)
     _puts(',"stream":true' if ex.stream else ',"stream":false')
@@ -194,6 +215,17 @@ cdef bytes _access_line(Exchange ex, double latency, double ttft, double overhea
     else:
         _puts(',"error":null}\n')
     return PyBytes_FromStringAndSize(_line, _n)
+
+
+cdef inline str _fallback_served(Exchange ex):
+    """The fallback model that answered, or None when the client's model did (its own route, or "*")."""
+    route = ex.route
+    if route is None:
+        return None
+    cdef str name = (<Route>route).name
+    if (PyUnicode_GET_LENGTH(name) == 1 and PyUnicode_READ_CHAR(name, 0) == 42) or name == ex.model:   # "*"
+        return None
+    return name
 
 
 def _check_writer():

@@ -41,12 +41,19 @@ _COUNTERS = {
     "upstream_connects": ("Upstream connections opened.", ("upstream",)),
     "upstream_queued": ("Requests that waited for a free upstream connection.", ("upstream",)),
     "upstream_queue_wait_seconds": ("Seconds requests waited for a free upstream connection.", ("upstream",)),
+    "fallbacks": ("Requests that moved on to a fallback model.", ("model", "fallback")),
+    "breaker_opens": ("Circuit breakers opened (by failed attempts or health checks).", ("model", "upstream")),
 }
 # Gauges with labels, summed over live workers.
 _LABELLED_GAUGES = {
     "upstream_connections": ("Upstream connections open (busy, idle or connecting).", ("upstream",)),
     "upstream_idle_connections": ("Idle upstream connections kept for reuse.", ("upstream",)),
     "upstream_waiting": ("Requests waiting now for a free upstream connection.", ("upstream",)),
+}
+# Gauges of state the workers share (in shared memory): every live worker reports the same value, so the scrape
+# takes the largest, not the sum.
+_SHARED_GAUGES = {
+    "deployment_state": ("Circuit breaker of a deployment: 0 closed, 1 half-open, 2 open.", ("model", "upstream")),
 }
 _HISTOGRAMS = {
     "request_duration_seconds": ("Request duration, from request head to last byte.", ("model", "upstream"),
@@ -84,6 +91,9 @@ class Stats(RequestStats):
         self._gauges: dict[str, float] = {}
         self._pool_counters: dict[str, dict] = {}
         self._labelled_gauges: dict[str, dict] = {name: {} for name in _LABELLED_GAUGES}
+        self._fallbacks: dict[tuple, int] = {}
+        self._breaker_opens: dict[tuple, int] = {}
+        self._shared_gauges: dict[str, dict] = {name: {} for name in _SHARED_GAUGES}
 
     # -- per event ---------------------------------------------------------------------------------------
 
@@ -100,6 +110,26 @@ class Stats(RequestStats):
             self._upstream_errors[key] += 1
         except KeyError:
             self._counter_new(self._upstream_errors, key)
+
+    def fallback(self, model: str, fallback: str) -> None:
+        """A request moved on from `model` to the fallback model `fallback` (names from the config)."""
+        key = (model, fallback)
+        try:
+            self._fallbacks[key] += 1
+        except KeyError:
+            self._counter_new(self._fallbacks, key)
+
+    def breaker_opened(self, model: str, upstream: str) -> None:
+        """This worker opened the circuit breaker of `model`'s deployment on `upstream`."""
+        key = (model, upstream)
+        try:
+            self._breaker_opens[key] += 1
+        except KeyError:
+            self._counter_new(self._breaker_opens, key)
+
+    def set_deployments(self, rows) -> None:
+        """The breakers' states now: (model, upstream, state) rows, state 0 closed, 1 half-open, 2 open."""
+        self._shared_gauges = {"deployment_state": {(model, upstream): state for model, upstream, state in rows}}
 
     def set_gauge(self, name: str, value: float) -> None:
         """Set gauge `fastgw_<name>` for this worker; the scrape sums it over live workers."""
@@ -151,6 +181,8 @@ class Stats(RequestStats):
                 _merge_into(hists["time_to_first_token_seconds"], (model,), r[_TTFT0:] + [r[_TTFT_SUM]], 1 << 62)
         counters["rejections"] = self._rejections
         counters["upstream_errors"] = self._upstream_errors
+        counters["fallbacks"] = self._fallbacks
+        counters["breaker_opens"] = self._breaker_opens
         counters.update(self._pool_counters)
         hists["overhead_microseconds"][()] = self.overhead_histogram()
         return {
@@ -161,6 +193,8 @@ class Stats(RequestStats):
             "gauges": dict(self._gauges),
             "labelled_gauges": {name: [[list(k), v] for k, v in series.items()]
                                 for name, series in self._labelled_gauges.items()},
+            "shared_gauges": {name: [[list(k), v] for k, v in series.items()]
+                              for name, series in self._shared_gauges.items()},
         }
 
     def flush(self) -> None:
@@ -223,6 +257,7 @@ def render_directory(directory: str, max_series: int = 10_000) -> bytes:
     hists: dict[str, dict] = {name: {} for name in _HISTOGRAMS}
     gauges: dict[str, float] = {}
     labelled: dict[str, dict] = {name: {} for name in _LABELLED_GAUGES}
+    shared: dict[str, dict] = {name: {} for name in _SHARED_GAUGES}
     for snap in snaps:
         for name, rows in snap.get("counters", {}).items():
             if name in counters:
@@ -241,6 +276,14 @@ def render_directory(directory: str, max_series: int = 10_000) -> bytes:
                 if name in labelled:
                     for labels, value in rows:
                         _merge_into(labelled[name], tuple(labels), value, max_series)
+            for name, rows in snap.get("shared_gauges", {}).items():
+                if name in shared:
+                    series = shared[name]
+                    for labels, value in rows:
+                        key = tuple(labels)
+                        if key in series or len(series) < max_series:
+                            series[key] = max(series.get(key, value), value)
+    labelled.update(shared)
     return _format(counters, hists, gauges, labelled)
 
 
@@ -283,7 +326,7 @@ def _format(counters: dict, hists: dict, gauges: dict, labelled: dict) -> bytes:
                 out.append(f"{prefix}{le}}} {running}\n")
             braces = f"{{{labels}}}" if labels else ""
             out.append(f"{full}_sum{braces} {_num(value[-1])}\n{full}_count{braces} {running}\n")
-    for name, (help_, labelnames) in _LABELLED_GAUGES.items():
+    for name, (help_, labelnames) in {**_LABELLED_GAUGES, **_SHARED_GAUGES}.items():
         full = f"fastgw_{name}"
         out.append(f"# HELP {full} {help_}\n# TYPE {full} gauge\n")
         for key, value in sorted(labelled[name].items(), key=_sort_key):

@@ -10,6 +10,7 @@ cdef class Exchange:
     cdef public bint messages_api    # the client speaks Anthropic's Messages API (POST /v1/messages...)
     cdef public long long _prompt_estimate
     cdef public int status, events
+    cdef public int attempts         # requests sent upstream for it (retries and fallbacks included)
     cdef public list response_headers
     # Accounting (fastgw.observability.accounting): a refusal's (consumer, model, reason) metric labels, and
     # the (upstream, kind) of every failed upstream attempt; None when there is none.

@@ -8,7 +8,9 @@ Fields (all readable and writable from Python policies):
                                      and errors go back in Anthropic's shapes
   consumer, group                    set by an identity policy ("" when anonymous)
   scratch                            None, or a dict a policy made with new_scratch() for per-request state
-  route, deployment, upstream_name   where it goes
+  route, deployment, upstream_name   where it goes: the model (Route) and deployment of the last attempt (a
+                                     fallback model's once one served), its upstream
+  attempts                           requests sent upstream (retries and fallbacks included)
   status, response_headers (list of b"name: value\\r\\n" lines for the client), prompt_tokens and
   completion_tokens (-1 = unknown), cost (USD), error, bytes_in, bytes_out, events
   rejection, upstream_errors         what accounting counts besides the request (None when nothing)

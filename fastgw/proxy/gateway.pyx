@@ -15,6 +15,8 @@ from fastgw.policies.pipeline import Pipeline, load_pipeline
 from fastgw.policies.api import PolicyContext
 from fastgw.protocol.proxyproto import parse_networks
 from fastgw.observability.logs import LogThrottle
+from fastgw.routing.health import HealthChecks
+from fastgw.routing.resilience import attach
 from fastgw.routing.router import Router
 
 
@@ -35,6 +37,7 @@ cdef class Gateway:
         # Request ids: unique per worker start without a syscall per request.
         self._id_prefix = f"req-{os.urandom(4).hex()}-{worker_id}-".encode()
         self.pipeline = Pipeline([])
+        self.health = HealthChecks(loop, log)
         self.apply(cfg)
 
     def apply(self, cfg):
@@ -70,12 +73,15 @@ cdef class Gateway:
         self.trusted_proxies = trusted
         self.pools.cfg = u
         old.close()
+        if self.worker_id == "0":           # one worker checks for all: the breakers it opens are shared
+            self.health.apply(cfg, router)
 
     cdef str next_request_id(self):
         self._id_next += 1
         return _request_id(self._id_prefix, self._id_next)
 
     def close(self):
+        self.health.close()
         self.pipeline.close()
         self.pools.close()
 
@@ -85,6 +91,7 @@ def build(cfg, ctx, mock_url):
     ValueError when the config cannot be used. Gateway.apply swaps in its result; the supervisor's preflight
     (fastgw.runtime.preflight) calls it too, so a config it accepts is one every worker accepts."""
     router = Router(cfg, mock_url=mock_url)
+    attach(router, cfg, ctx.run_dir, ctx.stats)
     return router, load_pipeline(cfg, ctx)
 
 

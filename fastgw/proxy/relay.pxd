@@ -54,20 +54,38 @@ cdef class Relay(UpstreamListener):
     cdef object events_tail           # stream_event hooks: the bytes of an event not complete yet
     cdef list parts                   # a non-stream body kept to read its usage (None past _MAX_KEPT)
     cdef Py_ssize_t parts_bytes
-    cdef list tried                   # deployments that could not be connected to
     cdef object pending_request       # (head, body) while queued for a connection of a full pool
     cdef double queued_at
-    cdef int attempts
     cdef readonly double next_keepalive
+    # Retries and fallbacks (see _retry_or_fail): ex.route is the model being tried, visited[0] the client's.
+    cdef list tried                   # deployments of ex.route tried already (None: only the current one)
+    cdef list visited                 # models tried already, the client's first, once a fallback was (None before)
+    cdef int route_attempts           # attempts on ex.route
+    cdef int stale_resends
+    cdef int attempt_id               # the current attempt: a connection opened for an older one is not used
+    cdef bint holding                 # an error answer is read whole, to be replaced by another attempt
+    cdef double retry_after           # seconds the held answer's retry-after asks for; -1: none
+    cdef dict retry_at                # deployment -> the earliest time to try it again (its retry-after)
+    cdef double deadline_at           # no attempt starts after this (the model's retry.deadline_ms); 0: none
+    cdef Py_ssize_t hook_lines        # ex.response_headers before this attempt's response_headers hooks
+    cdef object backoff               # the timer of the next attempt while it waits out a backoff, or None
 
     cdef void start(self) except *
     cdef void _admitted(self) except *
-    cdef void _send(self, Deployment d) except *
+    cdef void _send(self, Deployment d, bint same_attempt=*) except *
     cdef void _stream_events(self, data) except *
     cdef void _end_stream(self) except *
-    cdef void _end_body(self) except *
+    cdef bint _end_body(self) except -1
+    cdef bint _holds(self, ResponseParser r) except -1
+    cdef bint _fallback_left(self)
+    cdef bint _replace_answer(self, bytes body) except -1
+    cdef Route _requested(self)
     cdef void _retry_or_fail(self, str kind, str message) except *
-    cdef void _resend(self, Deployment d) except *
+    cdef bint _try_again(self, str kind, double retry_after, list routes) except -1
+    cdef Deployment _next(self, Route route, list tried, bint reuse)
+    cdef Deployment _fallback(self, list routes)
+    cdef void _clear_response(self) except *
+    cdef void _resend(self, Deployment d, bint same_attempt=*) except *
     cdef void _give_up(self, object err) except *
     cdef void _done(self) except *
     cdef void _emit(self, data) except *

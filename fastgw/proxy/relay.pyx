@@ -8,8 +8,13 @@ response as the provider reads it. Its progress is one RelayState (relay.pxd), m
 Invariants:
 - Nothing reaches the client before the upstream's head, except our own SSE head and keep-alive comments
   (OWN_SSE_HEAD), sent only to a stream that waits long for its first token.
-- Until the client has a head (AWAITING_HEAD, HEAD_HELD) a failed attempt may be retried: a stale kept-alive
-  connection on the same deployment, a refused connection on the route's other deployments.
+- Until the client has a head (AWAITING_HEAD, HEAD_HELD) a failed attempt may be retried, and `_retry_or_fail`
+  (with `_replace_answer` for an error answer read whole) is the one place that decides: a stale kept-alive
+  connection on the same deployment, a refused connection on the model's other deployments, and, as the model's
+  [models.retry] allows, any failure or 429/5xx answer on the next deployment by the route's balancing, then the
+  fallback models. A retry is the only move back, to AWAITING_HEAD; otherwise states only move forward.
+- An error answer that another attempt may replace is held whole (`holding`): none of it reaches the client
+  unless it is relayed after all.
 - After it (RELAYING, OWN_SSE_HEAD) a failure ends the response by closing the connection: the client sees a
   broken stream, never a made-up `[DONE]` or a clean last chunk.
 - The relay ends in DONE exactly once, and then hands the exchange back (ClientSide.exchange_over or refuse),
@@ -27,10 +32,12 @@ from libc.string cimport memcpy
 from fastgw.protocol.http cimport RequestParser
 from fastgw.proxy.phases cimport refused, run_request, run_response_headers, run_stream_event
 from fastgw.proxy.upstream cimport Pool
+from fastgw.routing.retry cimport RetryPolicy
 
 from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.jsonpeek import peek_request, peek_usage
+from fastgw.routing.retry import fallback_reason, retry_after_seconds
 from fastgw.routing.router import MESSAGES
 
 _frame = H.frame_chunk
@@ -142,11 +149,25 @@ cdef class Relay(UpstreamListener):
             f = ex.fields = peek_request(ex.body)
             if f is None:
                 raise GatewayError(500, "A policy produced an invalid request body.", code="policy_error")
-        self._send((<Route>ex.route).pick())
+        cdef Route route = <Route>ex.route
+        cdef double deadline = route.retry.deadline
+        if deadline > 0.0:
+            self.deadline_at = ex.t_start + deadline
+        cdef Deployment d = route.pick(ex, None)
+        if d is None or (d.breaker is not None and not d.admit()):   # another deployment, else a fallback model
+            d = self._next(route, None, False)
+            if d is None:
+                d = self._fallback(route.retry.fallbacks)
+            if d is None:
+                raise GatewayError(503, f"No deployment of model `{ex.model}` is available now (their circuit "
+                                        "breakers are open).", type="upstream_error", code="upstream_unavailable",
+                                   headers=(("retry-after", _retry_in(route)),))
+        self._send(d)
 
     # -- the upstream request ---------------------------------------------------------------------------------
 
-    cdef void _send(self, Deployment d) except *:
+    cdef void _send(self, Deployment d, bint same_attempt=False) except *:
+        """Send the request to `d` (a new attempt, unless `same_attempt`: a stale connection's resend)."""
         cdef Exchange ex = self.ex
         cdef Gateway gw = self.gw
         cdef Provider provider = <Provider>d.provider
@@ -173,7 +194,11 @@ cdef class Relay(UpstreamListener):
             pool = d.pool = gw.pools.get(d)
         cdef UpstreamConnection conn = (<Pool>pool).acquire()
         self.state = AWAITING_HEAD
-        wait_for(self.client, UPSTREAM_WAIT)
+        if not same_attempt:
+            ex.attempts += 1
+            self.route_attempts += 1
+        self.attempt_id += 1
+        _wait_upstream(self)
         if ex.stream and gw.keepalive_interval > 0:
             self.next_keepalive = now() + gw.keepalive_interval
         ex.t_sent = now()
@@ -181,7 +206,7 @@ cdef class Relay(UpstreamListener):
             self.upstream = conn
             conn.send(self, head, body)
         elif (<Pool>pool).reserve():
-            gw.loop.create_task(self._open_and_send(pool, d, head, body))
+            gw.loop.create_task(self._open_and_send(pool, d, head, body, self.attempt_id))
         else:
             # The pool is full: wait in its queue (connection_ready or slot_ready), at most queue_timeout.
             self.pending_request = (head, body)
@@ -198,7 +223,7 @@ cdef class Relay(UpstreamListener):
         conn.pool.queue_wait += t - self.queued_at
         self.upstream = conn
         self.ex.t_sent = t
-        wait_for(self.client, UPSTREAM_WAIT)
+        _wait_upstream(self)
         conn.send(self, head, body)
 
     cdef void slot_ready(self) except *:
@@ -207,19 +232,19 @@ cdef class Relay(UpstreamListener):
         self.pending_request = None
         cdef Pool pool = <Pool>self.deployment.pool
         pool.queue_wait += now() - self.queued_at
-        wait_for(self.client, UPSTREAM_WAIT)
-        self.gw.loop.create_task(self._open_and_send(pool, self.deployment, head, body))
+        _wait_upstream(self)
+        self.gw.loop.create_task(self._open_and_send(pool, self.deployment, head, body, self.attempt_id))
 
-    async def _open_and_send(self, Pool pool, Deployment d, bytes head, bytes body):
+    async def _open_and_send(self, Pool pool, Deployment d, bytes head, bytes body, int attempt):
         try:
             conn = await pool.open_one()
         except (OSError, asyncio.TimeoutError) as exc:
-            if self.state != DONE and self.deployment is d:
+            if self.state != DONE and self.attempt_id == attempt:
                 self.upstream_failed("connect", f"cannot connect to the upstream: {type(exc).__name__}")
             return
-        # Still wanted unless the exchange ended (the client left, a timeout) or moved on to another deployment;
+        # Still wanted unless the exchange ended (the client left, a timeout) or moved on to another attempt;
         # OWN_SSE_HEAD is still waiting for this connection (keep-alive comments went out meanwhile).
-        if self.state == DONE or self.deployment is not d:
+        if self.state == DONE or self.attempt_id != attempt:
             pool.release(conn)
             return
         self.upstream = conn
@@ -235,11 +260,18 @@ cdef class Relay(UpstreamListener):
         ex.t_first_byte = t
         ex.status = r.status
         if gw.response_hooks:
+            # A retry's hooks add their lines again: drop those of the answer it replaced.
+            if self.hook_lines:
+                del ex.response_headers[self.hook_lines - 1:]
+            else:
+                self.hook_lines = len(ex.response_headers) + 1
             try:
                 run_response_headers(gw, ex)
             except GatewayError as err:
                 self._give_up(err)
                 return
+        if r.status >= 400 and self.state == AWAITING_HEAD and self._holds(r):
+            self.holding = True
         if ex.stream and r.status == 200:
             self.sse = self.provider.open_stream(ex, self.strip_usage, gw.needs_usage)
             wait_for(self.client, STREAMING)
@@ -252,7 +284,7 @@ cdef class Relay(UpstreamListener):
             return                          # else the upstream refused after all: its error becomes an SSE event
         # Overhead so far: before the request was sent, plus this head's processing.
         cdef long overhead_us = <long>(((ex.t_sent - ex.t_start) + (now() - t)) * 1e6)
-        extra = _id_and_overhead_lines(ex.request_id.encode(), overhead_us)
+        extra = _id_and_overhead_lines(ex.request_id.encode(), overhead_us, (<Route>ex.route).served_line)
         if ex.response_headers:
             extra += b"".join(ex.response_headers)
         if not self.client.keep_alive:
@@ -299,13 +331,13 @@ cdef class Relay(UpstreamListener):
             parts.append(data)
             self.parts_bytes += len(data)
             if self.parts_bytes > _MAX_KEPT and self.state != OWN_SSE_HEAD:
-                if self.provider.translates:
+                if self.provider.translates or self.holding:
                     self._give_up(GatewayError(502, "The upstream's response is too large to translate.",
                                                type="upstream_error", code="upstream_too_large"))
                     return
                 self.parts = None           # a huge body: relayed, but not kept for its usage
-        if self.state == OWN_SSE_HEAD or self.provider.translates:
-            return                          # rendered whole at the end
+        if self.state == OWN_SSE_HEAD or self.provider.translates or self.holding:
+            return                          # rendered whole at the end (or replaced by another attempt)
         out = _frame(data) if self.chunked else data
         if self.pending_head is not None:
             out = self.pending_head + out
@@ -324,13 +356,19 @@ cdef class Relay(UpstreamListener):
 
     cdef void upstream_end(self) except *:
         cdef Exchange ex = self.ex
+        cdef int status = ex.status
         self.upstream = None
-        ex.upstream_wait = now() - ex.t_sent
+        ex.upstream_wait += now() - ex.t_sent
+        if self.deployment.breaker is not None:     # (checked here: no call at all without a breaker)
+            if status == 429 or status >= 500:
+                self.deployment.failed(_status_kind(status))
+            else:
+                self.deployment.succeeded()
         try:
             if self.sse is not None:
                 self._end_stream()
-            else:
-                self._end_body()
+            elif self._end_body():
+                return                      # another attempt replaces this answer
         except GatewayError as err:         # a translating provider found the response broken or truncated
             self._give_up(err)
             return
@@ -356,12 +394,18 @@ cdef class Relay(UpstreamListener):
             _count_streamed(ex, sse)
         self._emit(out)
 
-    cdef void _end_body(self) except *:
+    cdef bint _end_body(self) except -1:
+        """The end of a non-stream body; True when another attempt replaces it (nothing of it went out)."""
         cdef Exchange ex = self.ex
         parts = self.parts
         body = b"" if parts is None else parts[0] if len(parts) == 1 else b"".join(parts)
         if self.provider.translates:
             body = self.provider.response_body(ex, ex.status, body)
+        cdef bint held = self.holding
+        if held:
+            self.holding = False
+            if self._replace_answer(body):
+                return True
         if self.state == OWN_SSE_HEAD:
             out = _frame(b"data: " + body.replace(b"\n", b"") + b"\n\n") + _LAST_CHUNK
         elif self.provider.translates:
@@ -370,12 +414,16 @@ cdef class Relay(UpstreamListener):
         else:
             if body and ex.status < 300:
                 ex.prompt_tokens, ex.completion_tokens = peek_usage(body)
-            out = _LAST_CHUNK if self.chunked else b""
+            if held:                        # relayed after all: the whole body goes out now
+                out = ((_frame(body) if body else b"") + _LAST_CHUNK) if self.chunked else body
+            else:
+                out = _LAST_CHUNK if self.chunked else b""
             if self.pending_head is not None:
                 out = self.pending_head + out
                 self.pending_head = None
         if out:
             self._emit(out)
+        return False
 
     cdef void upstream_failed(self, str kind, str message) except *:
         self.upstream = None
@@ -387,6 +435,7 @@ cdef class Relay(UpstreamListener):
         # The response had started: end it by closing, so the client sees a broken stream, not a clean end.
         cdef Exchange ex = self.ex
         _note_upstream_error(ex, kind)
+        self.deployment.failed(kind)
         ex.error = "upstream_" + kind
         self.state = DONE
         self._flush()                       # what arrived before the failure still reaches the client
@@ -402,25 +451,21 @@ cdef class Relay(UpstreamListener):
         self._give_up(GatewayError(500, "The gateway failed to process the request."))
 
     cdef void _retry_or_fail(self, str kind, str message) except *:
-        """Nothing reached the client yet: retry a stale keep-alive connection, or try another deployment."""
+        """Nothing reached the client yet: resend on a stale keep-alive connection, try again (`_try_again`), or
+        answer the failure."""
         cdef Exchange ex = self.ex
-        self.pending_head = None
-        self.out1 = self.outq = None
-        self.parts = None
-        self.sse = None
-        self.chunked = False
-        self.attempts += 1
-        if kind == "stale" and self.attempts <= 2:
-            self._resend(self.deployment)
+        self._clear_response()
+        if kind == "stale" and self.stale_resends < 2:
+            self.stale_resends += 1
+            self._resend(self.deployment, True)
             return
-        if kind != "stale":
+        ex.upstream_wait += now() - ex.t_sent
+        if kind != "stale":                 # a stale connection is not the upstream's failure
             _note_upstream_error(ex, kind)
-        if (kind == "connect" or kind == "busy") and ex.route is not None:
-            self.tried = (self.tried or []) + [self.deployment]
-            others = [d for d in (<Route>ex.route).fallbacks(self.deployment) if d not in self.tried]
-            if others:
-                self._resend(others[0])
-                return
+            if kind != "busy":              # nor are our own pool's limits
+                self.deployment.failed(kind)
+        if self._try_again(kind, -1.0, None):
+            return
         self.state = DONE
         if kind == "busy":                  # our own limit, not the upstream's fault: 503, retry soon
             err = GatewayError(503, f"The gateway's connections to the upstream are all busy: {message}.",
@@ -430,9 +475,176 @@ cdef class Relay(UpstreamListener):
                                type="upstream_error", code="upstream_" + kind)
         self.client.refuse(err, False)
 
-    cdef void _resend(self, Deployment d) except *:
+    cdef bint _holds(self, ResponseParser r) except -1:
+        """Is this error answer one another attempt may replace? Then it is read whole before any of it goes out:
+        a 429 or 5xx while an attempt or a fallback model is left, a 400 when the model has special fallbacks."""
+        cdef int status = r.status
+        cdef Route route = <Route>self.ex.route
+        if status == 400:
+            return route.retry.holds_400
+        if status != 429 and status < 500:
+            return False
+        if self.deadline_at != 0.0 and now() >= self.deadline_at:
+            return False
+        if self.route_attempts >= route.retry.attempts and not self._fallback_left():
+            return False
+        self.retry_after = retry_after_seconds(r.header(b"retry-after-ms"), r.header(b"retry-after"))
+        return True
+
+    cdef bint _fallback_left(self):
+        for r in self._requested().retry.fallbacks:
+            if self.visited is None or r not in self.visited:
+                return True
+        return False
+
+    cdef bint _replace_answer(self, bytes body) except -1:
+        """A held error answer is whole: try again instead of relaying it (True), or relay it after all."""
+        cdef Exchange ex = self.ex
+        cdef int status = ex.status         # the client's (a translating provider's answer is translated now)
+        cdef list routes = None
+        cdef double retry_after = -1.0
+        if status == 400:
+            reason = fallback_reason(body)
+            routes = (<Route>ex.route).retry.fallback_lists(reason) if reason is not None else None
+            if not routes:
+                return False
+            kind = "context_length_exceeded" if reason == "context_window" else "content_policy"
+        elif status == 429 or status >= 500:
+            kind = _status_kind(status)
+            retry_after = self.retry_after
+        else:
+            return False
+        head, chunked = self.pending_head, self.chunked
+        _note_upstream_error(ex, kind)
+        self._clear_response()
+        if self._try_again(kind, retry_after, routes):
+            return True
+        ex.upstream_errors.pop()            # relayed after all: an answer, not a failed attempt
+        self.pending_head, self.chunked = head, chunked
+        return False
+
+    cdef bint _try_again(self, str kind, double retry_after, list routes) except -1:
+        """Start the next attempt after a failed one, if the model's retry policy, its fallbacks and the request's
+        deadline allow; `routes`: the special fallbacks of a 400 that named some. False when none is left.
+
+        An attempt goes to the next deployment by the route's balancing, one the request did not try yet first;
+        back on a deployment it tried, it waits the jittered backoff, or longer when that deployment's retry-after
+        asked for it (up to retry_after_cap). A connect failure moves on to an untried deployment even when no attempt
+        is left (nothing reached the failed one). With none left, the fallback models, at once."""
+        cdef Exchange ex = self.ex
+        cdef Route route = <Route>ex.route
+        cdef RetryPolicy policy = route.retry
+        cdef Deployment failed = self.deployment
+        cdef Deployment d = None
+        cdef double delay = 0.0, t = now(), end
+        if self.deadline_at != 0.0 and t >= self.deadline_at:
+            return False
+        if self.tried is None:
+            self.tried = [failed]
+        elif failed not in self.tried:
+            self.tried.append(failed)
+        if retry_after >= 0.0:              # not before what it asked (up to the cap), whichever attempt goes there
+            if self.retry_at is None:
+                self.retry_at = {}
+            self.retry_at[failed] = t + (retry_after if retry_after < policy.retry_after_cap
+                                         else policy.retry_after_cap)
+        if routes is not None:
+            d = self._fallback(routes)
+        else:
+            if self.route_attempts < policy.attempts:
+                d = self._next(route, self.tried, True)
+                if d is not None and d in self.tried:
+                    delay = policy.backoff_delay(self.route_attempts)
+                    if self.retry_at is not None and self.retry_at.get(d, 0.0) - t > delay:
+                        delay = self.retry_at[d] - t
+            elif kind == "connect" or kind == "busy":
+                d = self._next(route, self.tried, False)
+            if d is None:
+                d = self._fallback(self._requested().retry.fallbacks)
+        if d is None:
+            return False
+        if delay > 0.0:
+            end = ex.t_start + self.gw.total_timeout
+            if self.deadline_at != 0.0 and self.deadline_at < end:
+                end = self.deadline_at
+            if t + delay >= end:
+                return False
+            self.state = AWAITING_HEAD
+            _wait_upstream(self)
+            self.backoff = self.gw.loop.call_later(delay, self._after_backoff, d)
+            return True
+        self._resend(d)
+        return True
+
+    def _after_backoff(self, Deployment d):
+        self.backoff = None
+        if self.state == DONE:
+            return
         try:
-            self._send(d)
+            self._resend(d)
+        except Exception:
+            self.gw.log.exception("retry failed", request_id=self.ex.request_id)
+            self._give_up(GatewayError(500, "The gateway failed to process the request."))
+
+    cdef Deployment _next(self, Route route, list tried, bint reuse):
+        """The next deployment of `route` by its balancing, skipping `tried` and any whose breaker turned this
+        request away; once every one was tried, with `reuse`, one of those again. None when none is available."""
+        cdef Exchange ex = self.ex
+        cdef list skip = list(tried) if tried else []
+        cdef Deployment d
+        while True:
+            d = route.pick(ex, skip if skip else None)
+            if d is None:
+                if reuse and tried:
+                    reuse = False
+                    skip = [x for x in skip if x not in tried]
+                    continue
+                return None
+            if d.admit():
+                return d
+            skip.append(d)
+
+    cdef Route _requested(self):
+        """The client's model (ex.route is another once a fallback model is being tried)."""
+        return <Route>(self.visited[0] if self.visited else self.ex.route)
+
+    cdef Deployment _fallback(self, list routes):
+        """A deployment of the first of `routes` (fallback models) this request did not try yet that has one
+        available; ex.route becomes that model. None when none has."""
+        cdef Exchange ex = self.ex
+        cdef Route r
+        cdef Deployment d
+        if self.visited is None:
+            self.visited = [ex.route]       # the client's model: the first to move on from
+        if ex.route not in self.visited:
+            self.visited.append(ex.route)
+        for r in routes:
+            if r in self.visited:
+                continue
+            self.visited.append(r)
+            d = self._next(r, None, False)
+            if d is not None:
+                self.gw.stats.fallback((<Route>ex.route).name, r.name)
+                ex.route = r
+                self.tried = None
+                self.route_attempts = 0
+                return d
+        return None
+
+    cdef void _clear_response(self) except *:
+        """Forget the answer of a failed attempt (nothing of it reached the client)."""
+        self.pending_head = None
+        self.out1 = self.outq = None
+        self.parts = None
+        self.parts_bytes = 0
+        self.sse = None
+        self.events_tail = None
+        self.chunked = False
+        self.holding = False
+
+    cdef void _resend(self, Deployment d, bint same_attempt=False) except *:
+        try:
+            self._send(d, same_attempt)
         except GatewayError as err:         # this deployment's provider cannot express the request
             self._give_up(err)
 
@@ -489,12 +701,22 @@ cdef class Relay(UpstreamListener):
         request at once; its connection cannot be reused."""
         self.state = DONE
         self.queued = False                  # leaves a pool's queue (skipped when its turn comes)
+        if self.backoff is not None:
+            self.backoff.cancel()
+            self.backoff = None
         up = self.upstream
         self.upstream = None
         if up is not None:
             up.abort()
 
     cdef void timed_out(self) except *:
+        if self.backoff is not None:         # the deadline came while the next attempt waited out its backoff
+            self.backoff.cancel()
+            self.backoff = None
+            self.state = DONE
+            self.client.refuse(GatewayError(504, "The upstream failed, and no other attempt could be made in time.",
+                                            type="upstream_error", code="upstream_timeout"), False)
+            return
         if self.state == ADMITTING:
             self.state = DONE
             self.client.refuse(GatewayError(504, "The request could not be admitted in time.",
@@ -516,6 +738,8 @@ cdef class Relay(UpstreamListener):
     cdef void keepalive_due(self, double t) except *:
         """A stream waits for its first token: keep the client's connection busy with SSE comments."""
         self.next_keepalive = t + self.gw.keepalive_interval
+        if self.backoff is not None:         # between two attempts: committing to a 200 now would end the retries
+            return
         if self.sse is not None and self.sse.events:
             self.next_keepalive = 0.0        # tokens are flowing: no more comments
             return
@@ -542,6 +766,24 @@ cdef class Relay(UpstreamListener):
             up.transport.resume_reading()
 
 
+cdef inline void _wait_upstream(Relay r) except *:
+    """The client waits for this attempt's answer: first_byte_timeout, within the model's retry deadline."""
+    wait_for(r.client, UPSTREAM_WAIT)
+    if r.deadline_at != 0.0 and r.client.deadline > r.deadline_at:
+        r.client.deadline = r.deadline_at
+
+
+cdef str _status_kind(int status):
+    """The upstream error kind of a 429 or 5xx answer (bounded: one per status)."""
+    return "http_%d" % status
+
+
+def _retry_in(Route route):
+    """Whole seconds until a deployment of `route` lets a probe through (a 503's retry-after), at least 1."""
+    waits = [d.breaker.info()["retry_in_s"] for d in route.deployments if d.breaker is not None]
+    return str(max(1, int(min(waits) + 0.999))) if waits else "1"
+
+
 cdef void _note_upstream_error(Exchange ex, str kind) except *:
     if ex.upstream_errors is None:
         ex.upstream_errors = []
@@ -560,14 +802,14 @@ cdef void _count_streamed(Exchange ex, SSERelay sse) except *:
     ex.prompt_tokens = count_prompt(ex.body, ex.endpoint, ex.model)
 
 
-cdef bytes _id_and_overhead_lines(bytes request_id, long long overhead_us):
-    """b"x-request-id: <id>\\r\\nx-fastgw-overhead-us: <µs>\\r\\n" for every response head, written by hand
-    (bytes % formatting cost ~1k instructions per request)."""
+cdef bytes _id_and_overhead_lines(bytes request_id, long long overhead_us, bytes tail):
+    """b"x-request-id: <id>\\r\\nx-fastgw-overhead-us: <µs>\\r\\n" + tail for every response head, written by
+    hand (bytes % formatting cost ~1k instructions per request); tail: the route's x-fastgw-model line."""
     cdef const char* a = b"x-request-id: "
     cdef const char* b = b"\r\nx-fastgw-overhead-us: "
     cdef char digits[24]
     cdef int k = 0
-    cdef Py_ssize_t n = len(request_id), i
+    cdef Py_ssize_t n = len(request_id), m = len(tail), i
     cdef unsigned long long v = overhead_us if overhead_us > 0 else 0
     while True:
         digits[k] = <char>(48 + v % 10)
@@ -575,7 +817,7 @@ cdef bytes _id_and_overhead_lines(bytes request_id, long long overhead_us):
         v //= 10
         if v == 0:
             break
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 14 + n + 24 + k + 2)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 14 + n + 24 + k + 2 + m)
     cdef char* o = <char*>out
     memcpy(o, a, 14)
     memcpy(o + 14, <const char*>request_id, n)
@@ -586,9 +828,11 @@ cdef bytes _id_and_overhead_lines(bytes request_id, long long overhead_us):
         o[i] = digits[k - 1 - i]
     o[k] = 13
     o[k + 1] = 10
+    if m:
+        memcpy(o + k + 2, <const char*>tail, m)
     return out
 
 
-def id_and_overhead_lines(bytes request_id, long long overhead_us):
+def id_and_overhead_lines(bytes request_id, long long overhead_us, bytes tail=b""):
     """_id_and_overhead_lines for tests."""
-    return _id_and_overhead_lines(request_id, overhead_us)
+    return _id_and_overhead_lines(request_id, overhead_us, tail)

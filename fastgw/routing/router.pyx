@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from fastgw.providers import PROVIDERS
+from fastgw.routing.retry import NO_RETRY
 from fastgw.runtime.config import Config, ConfigError, DeploymentConfig, provider_key
 
 # Endpoints proxied upstream (the OpenAI ones, then Anthropic's Messages API, served by messages_provider).
@@ -48,6 +49,35 @@ cdef class Deployment:
     def __repr__(self) -> str:                   # never shows the key
         return f"Deployment({self.name}, model={self.model!r}, provider={self.provider.name})"
 
+    def name_model(self, str model):
+        """Send `model` as the model id when the config names none (a deployment that forwards the client's
+        model name): set on the deployments of a fallback model, whose clients may have asked for another."""
+        if not self.model:
+            self.model = model
+            self.model_json = orjson.dumps(model)
+
+    # -- health: its circuit breaker (fastgw.routing.breaker), shared by the workers -----------------------
+
+    cdef bint available(self):
+        """False while its breaker is open (or half-open with every probe out): picks skip it. No side effect."""
+        return self.breaker is None or self.breaker.available()
+
+    cdef bint admit(self):
+        """Let one request go to it: True unless its breaker is half-open and another request took the last
+        probe since `available` said yes (the relay then picks again)."""
+        return self.breaker is None or self.breaker.admit()
+
+    cdef void succeeded(self) except *:
+        """One attempt on it answered (any status but 429 and 5xx)."""
+        if self.breaker is not None:
+            self.breaker.succeeded()
+
+    cdef void failed(self, str kind) except *:
+        """One attempt on it failed (`kind`: connect, timeout, reset, protocol, http_429, http_5xx...)."""
+        cdef Breaker b = self.breaker
+        if b is not None and b.failed() and b.on_open is not None:
+            b.on_open()
+
 
 cdef class Route:
     """A virtual model and its deployments; pick() is a weighted round-robin over them."""
@@ -60,14 +90,23 @@ cdef class Route:
         self._cycle = [d for d, w in deployments for _ in range(w)]
         self._n = len(self._cycle)
         self._i = 0
+        self.retry = NO_RETRY
+        self.served_line = served_line(name)
 
-    cpdef Deployment pick(self):
-        """The next deployment of the cycle."""
-        cdef Py_ssize_t i = self._i
+    cpdef Deployment pick(self, Exchange ex, list exclude=None):
+        """The next deployment of the cycle that is not in `exclude` and is available (its breaker not open);
+        None when there is none."""
+        cdef Py_ssize_t i = self._i, k
+        cdef Deployment d
         if self._n == 0:
             raise ValueError(f"route {self.name!r} has no deployment with a positive weight")
-        self._i = i + 1 if i + 1 < self._n else 0
-        return <Deployment>self._cycle[i]
+        for k in range(self._n):
+            d = <Deployment>self._cycle[i]
+            i = i + 1 if i + 1 < self._n else 0
+            if (exclude is None or d not in exclude) and (d.breaker is None or d.available()):
+                self._i = i
+                return d
+        return None
 
     def fallbacks(self, first):
         """Other deployments to try when `first` cannot be reached."""
@@ -101,6 +140,14 @@ cdef class Router:
         """The route of a client's model name: its own, else the wildcard, else None."""
         r = self.routes.get(model)
         return <Route>r if r is not None else self.wildcard
+
+
+def served_line(str name):
+    """b"x-fastgw-model: <name>\\r\\n", the header naming the virtual model that served an answer; b"" for the
+    wildcard (its served model is the client's own name) and for a name a header cannot carry."""
+    if name == "*" or not (name.isascii() and name.isprintable()):
+        return b""
+    return b"x-fastgw-model: " + name.encode() + b"\r\n"
 
 
 _TLS = {}

@@ -16,6 +16,7 @@ import orjson
 
 from fastgw import __version__
 from fastgw.protocol import http as H
+from fastgw.routing.resilience import deployment_status
 
 
 def config_version(cfg) -> str:
@@ -37,7 +38,8 @@ def write_status(gw, started: float, reloads: int) -> None:
     status = {
         "worker": gw.worker_id, "pid": os.getpid(), "started_at": started, "connections": len(gw.connections),
         "draining": gw.draining, "config_source": gw.cfg.source, "config_version": config_version(gw.cfg),
-        "reloads": reloads, "upstreams": list(upstreams.values()), "updated_at": time.time(),
+        "reloads": reloads, "upstreams": list(upstreams.values()), "deployments": deployment_status(gw.router),
+        "updated_at": time.time(),
     }
     path = os.path.join(gw.run_dir, f"status-{gw.worker_id}.json")
     tmp = path + f".{os.getpid()}.tmp"

@@ -20,6 +20,7 @@ from fastgw.runtime.listener import Listener, listen_socket
 from fastgw.proxy.client import ClientConnection, monotonic
 from fastgw.proxy.gateway import Gateway
 from fastgw.observability.metrics import Stats
+from fastgw.routing.resilience import breaker_rows
 
 STATS_FLUSH_INTERVAL = 1.0
 
@@ -92,6 +93,7 @@ class Worker:
         gw.stats.set_gauge("open_connections", len(gw.connections))
         gw.stats.set_gauge("draining", 1.0 if gw.draining else 0.0)
         gw.stats.set_pools(gw.pools.report())
+        gw.stats.set_deployments(breaker_rows(gw.router))
         gw.stats.flush()
         if self.cfg.server.admin_port:
             admin.write_status(gw, self.started, self.reloads)

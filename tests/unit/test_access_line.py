@@ -5,15 +5,20 @@ from hypothesis import strategies as st
 
 from fastgw.observability.accounting import FIELDS, access_record, format_access_line
 from fastgw.proxy.exchange import Exchange
+from fastgw.routing.router import Deployment, Route
 
 text = st.text(max_size=60)                     # quotes, backslashes, control characters, any unicode
+# The route that served: none (a refusal), the wildcard (served_model = the client's model), or a named one.
+routes = st.one_of(st.none(), st.just("*"), text).map(
+    lambda name: None if name is None else Route(name, [(Deployment("http://h/v1", "", ""), 1)]))
 
 
 def reference(ex, latency, ttft, overhead) -> dict:
     return {
         "request_id": ex.request_id, "client": ex.client_addr, "method": ex.method.decode("latin-1"),
-        "path": ex.path, "model": ex.model, "consumer": ex.consumer, "upstream": ex.upstream_name,
-        "status": ex.status, "stream": ex.stream, "latency_ms": round(latency * 1e3, 3),
+        "path": ex.path, "model": ex.model,
+        "served_model": None if ex.route is None or ex.route.name in ("*", ex.model) else ex.route.name,
+        "consumer": ex.consumer, "upstream": ex.upstream_name, "attempts": ex.attempts, "status": ex.status, "stream": ex.stream, "latency_ms": round(latency * 1e3, 3),
         "ttft_ms": round(ttft * 1e3, 3) if ttft >= 0 else None, "overhead_us": int(overhead * 1e6),
         "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens, "cost_usd": ex.cost,
         "bytes_in": ex.bytes_in, "bytes_out": ex.bytes_out, "error": ex.error or None,
@@ -25,11 +30,13 @@ def reference(ex, latency, ttft, overhead) -> dict:
        method=st.binary(max_size=10), status=st.integers(0, 999), stream=st.booleans(),
        latency=st.floats(0, 1e4), ttft=st.one_of(st.just(-1.0), st.floats(0, 1e4)), overhead=st.floats(0, 10),
        tokens=st.tuples(st.integers(-1, 10**9), st.integers(-1, 10**9)),
-       cost=st.floats(0, 1e6), nbytes=st.tuples(st.integers(0, 10**12), st.integers(0, 10**12)))
+       cost=st.floats(0, 1e6), nbytes=st.tuples(st.integers(0, 10**12), st.integers(0, 10**12)), route=routes,
+       attempts=st.integers(0, 50))
 def test_line_matches_reference(rid, client, path, model, consumer, upstream, error, method, status, stream,
-                                latency, ttft, overhead, tokens, cost, nbytes):
+                                latency, ttft, overhead, tokens, cost, nbytes, route, attempts):
     ex = Exchange(rid, client, method, path, None, 0.0)
     ex.model, ex.consumer, ex.upstream_name, ex.error = model, consumer, upstream, error
+    ex.route, ex.attempts = route, attempts
     ex.status, ex.stream, ex.cost = status, stream, cost
     ex.prompt_tokens, ex.completion_tokens = tokens
     ex.bytes_in, ex.bytes_out = nbytes
@@ -58,11 +65,13 @@ def test_overlong_fields_are_cut_and_the_line_stays_json():
 
 @settings(max_examples=200)
 @given(rid=text, model=text, error=text, method=st.binary(max_size=10), status=st.integers(0, 999),
-       stream=st.booleans(), ttft=st.one_of(st.just(-1.0), st.floats(0, 1e4)), cost=st.floats(0, 1e6))
+       stream=st.booleans(), ttft=st.one_of(st.just(-1.0), st.floats(0, 1e4)), cost=st.floats(0, 1e6), route=routes,
+       attempts=st.integers(0, 50))
 def test_the_compiled_line_and_the_dict_of_log_hooks_are_one_field_list(rid, model, error, method, status, stream,
-                                                                        ttft, cost):
+                                                                        ttft, cost, route, attempts):
     ex = Exchange(rid, "10.0.0.1", method, "/v1/chat/completions", None, 0.0)
     ex.model, ex.error, ex.status, ex.stream, ex.cost = model, error, status, stream, cost
+    ex.route, ex.attempts = route, attempts
     line = orjson.loads(format_access_line(ex, 1.5, ttft, 0.25))
     rec = access_record(ex, 1.5, ttft, 0.25)
     assert list(line) == list(rec) == list(FIELDS)

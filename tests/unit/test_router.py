@@ -56,7 +56,7 @@ def test_pick_matches_expanded_cycle(weights, n):
     deployments = [Deployment(f"http://h{i}/v1", "", "") for i in range(len(weights))]
     route = Route("m", list(zip(deployments, weights)))
     cycle = [t for t, w in zip(deployments, weights) for _ in range(w)]   # the reference: weights expanded in order
-    assert [route.pick() for _ in range(n)] == [cycle[i % len(cycle)] for i in range(n)]
+    assert [route.pick(None) for _ in range(n)] == [cycle[i % len(cycle)] for i in range(n)]
     assert route.deployments == deployments
     for t in deployments:
         assert route.fallbacks(t) == [o for o in deployments if o is not t]
@@ -65,7 +65,7 @@ def test_pick_matches_expanded_cycle(weights, n):
 def test_route_without_weight_refuses_to_pick():
     route = Route("m", [(Deployment("http://h/v1", "", ""), 0)])
     with pytest.raises(ValueError):
-        route.pick()
+        route.pick(None)
 
 
 def test_route_rejects_non_targets():
@@ -79,7 +79,7 @@ def test_resolve_exact_then_wildcard():
                    ("*", [DeploymentConfig(url="http://c/v1")])))
     route = r.resolve("gpt-4o")
     assert route is r.routes["gpt-4o"] and route.name == "gpt-4o"
-    assert [route.pick().name for _ in range(4)] == ["a:80", "a:80", "b:80", "a:80"]
+    assert [route.pick(None).name for _ in range(4)] == ["a:80", "a:80", "b:80", "a:80"]
     assert r.resolve("anything-else") is r.wildcard and r.wildcard.name == "*"
     assert "*" not in r.routes
     assert [m["id"] for m in orjson.loads(r.models_body)["data"]] == ["gpt-4o"]
@@ -95,7 +95,7 @@ def test_resolve_unknown_without_wildcard_is_none():
 def test_keys_from_env_and_mock_url():
     r = Router(cfg(("m", [DeploymentConfig(url="http://mock.invalid/v1", key_env="K")])), env={"K": "sk-1"},
                mock_url="http://127.0.0.1:9999/v1")
-    t = r.resolve("m").pick()
+    t = r.resolve("m").pick(None)
     assert t.name == "127.0.0.1:9999"
     assert t.header_lines.endswith(b"authorization: Bearer sk-1\r\n")
     with pytest.raises(ConfigError):

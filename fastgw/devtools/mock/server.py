@@ -4,6 +4,10 @@ keep-alive and pipelining, fault injection by x-mock-* headers, per-server stats
 
 Fault injection by request header (the gateway forwards client headers, so tests drive it end to end):
   x-mock-status: N                 answer N with the route's error body (OpenAI's shape by default)
+  x-mock-error-code: CODE          the `code` of that error body (default "mock_error"), e.g.
+                                   context_length_exceeded
+  x-mock-retry-after: V            that answer carries `retry-after: V` (seconds); x-mock-retry-after-ms:
+                                   `retry-after-ms: V`
   x-mock-delay-ms: N               wait before the response head
   x-mock-first-token-delay-ms: N   stream: head at once, the first event after N ms
   x-mock-chunk-delay-ms: N         stream: N ms between events
@@ -16,7 +20,8 @@ Fault injection by request header (the gateway forwards client headers, so tests
   x-mock-close: 1                  answer with Connection: close and close
   x-mock-echo-headers: 1           non-stream text answers: the request headers as a JSON object in the content
 Defaults for the delays and chunk count can be given to start_mock(**defaults): delay_ms,
-first_token_delay_ms, chunk_delay_ms, chunks.
+first_token_delay_ms, chunk_delay_ms, chunks; and for the error answers: status, error_code, retry_after,
+retry_after_ms (a mock that fails every request, one of several upstreams in a test).
 
 Unknown paths get 404 in OpenAI's error shape, known paths asked with another method 405 in their wire format's;
 all status lines and the default error bodies come from fastgw.errors, as the gateway's own.
@@ -136,10 +141,19 @@ class _Faults:
     """The x-mock-* settings of one request (see the module docstring), over the server's defaults."""
 
     __slots__ = ("status", "delay", "first", "gap", "chunks", "reset_after", "no_usage", "echo_headers", "close",
-                 "paced")
+                 "paced", "error_code", "error_headers")
 
     def __init__(self, faults: dict, defaults: dict):
-        self.status = _int_header(faults, b"x-mock-status", 0)
+        self.status = _int_header(faults, b"x-mock-status", defaults.get("status", 0))
+        code = faults.get(b"x-mock-error-code")
+        self.error_code = code.decode("latin-1") if code is not None else defaults.get("error_code", "mock_error")
+        self.error_headers = b""
+        for name, key in ((b"retry-after", "retry_after"), (b"retry-after-ms", "retry_after_ms")):
+            v = faults.get(b"x-mock-" + name, None)
+            if v is None and key in defaults:
+                v = str(defaults[key]).encode()
+            if v is not None and v.strip() and b"\r" not in v and b"\n" not in v:
+                self.error_headers += name + b": " + v.strip() + b"\r\n"
         self.delay = _int_header(faults, b"x-mock-delay-ms", defaults.get("delay_ms", 0))
         self.first = _int_header(faults, b"x-mock-first-token-delay-ms", defaults.get("first_token_delay_ms", 0))
         self.gap = _int_header(faults, b"x-mock-chunk-delay-ms", defaults.get("chunk_delay_ms", 0))
@@ -265,8 +279,8 @@ class _MockConnection(asyncio.Protocol):
         else:  # the path's wire format answers a wrong method; OpenAI's shape an unknown path
             error = next(iter(methods.values()))[1] if methods else openai_error_body
         if f.status >= 400:
-            return self._respond_error(error, f.status, f"mock error {f.status} (x-mock-status)", "mock_error",
-                                       close, delay)
+            return self._respond_error(error, f.status, f"mock error {f.status} (x-mock-status)", f.error_code,
+                                       close, delay, f.error_headers)
         if route is None:
             if methods is None:
                 return self._respond_error(error, 404, f"Invalid URL ({method.decode()} {path.decode('latin-1')})",
@@ -304,12 +318,13 @@ class _MockConnection(asyncio.Protocol):
         self._start(self._delayed_json(status, body, close, delay_ms, headers))
         return False
 
-    def _respond_error(self, error, status: int, message: str, code, close: bool, delay_ms: int) -> bool:
+    def _respond_error(self, error, status: int, message: str, code, close: bool, delay_ms: int,
+                       headers: bytes = b"") -> bool:
         """Answer with the route's error function: a body, or a JsonReply with headers of its own."""
         out = error(status, message, code)
         if out.__class__ is JsonReply:
-            return self._respond_json(out.status, out.body, close, delay_ms, out.headers)
-        return self._respond_json(status, out, close, delay_ms)
+            return self._respond_json(out.status, out.body, close, delay_ms, out.headers + headers)
+        return self._respond_json(status, out, close, delay_ms, headers)
 
     def _start(self, coro):
         self.busy = True
