@@ -78,7 +78,7 @@ cdef class Relay(UpstreamListener):
     cdef bint _end_body(self) except -1
     cdef bint _holds(self, ResponseParser r) except -1
     cdef bint _fallback_left(self)
-    cdef bint _replace_answer(self, bytes body) except -1
+    cdef bint _replace_answer(self, int status, bytes body) except -1
     cdef Route _requested(self)
     cdef void _retry_or_fail(self, str kind, str message) except *
     cdef bint _try_again(self, str kind, double retry_after, list routes) except -1

@@ -369,7 +369,11 @@ cdef class Relay(UpstreamListener):
                 self._end_stream()
             elif self._end_body():
                 return                      # another attempt replaces this answer
-        except GatewayError as err:         # a translating provider found the response broken or truncated
+        except GatewayError as err:
+            # A translating provider's refusal of a whole answer (Gemini's blocked prompt: content_filter) may
+            # have a fallback like an upstream's 400; else it found the response broken or truncated.
+            if self.state == HEAD_HELD and err.status == 400 and self._replace_answer(400, err.body()):
+                return         # a translating provider found the response broken or truncated
             self._give_up(err)
             return
         self._flush()
@@ -404,7 +408,7 @@ cdef class Relay(UpstreamListener):
         cdef bint held = self.holding
         if held:
             self.holding = False
-            if self._replace_answer(body):
+            if self._replace_answer(ex.status, body):
                 return True
         if self.state == OWN_SSE_HEAD:
             out = _frame(b"data: " + body.replace(b"\n", b"") + b"\n\n") + _LAST_CHUNK
@@ -497,10 +501,10 @@ cdef class Relay(UpstreamListener):
                 return True
         return False
 
-    cdef bint _replace_answer(self, bytes body) except -1:
-        """A held error answer is whole: try again instead of relaying it (True), or relay it after all."""
+    cdef bint _replace_answer(self, int status, bytes body) except -1:
+        """A held error answer is whole (`status`: the client's, a translating provider's answer translated):
+        try again instead of relaying it (True), or relay it after all."""
         cdef Exchange ex = self.ex
-        cdef int status = ex.status         # the client's (a translating provider's answer is translated now)
         cdef list routes = None
         cdef double retry_after = -1.0
         if status == 400:

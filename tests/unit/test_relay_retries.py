@@ -404,3 +404,33 @@ def test_a_client_that_leaves_during_a_backoff_cancels_the_next_attempt(rig):
     r.spin(0.3)
     assert not sent(a)
     assert r.access_lines()[0]["status"] == 499
+
+
+def test_a_prompt_gemini_blocked_goes_to_the_content_policy_fallback(rig, monkeypatch):
+    # tests/data/wire/gemini/response_blocked_prompt.json: a 200 whose prompt was blocked, which the gemini
+    # provider turns into a 400 content_filter.
+    with open(os.path.join(os.path.dirname(__file__), "..", "data", "wire", "gemini",
+                           "response_blocked_prompt.json"), "rb") as f:
+        blocked = f.read()
+    monkeypatch.setenv("FASTGW_TEST_GEMINI_KEY", "gm-test")
+    as_gemini = ':8000"\nprovider = "gemini"\nmodel = "gemini-2.0-flash"\nkey_env = "FASTGW_TEST_GEMINI_KEY"'
+    r = rig("\n".join([model("g", 1, 'content_policy_fallbacks = ["safe"]').replace(':8000/v1"', as_gemini),
+                       model("safe"), model("plain-g", 1).replace(':8000/v1"', as_gemini)]))
+    g, safe = r.upstream("g"), r.upstream("safe")
+    c = r.client()
+    c.data_received(chat("g"))
+    assert b"generateContent" in g.transport.take()
+    g.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                    % (len(blocked), blocked))
+    assert sent(safe)
+    safe.data_received(json_response(b"answered elsewhere"))
+    out = c.transport.take()
+    assert b"answered elsewhere" in out and b"x-fastgw-model: safe" in out
+    # A model without that list answers the refusal itself.
+    plain = r.upstream("plain-g")
+    c.data_received(chat("plain-g"))
+    plain.transport.take()
+    plain.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                        % (len(blocked), blocked))
+    out = c.transport.take()
+    assert out.startswith(b"HTTP/1.1 400") and b'"code":"content_filter"' in out
