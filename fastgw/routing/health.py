@@ -35,17 +35,23 @@ class HealthChecks:
 
     async def _run(self, model: str, d, hc) -> None:
         while True:
-            problem = await check(d, hc.path, hc.timeout_s)
-            b = d.breaker
-            if problem is None:
-                if b.force_close():
-                    self.log.info("health check passed: breaker closed", model=model, upstream=d.name)
-            elif b.force_open():
-                if b.on_open is not None:
-                    b.on_open()
-                self.log.warning("health check failed: breaker opened", model=model, upstream=d.name,
-                                 error=problem)
+            try:
+                self._apply_result(model, d, await check(d, hc.path, hc.timeout_s))
+            except asyncio.CancelledError:
+                raise
+            except Exception:                       # a bug must not end the checks for good
+                self.log.exception("health check failed to run", model=model, upstream=d.name)
             await asyncio.sleep(hc.interval_s)
+
+    def _apply_result(self, model: str, d, problem: str | None) -> None:
+        b = d.breaker
+        if problem is None:
+            if b.force_close():
+                self.log.info("health check passed: breaker closed", model=model, upstream=d.name)
+        elif b.force_open():
+            if b.on_open is not None:
+                b.on_open()
+            self.log.warning("health check failed: breaker opened", model=model, upstream=d.name, error=problem)
 
 
 async def check(d, path: str, timeout: float) -> str | None:
