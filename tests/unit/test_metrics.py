@@ -245,3 +245,19 @@ def test_upstream_pool_gauges_and_counters_sum_over_workers(tmp_path):
     assert m["fastgw_upstream_connects_total"][L(upstream="api:443")] == 19
     assert m["fastgw_upstream_queued_total"][L(upstream="api:443")] == 8
     assert m["fastgw_upstream_queue_wait_seconds_total"][L(upstream="api:443")] == pytest.approx(1.75)
+
+
+def test_breaker_state_is_shown_once_and_opens_and_fallbacks_sum_over_workers(tmp_path):
+    w1, w2 = Stats(str(tmp_path), "0"), Stats(str(tmp_path), "1")
+    # Both workers read the same shared breaker; one saw it half-open a moment before the other saw it open.
+    w1.set_deployments([("gpt-4o", "api:443", 1), ("gpt-4o", "azure:443", 0)])
+    w2.set_deployments([("gpt-4o", "api:443", 2), ("gpt-4o", "azure:443", 0)])
+    w1.breaker_opened("gpt-4o", "api:443")
+    w2.breaker_opened("gpt-4o", "api:443")
+    w2.fallback("gpt-4o", "claude")
+    w1.flush()
+    m = parse(w2.render())
+    assert m["fastgw_deployment_state"] == {L(model="gpt-4o", upstream="api:443"): 2,
+                                            L(model="gpt-4o", upstream="azure:443"): 0}
+    assert m["fastgw_breaker_opens_total"] == {L(model="gpt-4o", upstream="api:443"): 2}
+    assert m["fastgw_fallbacks_total"] == {L(model="gpt-4o", fallback="claude"): 1}
