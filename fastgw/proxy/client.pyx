@@ -37,7 +37,8 @@ from fastgw.protocol.proxyproto import parse as parse_proxy_header
 from fastgw.routing.router import MESSAGES, PROXIED
 
 cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _END = H.END
-cdef frozenset _PROXIED = frozenset(PROXIED + MESSAGES)
+# Proxied path -> whether it is Anthropic's Messages API (one dict lookup answers both questions).
+cdef dict _PROXIED = {**{p: False for p in PROXIED}, **{p: True for p in MESSAGES}}
 cdef frozenset _MESSAGES = frozenset(MESSAGES)
 cdef frozenset _LOCAL = frozenset(("/healthz", "/readyz", "/metrics", "/v1/models"))
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -232,7 +233,9 @@ cdef class ClientConnection(ClientSide):
         path = ex.path
         method = p.method
         try:
-            if path in _PROXIED:
+            messages_api = _PROXIED.get(path)
+            if messages_api is not None:
+                ex.messages_api = messages_api is True
                 if method != b"POST":
                     raise GatewayError(405, f"Method {method.decode('latin-1')} is not allowed on {path}; use POST.",
                                        code="method_not_allowed")

@@ -31,24 +31,22 @@ from fastgw.proxy.upstream cimport Pool
 from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.jsonpeek import peek_request, peek_usage
-from fastgw.routing.router import MESSAGES
 
 _frame = H.frame_chunk
 cdef bytes _LAST_CHUNK = H.LAST_CHUNK
 cdef bytes _JSON = b"content-type: application/json\r\n"
 # Client headers that never reach a provider: its key (the provider key replaces it), our request id (re-added),
-# accept-encoding (a compressed response could not be metered or relayed event by event), and an Anthropic
-# client's API version (an Anthropic deployment's is sent; two would conflict).
+# and accept-encoding (a compressed response could not be metered or relayed event by event); from an Anthropic
+# client also its API version (the deployment's own is sent; two would conflict).
 # A tuple, not a set: forward_head walks it once per request, and a tuple walks by index (a set by iterator).
-cdef tuple _DROP = (b"authorization", b"api-key", b"x-api-key", b"x-request-id", b"accept-encoding",
-                    b"anthropic-version")
+cdef tuple _DROP = (b"authorization", b"api-key", b"x-api-key", b"x-request-id", b"accept-encoding")
+cdef tuple _DROP_MESSAGES = _DROP + (b"anthropic-version",)
 cdef bytes _SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
                         b"transfer-encoding: chunked\r\n")
 cdef bytes _KEEPALIVE_EVENT = _frame(b": keep-alive\n\n")
 # A non-streamed response body is kept (to read its usage, or to translate it) up to this size.
 cdef Py_ssize_t _MAX_KEPT = 16 * 1024 * 1024
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-cdef frozenset _MESSAGES = frozenset(MESSAGES)
 
 
 cdef class ClientSide:
@@ -100,7 +98,6 @@ cdef class Relay(UpstreamListener):
                                param="model", code="model_not_found")
         ex.fields = f
         ex.model = model
-        ex.messages_api = ex.endpoint in _MESSAGES
         ex.stream = f.stream
         ex.client_wants_usage = f.include_usage
         ex.route = route
@@ -167,7 +164,7 @@ cdef class Relay(UpstreamListener):
         head = (<RequestParser>ex._parser).forward_head(
             line,
             d.header_lines + b"x-request-id: " + ex.request_id.encode() + b"\r\n",
-            len(body), _DROP)
+            len(body), _DROP_MESSAGES if ex.messages_api else _DROP)
         pool = d.pool                        # cached on the deployment: no Pools lookup per request
         if pool is None:
             pool = d.pool = gw.pools.get(d)
