@@ -6,8 +6,10 @@ the mock's paced chat stream (x-mock-paced: one SSE event per write, 20 events 2
 providers send tokens) and its TTFT is the time from writing the request to reading the first `data:` event.
 At each level the mock alone (`direct`) and fastgw in front of it (the `paced-stream` gateway: access log and
 metrics on, one pinned worker) get the same load one after the other; the added TTFT is the difference of their
-percentiles. The gateway's CPU busy fraction is reported beside each level: the heavy level is as many open
-streams as the load CPU can drive, which is what "near capacity" means for a relay whose cost is per event.
+percentiles. The gateway's and the load CPU's busy fractions are reported beside each level: the heavy level
+is as many open streams as the load CPU can drive. On two cores that CPU, not the gateway, saturates first, and
+every extra hop through it (client -> gateway -> mock and back) queues behind the others: read the heavy level's
+added TTFT as an upper bound.
 
 Writes perf/results/ttft-<date>-<commit>.{json,md} and ttft-latest.{json,md}.
 """
@@ -71,11 +73,15 @@ async def _load(port, streams, seconds):
             "max_ms": ttfts[-1] * 1e3 if ttfts else None}
 
 
-def measure(port, streams, seconds, gw_proc=None):
+def measure(port, streams, seconds, mock_proc, gw_proc=None):
+    """One level; also how busy the gateway's CPU and the load CPU (this client + the mock) were."""
     cpu0, t0 = (tree_cpu_seconds(gw_proc.pid) if gw_proc else 0.0), time.monotonic()
+    load0 = tree_cpu_seconds(mock_proc.pid) + time.process_time()
     out = asyncio.run(_load(port, streams, seconds))
+    wall = time.monotonic() - t0
+    out["load_cpu_busy"] = (tree_cpu_seconds(mock_proc.pid) + time.process_time() - load0) / wall
     if gw_proc:
-        out["gateway_cpu_busy"] = (tree_cpu_seconds(gw_proc.pid) - cpu0) / (time.monotonic() - t0)
+        out["gateway_cpu_busy"] = (tree_cpu_seconds(gw_proc.pid) - cpu0) / wall
     return out
 
 
@@ -85,14 +91,14 @@ def markdown(result):
              f"Commit `{m['git_commit'][:10]}`; {m['cpu_model']}, {m['cpus_usable']} CPUs usable. "
              f"Command: `{result['command']}`. {result['setup']}", "",
              "| open streams | direct TTFT p50 / p99 ms | fastgw TTFT p50 / p99 ms | added p50 ms | added p99 ms | "
-             "fastgw max ms | streams (direct / fastgw) | errors | gateway CPU busy |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "fastgw max ms | streams (direct / fastgw) | errors | gateway CPU busy | load CPU busy (direct / "
+             "fastgw) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["levels"]:
         d, g = r["direct"], r["proxy"]
         lines.append(f"| {r['streams']} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} | {g['p50_ms']:.2f} / "
                      f"{g['p99_ms']:.2f} | {g['p50_ms'] - d['p50_ms']:.2f} | {g['p99_ms'] - d['p99_ms']:.2f} | "
                      f"{g['max_ms']:.1f} | {d['streams']:,} / {g['streams']:,} | {d['errors'] + g['errors']} | "
-                     f"{g['gateway_cpu_busy']:.0%} |")
+                     f"{g['gateway_cpu_busy']:.0%} | {d['load_cpu_busy']:.0%} / {g['load_cpu_busy']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -100,6 +106,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     levels = [int(a) for a in argv] or list(LEVELS)
     cpu = Cpu()
+    meta = report.machine()                          # before this process is pinned to the load CPU
     work = os.path.join(WORK_ROOT, f"ttft-{int(time.time())}")
     os.makedirs(work, exist_ok=True)
     mock_port, port = free_port(), free_port()
@@ -110,15 +117,15 @@ def main(argv=None):
     results = []
     try:
         wait_port(HOST, port, gw, 30)
-        measure(port, 16, 2)                         # warm-up
+        measure(port, 16, 2, mock)                   # warm-up
         for n in levels:
             print(f"{n} open streams", file=sys.stderr, flush=True)
-            results.append({"streams": n, "direct": measure(mock_port, n, SECONDS),
-                            "proxy": measure(port, n, SECONDS, gw)})
+            results.append({"streams": n, "direct": measure(mock_port, n, SECONDS, mock),
+                            "proxy": measure(port, n, SECONDS, mock, gw)})
     finally:
         gw.stop()
         mock.stop()
-    result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "meta": report.machine(),
+    result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "meta": meta,
               "command": "python -m perf.ttft " + " ".join(argv), "levels": results,
               "setup": f"{cpu.note}; mock: {desc}; an asyncio client on the load CPU, {SECONDS} s per measurement, "
                        f"streams of {EVENTS} events {GAP_MS} ms apart back to back on each connection; the gateway "
