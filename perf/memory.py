@@ -7,13 +7,14 @@ few requests on one connection, and the worker's resident set (VmRSS of the work
 idle, then with N (default 2,000) client connections open at once, from this process (a small asyncio client on
 plain sockets):
 
+  connected    the clients connected and sent nothing: what a client connection alone costs
   keep-alive   each client made one small chat request, read the whole reply and keeps its connection open:
                N idle client connections, and the upstream connections their burst opened, idle in the pool
   streams      each client's stream is held mid-stream: the mock wrote the head and the first event, and waits
                10 minutes before the next one (x-mock-paced, x-mock-chunk-delay-ms)
 
-bytes per connection (per stream) = (RSS with N - RSS idle) / N: a client connection together with its upstream
-connection. The mock's RSS is reported apart (it holds the N upstream connections' other ends), and the open
+bytes each = (RSS with N - RSS idle) / N: a client connection, with its upstream connection but in the first case.
+The mock's RSS is reported apart (it holds the N upstream connections' other ends), and the open
 descriptors of both, which show how many connections each really held.
 
 Writes perf/results/memory-<date>-<commit>.{json,md} and memory-latest.{json,md}.
@@ -77,7 +78,7 @@ async def read_first_event(reader):
 
 
 async def open_clients(port, n, req, read):
-    """n connections, each sends `req` once all are open and `read`s its reply; returns the open connections."""
+    """n connections, each sends `req` (if any) once all are open and `read`s its reply; returns them."""
     gate = asyncio.Semaphore(CONNECT_AT_ONCE)
 
     async def connect():
@@ -85,9 +86,10 @@ async def open_clients(port, n, req, read):
             return await asyncio.open_connection(HOST, port)
 
     conns = await asyncio.gather(*(connect() for _ in range(n)))
-    for _, writer in conns:
-        writer.write(req)
-    await asyncio.wait_for(asyncio.gather(*(read(reader) for reader, _ in conns)), 120)
+    if req:
+        for _, writer in conns:
+            writer.write(req)
+        await asyncio.wait_for(asyncio.gather(*(read(reader) for reader, _ in conns)), 120)
     return conns
 
 
@@ -120,7 +122,9 @@ async def measure_case(case, n, cpu, work):
         writer.transport.abort()
         await asyncio.sleep(SETTLE_S)
         idle = snapshot(worker, mock_pid)
-        if case == "keep-alive":
+        if case == "connected":
+            conns = await open_clients(port, n, None, None)
+        elif case == "keep-alive":
             conns = await open_clients(port, n, request(CHAT), read_reply)
         else:
             conns = await open_clients(port, n, request(STREAM, HOLD_HEADERS), read_first_event)
@@ -142,7 +146,8 @@ async def measure_case(case, n, cpu, work):
             "mock_sockets_added": loaded["mock_fds"] - idle["mock_fds"]}
 
 
-CASES = {"keep-alive": "idle keep-alive client connection (it made one chat request) + its idle upstream connection",
+CASES = {"connected": "client connection that has sent nothing yet (no upstream connection)",
+         "keep-alive": "idle keep-alive client connection (it made one chat request) + its idle upstream connection",
          "streams": "open stream held mid-stream (client connection + busy upstream connection)"}
 
 
@@ -161,8 +166,11 @@ def markdown(result):
                      f"{r['mock_idle_mb']:.1f} / {r['mock_loaded_mb']:.1f} | {r['mock_bytes_each']:,.0f} |")
     lines += ["", "Cases:"] + [f"- `{k}`: one {v}." for k, v in CASES.items()]
     lines += ["", "bytes each = (worker VmRSS with N open - VmRSS idle) / N, the idle figure taken after a warm-up "
-              "on one connection; sockets added = the worker's open descriptors with N minus idle (2 N: each client "
-              "holds an upstream connection). The kernel's socket buffers are not in RSS."]
+              "on one connection; sockets added = the worker's open descriptors with N minus idle (2 N when each "
+              "client holds an upstream connection). The kernel's socket buffers are not in RSS. The clients' "
+              "requests arrive at once, so the gateway opens the upstream connections in one burst: what the "
+              "connect machinery allocates meanwhile (tasks, futures) is freed, but part of its pages stay resident "
+              "and are counted."]
     return "\n".join(lines) + "\n"
 
 
