@@ -3,7 +3,8 @@
 cdef class _Message:
     # Bytes fed but not consumed yet: [buf+pos, buf+end). buf points into `held`, the bytes object fed last,
     # while every unconsumed byte is in it (a message per read: no copy, no buffer), else into `own`, our
-    # buffer, allocated the first time a read ends mid-message and then kept (freed if it grew big).
+    # buffer, allocated the first time a read ends mid-message and kept while it stays small (a message that
+    # made it grow past 16 KB frees it when it ends).
     cdef char* buf
     cdef Py_ssize_t pos, end
     cdef object held

@@ -75,7 +75,7 @@ cdef enum:
     MAX_DROP = 64             # names in forward_head's drop set
     MIN_BUF = 512             # the smallest buffer allocated (heads, bodies and events are rarely smaller)
     MIN_HEADERS = 16          # header slots allocated first (a request from an SDK has about 15 fields)
-    SHRINK_ABOVE = 262144     # a buffer bigger than this is freed once its message is over
+    KEEP_AT_MOST = 16384      # a buffer bigger than this is freed once its message is over
 
 cdef long long NO_LIMIT = 0x7FFFFFFFFFFFFFFF
 cdef char _NOTHING_BYTES[1]
@@ -375,13 +375,19 @@ cdef char* _put_fields(char* w, const char* hb, const Py_ssize_t* hdr, int nhdr)
     return _put(w, hb + rs, re - rs)
 
 
-cdef inline void _let_go(_Message m) noexcept:
-    """Drop the fed object m.buf points into once all of it is consumed (a message ended): it is freed now,
-    not kept until the connection's next read."""
-    if m.held is not None and m.pos == m.end:
-        m.held = None
-        m.buf = m.own if m.own != NULL else _NOTHING
-        m.pos = m.end = 0
+cdef inline void _message_over(_Message m) noexcept:
+    """A message ended (or the next one starts). With nothing unconsumed, let go of the fed object buf points
+    into (freed now, not at the connection's next read) and of our buffer if a big message made it grow: an
+    idle connection keeps at most KEEP_AT_MOST of it, whatever it was sent before."""
+    if m.pos != m.end or (m.held is None and m.cap <= KEEP_AT_MOST):
+        return          # bytes of the next message are buffered, or there is nothing to let go
+    m.held = None
+    if m.cap > KEEP_AT_MOST:
+        free(m.own)
+        m.own = NULL
+        m.cap = 0
+    m.buf = m.own if m.own != NULL else _NOTHING
+    m.pos = m.end = 0
 
 
 cdef class _Message:
@@ -442,10 +448,6 @@ cdef class _Message:
         common case of a message per read, else copied after the unconsumed bytes."""
         if self.pos != self.end:
             return self._append(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-        if self.cap > SHRINK_ABOVE:         # a big message is over: give its buffer back
-            free(self.own)
-            self.own = NULL
-            self.cap = 0
         self.held = data
         self.buf = PyBytes_AS_STRING(data)
         self.pos = 0
@@ -503,11 +505,11 @@ cdef class _Message:
         self.ck_rem = 0
         self.ck_scan = self.ck_trailer_bytes = 0
         self.blen = 0
-        if self.bcap > SHRINK_ABOVE:        # a big chunked body is over: give its buffer back
+        if self.bcap > KEEP_AT_MOST:        # a big chunked body is over: give its buffer back
             free(self.bbuf)
             self.bbuf = NULL
             self.bcap = 0
-        _let_go(self)
+        _message_over(self)
 
     cdef int _scan_head(self, bint skip_leading_crlf):
         """Find the end of a head in buf. 1: found, its length in self.scan; 0: need data; -1: error.
@@ -921,7 +923,7 @@ cdef class RequestParser(_Message):
                 else:
                     self.body = b""
             self.state = S_DONE
-            _let_go(self)
+            _message_over(self)
             return EV_END
         if self.state == S_DONE:
             return EV_NEED_DATA
@@ -1134,7 +1136,7 @@ cdef class ResponseParser(_Message):
         if self.state == S_BODY:
             if self.framing == F_NONE:
                 self.state = S_DONE
-                _let_go(self)
+                _message_over(self)
                 return EV_END
             if self.framing == F_CHUNKED:
                 r = self._dechunk(-1, 0)
@@ -1145,7 +1147,7 @@ cdef class ResponseParser(_Message):
                     return EV_BODY
                 if r == 1:
                     self.state = S_DONE
-                    _let_go(self)
+                    _message_over(self)
                     return EV_END
             else:
                 if self.pending is not None:
@@ -1159,11 +1161,11 @@ cdef class ResponseParser(_Message):
                     return EV_BODY
                 if self.remaining - avail == 0:
                     self.state = S_DONE
-                    _let_go(self)
+                    _message_over(self)
                     return EV_END
                 if self.eof and self.framing == F_CLOSE:
                     self.state = S_DONE
-                    _let_go(self)
+                    _message_over(self)
                     return EV_END
             if self.eof:
                 self._fail(502, "upstream closed the connection early")

@@ -102,18 +102,49 @@ def test_fed_bytearray_and_memoryview_are_copied():
     assert next_request(p) == H.END and p.body == BODY
 
 
-def test_a_big_body_buffer_is_given_back_after_its_message():
-    body = b"x" * 400_000
-    big = b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+def post(body: bytes, chunked: bool = False) -> bytes:
+    if chunked:
+        return (b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    return b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def test_a_buffer_a_big_message_grew_is_freed_when_it_ends():
+    """An idle connection keeps at most 16 KB whatever it was sent: long prompts arrive in many reads."""
+    for size, chunked in ((400_000, False), (40_000, False), (400_000, True)):
+        body = b"x" * size
+        p = H.RequestParser()
+        for piece in split(post(body, chunked), range(0, 500_000, 16384)):   # 16 KB reads
+            p.feed(piece)
+        assert next_request(p) == H.END and p.body == body
+        assert p.buffer_bytes < 2048 or chunked, size          # the input buffer: at the end of the message
+        p.start_next()
+        assert p.buffer_bytes < 2048, (size, chunked)          # the de-chunked body's: when the next one starts
+        p.feed(fresh(REQUEST))
+        assert next_request(p) == H.END and p.body == BODY and p.buffer_bytes < 2048
+    r = H.ResponseParser()
+    r.start()
+    body = b"y" * 300_000
+    reply = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    for piece in split(reply, range(0, 400_000, 10_000)):     # reads cut where nothing else is: a buffer grows
+        r.feed(piece[:5000])
+        r.feed(piece[5000:])
+    assert r.buffer_bytes > 300_000
+    assert whole_response(r) == (body, H.END) and r.buffer_bytes < 2048
+
+
+def test_a_small_buffer_is_kept_from_message_to_message():
+    """Below 16 KB the buffer stays: no allocation per message for a client whose requests arrive in pieces."""
+    body = b"z" * 10_000
     p = H.RequestParser()
-    for piece in split(big, range(0, len(big), 65536)):    # as a socket delivers it: 64 KB reads
-        p.feed(piece)
-    assert next_request(p) == H.END and p.body == body
-    assert p.buffer_bytes > 400_000
-    p.start_next()
-    p.feed(fresh(REQUEST))                             # the next request, in one read: the big buffer goes
-    assert next_request(p) == H.END and p.body == BODY
-    assert p.buffer_bytes < 2048
+    for _ in range(3):
+        for piece in split(post(body), [3000, 7000]):
+            p.feed(piece)
+        assert next_request(p) == H.END and p.body == body
+        held = p.buffer_bytes
+        assert held > 10_000
+        p.start_next()
+        assert p.buffer_bytes == held
 
 
 def test_header_slots_grow_up_to_max_headers():
