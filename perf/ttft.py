@@ -117,9 +117,9 @@ def main(argv=None):
     results = []
     try:
         wait_port(HOST, port, gw, 30)
-        measure(port, 16, 2, mock)                   # warm-up
         for n in levels:
             print(f"{n} open streams", file=sys.stderr, flush=True)
+            measure(port, n, 2, mock)                # warm-up: the gateway's n upstream connections are open
             results.append({"streams": n, "direct": measure(mock_port, n, SECONDS, mock),
                             "proxy": measure(port, n, SECONDS, mock, gw)})
     finally:
