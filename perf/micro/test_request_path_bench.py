@@ -96,7 +96,7 @@ def one_exchange(gw, stream=False, chunks=1, api_key="sk-test", paced=False):
     """Make a client connection with one idle upstream connection in the pool; return a runner. The reply
     arrives in `chunks` reads of equal size, or, `paced`, one upstream read per write of the provider (a
     paced stream: head, each event, [DONE], end)."""
-    target = gw.router.wildcard.pick()
+    target = gw.router.wildcard.pick(None)
     pool = gw.pools.get(target)
     up = UpstreamConnection(pool)
     up_t = Transport()
