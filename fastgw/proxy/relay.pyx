@@ -73,6 +73,7 @@ cdef Relay new_relay(ClientSide client, Exchange ex):
     r.gw = client.gw
     r.ex = ex
     r.state = ADMITTING
+    client.limits = None                # the last exchange's deployment's timeouts do not apply to this one
     return r
 
 
@@ -139,7 +140,36 @@ cdef class Relay(UpstreamListener):
             f = ex.fields = peek_request(ex.body)
             if f is None:
                 raise GatewayError(500, "A policy produced an invalid request body.", code="policy_error")
-        self._send((<Route>ex.route).pick())
+        d = (<Route>ex.route).pick(ex, None)
+        if d is None:
+            self._queue_for_deployment()
+            return
+        self._send(d)
+
+    cdef void _queue_for_deployment(self) except *:
+        """No deployment can take the request now: wait in the route's queue (max_queue) for one with a free slot,
+        at most its queue_timeout; a 503 when the queue is full or nothing would free up."""
+        cdef Route route = <Route>self.ex.route
+        self.queued_pick = route.wait(self.ex, self._deployment_free)
+        if self.queued_pick is None:
+            raise _no_deployment(route, False)
+        wait_for(self.client, UPSTREAM_WAIT)
+        cdef double until = now() + route.queue_timeout
+        if until < self.client.deadline:
+            self.client.deadline = until
+
+    def _deployment_free(self, Deployment d):
+        """Our turn in the route's queue: `d` has a slot for us."""
+        self.queued_pick = None
+        if self.state != ADMITTING:
+            return
+        try:
+            self._send(d)
+        except GatewayError as err:         # this deployment's provider cannot express the request
+            self._give_up(err)
+        except Exception:                   # runs inside another request's end: never let a bug reach it
+            self.gw.log.exception("request failed", request_id=self.ex.request_id)
+            self._give_up(GatewayError(500, "The gateway failed to process the request."))
 
     # -- the upstream request ---------------------------------------------------------------------------------
 
@@ -161,15 +191,22 @@ cdef class Relay(UpstreamListener):
         line = provider.request_line(ex, d.request_lines)   # first: it refuses an endpoint the provider lacks
         body = provider.request_body(ex, d.model_json, add_usage)
         ex.upstream_name = d.name
+        drop = _DROP_MESSAGES if ex.messages_api else _DROP
+        if d.own_header_names:               # a deployment's own `headers` replace the client's of those names
+            drop = drop + d.own_header_names
         head = (<RequestParser>ex._parser).forward_head(
             line,
             d.header_lines + b"x-request-id: " + ex.request_id.encode() + b"\r\n",
-            len(body), _DROP_MESSAGES if ex.messages_api else _DROP)
+            len(body), drop)
         pool = d.pool                        # cached on the deployment: no Pools lookup per request
         if pool is None:
             pool = d.pool = gw.pools.get(d)
         cdef UpstreamConnection conn = (<Pool>pool).acquire()
         self.state = AWAITING_HEAD
+        d.started()
+        self.attempt_open = True
+        if d.own_timeouts:
+            self.client.limits = d
         wait_for(self.client, UPSTREAM_WAIT)
         if ex.stream and gw.keepalive_interval > 0:
             self.next_keepalive = now() + gw.keepalive_interval
@@ -209,7 +246,7 @@ cdef class Relay(UpstreamListener):
 
     async def _open_and_send(self, Pool pool, Deployment d, bytes head, bytes body):
         try:
-            conn = await pool.open_one()
+            conn = await (pool.open_one(d.connect_timeout) if d.own_timeouts else pool.open_one())
         except (OSError, asyncio.TimeoutError) as exc:
             if self.state != DONE and self.deployment is d:
                 self.upstream_failed("connect", f"cannot connect to the upstream: {type(exc).__name__}")
@@ -242,6 +279,8 @@ cdef class Relay(UpstreamListener):
             wait_for(self.client, STREAMING)
         else:
             self.parts = []
+            if r.status < 500 and r.status != 429:   # an answer, not a failure: how fast it came counts
+                self.deployment.first_byte(t - ex.t_sent)
         if self.state == OWN_SSE_HEAD:      # our SSE head is out already (keep-alive comments were sent)
             self.chunked = True
             if self.sse is not None:
@@ -280,14 +319,15 @@ cdef class Relay(UpstreamListener):
                 return
             if ex.t_first_token == 0.0:
                 ex.t_first_token = now()
+                self.deployment.first_byte(ex.t_first_token - ex.t_sent)
             if self.gw.stream_event_hooks:
                 try:
                     self._stream_events(data)
                 except GatewayError as err:
                     self._give_up(err)
                     return
-            d = now() + self.gw.stream_gap_timeout
-            total = ex.t_start + self.gw.total_timeout
+            d = now() + self.deployment.stream_gap_timeout   # its own timeouts, else [upstream]'s
+            total = ex.t_start + self.deployment.total_timeout
             self.client.deadline = d if d < total else total
             self._emit(_frame(data))
             return
@@ -322,6 +362,7 @@ cdef class Relay(UpstreamListener):
     cdef void upstream_end(self) except *:
         cdef Exchange ex = self.ex
         self.upstream = None
+        self._end_attempt()
         ex.upstream_wait = now() - ex.t_sent
         try:
             if self.sse is not None:
@@ -376,6 +417,7 @@ cdef class Relay(UpstreamListener):
 
     cdef void upstream_failed(self, str kind, str message) except *:
         self.upstream = None
+        self._end_attempt()
         if self.state == DONE:
             return
         if self.state == AWAITING_HEAD or self.state == HEAD_HELD:
@@ -440,6 +482,7 @@ cdef class Relay(UpstreamListener):
         self.upstream = None
         if up is not None:
             up.abort()
+        self._end_attempt()
         if self.state == DONE:
             return
         cdef Exchange ex = self.ex
@@ -457,6 +500,12 @@ cdef class Relay(UpstreamListener):
     cdef void _done(self) except *:
         self.state = DONE
         self.client.exchange_over(self.ex)
+
+    cdef void _end_attempt(self) except *:
+        """The attempt on self.deployment is over (answered, failed, given up or cancelled)."""
+        if self.attempt_open:
+            self.attempt_open = False
+            self.deployment.ended()
 
     cdef void upstream_read_done(self) except *:
         self._flush()
@@ -486,12 +535,22 @@ cdef class Relay(UpstreamListener):
         request at once; its connection cannot be reused."""
         self.state = DONE
         self.queued = False                  # leaves a pool's queue (skipped when its turn comes)
+        if self.queued_pick is not None:     # leaves the route's queue
+            (<Route>self.ex.route).leave(self.queued_pick)
+            self.queued_pick = None
         up = self.upstream
         self.upstream = None
         if up is not None:
             up.abort()
+        self._end_attempt()
 
     cdef void timed_out(self) except *:
+        if self.queued_pick is not None:     # waited its queue_timeout for a deployment with a free slot
+            (<Route>self.ex.route).leave(self.queued_pick)
+            self.queued_pick = None
+            self.state = DONE
+            self.client.refuse(_no_deployment(<Route>self.ex.route, True), False)
+            return
         if self.state == ADMITTING:
             self.state = DONE
             self.client.refuse(GatewayError(504, "The request could not be admitted in time.",
@@ -537,6 +596,19 @@ cdef class Relay(UpstreamListener):
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.resume_reading()
+
+
+cdef object _no_deployment(Route route, bint waited):
+    """The 503 of a request no deployment of `route` could take: all at max_concurrent (with no room in its
+    queue, or `waited` its queue_timeout there), or none available."""
+    if waited or route.any_full(None):
+        why = (f"waited {route.queue_timeout:g} s for a free slot" if waited else
+               f"{route.queued} requests wait for a free slot already" if route.max_queue else
+               "no request waits for a free slot (max_queue = 0)")
+        return GatewayError(503, f"Every deployment of model `{route.name}` is at its max_concurrent; {why}.",
+                            type="api_error", code="deployments_busy", headers=(("retry-after", "1"),))
+    return GatewayError(503, f"No deployment of model `{route.name}` is available.", type="api_error",
+                        code="no_available_deployment")
 
 
 cdef void _note_upstream_error(Exchange ex, str kind) except *:
