@@ -14,6 +14,9 @@ Invariants:
   broken stream, never a made-up `[DONE]` or a clean last chunk.
 - The relay ends in DONE exactly once, and then hands the exchange back (ClientSide.exchange_over or refuse),
   which accounts it.
+- Every attempt is counted on its deployment for the balancing: started() when it is sent, ended() exactly
+  once however it ends (answered, failed, given up, cancelled, or replaced by the next attempt); first_byte()
+  when an answer (not a 429 or 5xx) begins: the head, or a stream's first event.
 """
 import asyncio
 import re
@@ -178,6 +181,7 @@ cdef class Relay(UpstreamListener):
         cdef Gateway gw = self.gw
         cdef Provider provider = <Provider>d.provider
         cdef bint add_usage = ex.stream and gw.needs_usage and not ex.fields.include_usage
+        self._end_attempt()                  # a retry: the attempt before it is over
         if ex.messages_api:
             if d.messages_provider is None:
                 raise GatewayError(400, f"The Messages API is not available for model `{ex.model}` (provider "
@@ -203,7 +207,7 @@ cdef class Relay(UpstreamListener):
             pool = d.pool = gw.pools.get(d)
         cdef UpstreamConnection conn = (<Pool>pool).acquire()
         self.state = AWAITING_HEAD
-        d.started()
+        d.started()                          # sent, or queued for one of its connections
         self.attempt_open = True
         if d.own_timeouts:
             self.client.limits = d
