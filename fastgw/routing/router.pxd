@@ -10,7 +10,7 @@ cdef class Route
 # Final: the relay's calls of its bookkeeping methods are then direct C calls (no override check).
 @cython.final
 cdef class Deployment:
-    cdef readonly str name, model
+    cdef readonly str name, model, base_path
     cdef readonly object provider          # fastgw.providers.base.Provider
     cdef readonly object messages_provider # the Provider serving POST /v1/messages here (None: not available)
     cdef readonly object config            # its DeploymentConfig (provider settings: api_version, ...)
@@ -67,6 +67,5 @@ cdef class Route:
 cdef class Router:
     cdef readonly dict routes
     cdef readonly Route wildcard
-    cdef readonly bytes models_body
 
     cpdef Route resolve(self, model)

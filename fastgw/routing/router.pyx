@@ -72,6 +72,7 @@ cdef class Deployment:
         self.name = f"{self.host}:{self.port}"   # the metrics label: bounded, from the config
         self.pool_key = (self.host, self.port, self.tls, ca_file)
         base = parts.path.rstrip("/")
+        self.base_path = base                    # the URL's path: where the provider's other endpoints are
         self.request_lines = self.provider.request_lines(base, PROXIED + MESSAGES, self.config)
         default_port = 443 if self.tls else 80
         host_value = self.host if self.port == default_port else f"{self.host}:{self.port}"
@@ -363,11 +364,6 @@ cdef class Router:
                 self.wildcard = route
             else:
                 self.routes[m.name] = route
-        created = 1700000000
-        self.models_body = orjson.dumps({
-            "object": "list",
-            "data": [{"id": n, "object": "model", "created": created, "owned_by": "fastgw"} for n in self.routes],
-        })
 
     cpdef Route resolve(self, model):
         """The route of a client's model name: its own, else the wildcard, else None."""

@@ -54,6 +54,9 @@ class Upstream(msgspec.Struct, forbid_unknown_fields=True):
     max_connections_per_upstream: int = 1024
     max_idle_per_upstream: int = 1024     # idle ones kept for reuse (a burst then opens no new connections)
     queue_timeout: float = 10.0
+    # GET /v1/models: how long the model lists of the wildcard route's upstreams are reused before a refresh
+    # (in the background: listings answer from the previous lists meanwhile).
+    models_cache_s: float = 60.0
 
 
 class DeploymentTimeouts(msgspec.Struct, forbid_unknown_fields=True):
@@ -211,7 +214,7 @@ def _check(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: server.{field}: must be > 0")
     u = cfg.upstream
     for field in ("max_connections_per_upstream", "connect_timeout", "first_byte_timeout", "stream_gap_timeout",
-                  "total_timeout", "queue_timeout"):
+                  "total_timeout", "queue_timeout", "models_cache_s"):
         if getattr(u, field) <= 0:
             raise ConfigError(f"{source}: upstream.{field}: must be > 0")
     if u.max_idle_per_upstream < 0:
