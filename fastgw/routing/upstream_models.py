@@ -3,7 +3,8 @@ deployment's host and key headers. Runs on the worker's loop, never on a request
 (catalog.py) calls it in the background.
 
 One connection per page, closed after it (a list is fetched once a minute at most, so a pooled connection would
-save nothing), with the deployment's TLS settings; the response is read by the gateway's own HTTP parser.
+save nothing), with the deployment's TLS settings, connect timeout and header lines (host, key, its own
+headers); the response is read by the gateway's own HTTP parser.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ async def fetch_models(d, page_size: int = PAGE_SIZE) -> list[dict]:
 
 async def http_get(d, target: str) -> bytes:
     """The body of a 200 answer to GET `target` on deployment `d`'s upstream."""
-    reader, writer = await asyncio.open_connection(d.host, d.port, ssl=d.ssl, server_hostname=d.server_hostname)
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(d.host, d.port, ssl=d.ssl, server_hostname=d.server_hostname), d.connect_timeout)
     done = False
     try:
         writer.write(b"GET " + target.encode() + b" HTTP/1.1\r\n" + d.header_lines
