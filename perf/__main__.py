@@ -30,7 +30,8 @@ def main(argv=None):
     r.add_argument("--profile", action="store_true",
                    help="record a py-spy --native flamegraph of each gateway's worker during the measured run "
                         "(perf/results/flamegraph-<scenario>.svg); see perf/flamegraph.sh")
-    r.add_argument("--baseline", action="store_true", help="also save as perf/results/baseline.json")
+    r.add_argument("--baseline", action="store_true",
+                   help="also save as perf/results/baseline.json (paced-/translate-baseline.json for those sets)")
     r.add_argument("--results-dir", default=None, help="where to write results (default perf/results)")
     r.add_argument("--no-save", action="store_true", help="print only")
 

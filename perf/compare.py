@@ -1,5 +1,9 @@
 """`python -m perf compare [RESULT] [--baseline FILE]`: is fastgw slower than the baseline, beyond noise?
 
+With no arguments every set that has both files is judged: latest.json against baseline.json (the default
+scenarios), and the sets filed apart, paced-latest.json against paced-baseline.json (the paced streams) and
+translate-latest.json against translate-baseline.json (the provider translations).
+
 Judged, for every fastgw scenario present in both files (lower is better unless noted):
   cpu_us_per_req        CPU per request of the gateway's process tree
   cpu_vs_nginx          the same as a multiple of nginx's, measured in the same run (cancels machine drift)
@@ -69,9 +73,23 @@ def compare(result, baseline):
     return rows, regressions
 
 
+SETS = ("", "paced-", "translate-")   # result-file prefixes: the default set and the sets filed apart
+
+
 def main(result_path=None, baseline_path=None):
-    result_path = result_path or os.path.join(RESULTS, "latest.json")
-    baseline_path = baseline_path or os.path.join(RESULTS, "baseline.json")
+    if result_path is None and baseline_path is None:
+        statuses = []
+        for prefix in SETS:
+            r, b = (os.path.join(RESULTS, f"{prefix}{kind}.json") for kind in ("latest", "baseline"))
+            if os.path.exists(r) and os.path.exists(b):
+                statuses.append(judge(r, b))
+                print()
+        return 1 if 1 in statuses else 0 if 0 in statuses else 2   # any regression; else judged; else nothing
+    return judge(result_path or os.path.join(RESULTS, "latest.json"),
+                 baseline_path or os.path.join(RESULTS, "baseline.json"))
+
+
+def judge(result_path, baseline_path):
     result, baseline = load(result_path), load(baseline_path)
     rows, regressions = compare(result, baseline)
     rm, bm = result["meta"], baseline["meta"]

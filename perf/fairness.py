@@ -17,7 +17,8 @@ import time
 
 from perf import report
 from perf.mocks import WORK_ROOT, fastgw_cmd, nginx_cmd, start_mock
-from perf.procs import Proc, free_port, leaf_pids, pinned, tree_cpu_seconds, tree_peak_rss_bytes, wait_port
+from perf.procs import (Proc, free_port, leaf_pids, pinned, status_kb, tree_cpu_seconds, tree_peak_rss_bytes,
+                        wait_port)
 from perf.run import HOST, RESULTS, Cpu
 from perf.scenarios import CONFIGS, WRK_SCRIPT
 
@@ -58,26 +59,18 @@ def load(port, clients, seconds, cpu, body_path):
     raise RuntimeError(f"wrk printed no PERF_JSON line:\n{out.stdout}\n{out.stderr}")
 
 
-def _status_kb(pid, field):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def measure(kind, clients, seconds, cpu, work, upstream_port, body_path):
     port = free_port()
     proc = start_proxy(kind, work, port, upstream_port, cpu, clients)
     try:
         # The worker (fastgw's, or nginx's) apart from the supervisor/master: idle RSS, then its peak.
         worker = leaf_pids(proc.pid)[0]
-        idle_kb = _status_kb(worker, "VmRSS")
+        idle_kb = status_kb(worker, "VmRSS")
         c0 = tree_cpu_seconds(proc.pid)
         w = load(port, clients, seconds, cpu, body_path)
         used = tree_cpu_seconds(proc.pid) - c0
         rss = tree_peak_rss_bytes(proc.pid)
-        peak_kb = _status_kb(worker, "VmHWM")
+        peak_kb = status_kb(worker, "VmHWM")
         if not proc.alive():
             raise RuntimeError(f"{kind} died:\n{proc.log_tail()}")
     finally:

@@ -140,6 +140,20 @@ def tree_peak_rss_bytes(root):
     return total
 
 
+def status_kb(pid, field):
+    """A kB field of /proc/<pid>/status (VmRSS: resident now, VmHWM: its peak); 0 when absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def open_fds(pid):
+    """Descriptors the process holds (its sockets, when it serves connections)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def leaf_pids(root):
     """Processes of the tree that have no children: the workers that handle requests."""
     pids = tree(root)

@@ -398,4 +398,4 @@ def write(result, results_dir, stamp, baseline=False, prefix=""):
         shutil.copyfile(base + ".json", os.path.join(results_dir, f"{prefix}latest.json"))
         shutil.copyfile(base + ".md", os.path.join(results_dir, f"{prefix}latest.md"))
     if baseline:
-        shutil.copyfile(base + ".json", os.path.join(results_dir, "baseline.json"))
+        shutil.copyfile(base + ".json", os.path.join(results_dir, f"{prefix}baseline.json"))

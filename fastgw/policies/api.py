@@ -22,6 +22,12 @@ Phases, in order (`ex` is the request's `fastgw.proxy.exchange.Exchange`):
 
 `complete` and `log` always run, even when an earlier phase refused the request or the upstream failed.
 
+Besides the phases, one question the gateway asks policies:
+
+    model_visible(ex, model)   GET /v1/models and /v1/models/{id}: whether the caller (after the access phase:
+                               ex.consumer, ex.group) may see `model` in the list. A model some policy hides is
+                               left out of the list, and retrieving it is a 404. Default: visible.
+
 Example (a policy that refuses requests without a `user` field):
 
     class RequireUser(Policy):
@@ -91,6 +97,9 @@ class Policy:
     def stream_event(self, ex, event: bytes) -> None: ...
     def complete(self, ex) -> Awaitable[None] | None: ...
     def log(self, ex, record: dict) -> None: ...
+
+    def model_visible(self, ex, model: str) -> bool:
+        return True
 
 
 def overridden_hooks(policy: Policy) -> list[str]:

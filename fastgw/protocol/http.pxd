@@ -1,20 +1,28 @@
 # Declarations of fastgw.protocol.http for other Cython modules (cimport). See http.pyx for the docs.
 
 cdef class _Message:
-    # Bytes fed but not consumed yet, in a C buffer compacted on demand: [buf+pos, buf+end).
+    # Bytes fed but not consumed yet: [buf+pos, buf+end). buf points into `held`, the bytes object fed last,
+    # while every unconsumed byte is in it (a message per read: no copy, no buffer), else into `own`, our
+    # buffer, allocated the first time a read ends mid-message and kept while it stays small (a message that
+    # made it grow past 16 KB frees it when it ends).
     cdef char* buf
-    cdef Py_ssize_t pos, end, cap
+    cdef Py_ssize_t pos, end
+    cdef object held
+    cdef char* own
+    cdef Py_ssize_t cap
     # The head of the current message, copied out of buf when complete (so body reading can consume
     # buf freely while header()/forward_head still work). Header i is at hdr[5i..5i+4] =
     # (name offset, name length, value offset, value length) into hbuf, and its name kind (http.pyx).
+    # Both are allocated for the first head and grow as needed (hdr up to max_headers slots).
     cdef char* hbuf
     cdef Py_ssize_t hlen, hcap
     cdef Py_ssize_t* hdr
     cdef int nhdr
+    cdef Py_ssize_t hdr_cap
     # Connection-header tokens (offset, length) into hbuf: names to drop when forwarding.
     cdef Py_ssize_t conn_tok[64]
     cdef int nconn
-    # De-chunked body bytes waiting to be handed out.
+    # De-chunked body bytes waiting to be handed out (allocated for the first chunked body).
     cdef char* bbuf
     cdef Py_ssize_t blen, bcap
     cdef Py_ssize_t max_head, max_hdrs
@@ -41,6 +49,8 @@ cdef class _Message:
 
     cdef int _grow(self, char** p, Py_ssize_t* cap, Py_ssize_t need) except -1
     cdef int _alloc_headers(self, Py_ssize_t max_head, Py_ssize_t max_hdrs) except -1
+    cdef int _more_headers(self) except -1
+    cdef int _take(self, bytes data) except -1
     cdef int _append(self, const char* data, Py_ssize_t n) except -1
     cdef int _fail(self, int status, str message)
     cdef void _reset_head(self)

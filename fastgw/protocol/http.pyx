@@ -2,10 +2,12 @@
 """Incremental, strict HTTP/1.1 parsers (sans-IO) and head writers for the gateway's hot path.
 
 RequestParser reads client requests (whole message buffered: they are a few KB); ResponseParser
-reads upstream responses and streams their bodies. Both keep the bytes they were fed in one C buffer
-that is compacted as it is consumed, record headers as offsets (no Python object per header), and
-search for the end of a head only once across feed() calls, so a peer sending one byte at a time
-costs O(n) in total.
+reads upstream responses and streams their bodies. Both read a fed bytes object where it is (a message
+per read, the common case, is never copied) and copy into a C buffer of their own, compacted as it is
+consumed, only what a read leaves incomplete; they record headers as offsets (no Python object per
+header), and search for the end of a head only once across feed() calls, so a peer sending one byte at
+a time costs O(n) in total. Buffers are allocated on first use and sized to what was needed, so an
+idle connection holds a few hundred bytes, not kilobytes.
 
 Events returned by next_event(): NEED_DATA, HEAD, BODY (responses only), END, ERROR.
 
@@ -71,10 +73,13 @@ cdef enum:
     MAX_CHUNK_LINE = 4096     # a chunk-size line, extensions included
     MAX_CONN_TOKENS = 32      # Connection options (conn_tok holds 2 per option)
     MAX_DROP = 64             # names in forward_head's drop set
-    INITIAL_BUF = 16384
-    SHRINK_ABOVE = 262144     # an idle buffer bigger than this goes back to INITIAL_BUF
+    MIN_BUF = 512             # the smallest buffer allocated (heads, bodies and events are rarely smaller)
+    MIN_HEADERS = 16          # header slots allocated first (a request from an SDK has about 15 fields)
+    KEEP_AT_MOST = 16384      # a buffer bigger than this is freed once its message is over
 
 cdef long long NO_LIMIT = 0x7FFFFFFFFFFFFFFF
+cdef char _NOTHING_BYTES[1]
+cdef char* _NOTHING = _NOTHING_BYTES      # where buf points when there is nothing to read (never NULL)
 
 # Byte classes (RFC 9110): token chars, field-value chars (HTAB, SP, VCHAR, obs-text), request-target
 # chars (VCHAR, as h11), lower-casing, hex digit values (255 = not a hex digit).
@@ -370,22 +375,32 @@ cdef char* _put_fields(char* w, const char* hb, const Py_ssize_t* hdr, int nhdr)
     return _put(w, hb + rs, re - rs)
 
 
+cdef inline void _message_over(_Message m) noexcept:
+    """A message ended (or the next one starts). With nothing unconsumed, let go of the fed object buf points
+    into (freed now, not at the connection's next read) and of our buffer if a big message made it grow: an
+    idle connection keeps at most KEEP_AT_MOST of it, whatever it was sent before."""
+    if m.pos != m.end or (m.held is None and m.cap <= KEEP_AT_MOST):
+        return          # bytes of the next message are buffered, or there is nothing to let go
+    m.held = None
+    if m.cap > KEEP_AT_MOST:
+        free(m.own)
+        m.own = NULL
+        m.cap = 0
+    m.buf = m.own if m.own != NULL else _NOTHING
+    m.pos = m.end = 0
+
+
 cdef class _Message:
     """Shared machinery: the input buffer, head search and field parsing, the chunked decoder."""
 
     def __cinit__(self, *args, **kwargs):
-        self.cap = INITIAL_BUF
-        self.buf = <char*>malloc(self.cap)
-        self.hcap = 4096
-        self.hbuf = <char*>malloc(self.hcap)
-        self.bcap = 4096
-        self.bbuf = <char*>malloc(self.bcap)
-        if self.buf == NULL or self.hbuf == NULL or self.bbuf == NULL:
-            raise MemoryError()
+        # Nothing is allocated until a message needs it (see the buffers' notes in http.pxd): an idle
+        # connection costs the object alone.
+        self.buf = _NOTHING
         self.error_message = ""
 
     def __dealloc__(self):
-        free(self.buf)
+        free(self.own)
         free(self.hbuf)
         free(self.bbuf)
         free(self.hdr)
@@ -395,17 +410,17 @@ cdef class _Message:
             raise ValueError("max_head_bytes must be >= 64 and max_headers >= 1")
         self.max_head = max_head
         self.max_hdrs = max_hdrs
-        self.hdr = <Py_ssize_t*>malloc(HSTRIDE * sizeof(Py_ssize_t) * max_hdrs)
-        if self.hdr == NULL:
-            raise MemoryError()
         self._reset_head()
         return 0
 
     cdef int _grow(self, char** p, Py_ssize_t* cap, Py_ssize_t need) except -1:
+        """Make room for `need` bytes in the buffer *p (NULL: none yet), doubling, at least MIN_BUF."""
         cdef Py_ssize_t c = cap[0] * 2
         cdef char* q
         if c < need:
             c = need
+        if c < MIN_BUF:
+            c = MIN_BUF
         q = <char*>realloc(p[0], c)
         if q == NULL:
             raise MemoryError()
@@ -413,23 +428,56 @@ cdef class _Message:
         cap[0] = c
         return 0
 
+    cdef int _more_headers(self) except -1:
+        """Room for more header slots: MIN_HEADERS at first, then doubling, up to max_headers."""
+        cdef Py_ssize_t c = self.hdr_cap * 2
+        cdef Py_ssize_t* q
+        if c < MIN_HEADERS:
+            c = MIN_HEADERS
+        if c > self.max_hdrs:
+            c = self.max_hdrs
+        q = <Py_ssize_t*>realloc(self.hdr, HSTRIDE * sizeof(Py_ssize_t) * c)
+        if q == NULL:
+            raise MemoryError()
+        self.hdr = q
+        self.hdr_cap = c
+        return 0
+
+    cdef int _take(self, bytes data) except -1:
+        """Add a fed bytes object: kept as it is (buf points into it) when nothing else is unconsumed, the
+        common case of a message per read, else copied after the unconsumed bytes."""
+        if self.pos != self.end:
+            return self._append(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        self.held = data
+        self.buf = PyBytes_AS_STRING(data)
+        self.pos = 0
+        self.end = PyBytes_GET_SIZE(data)
+        return 0
+
     cdef int _append(self, const char* data, Py_ssize_t n) except -1:
-        """Add fed bytes, compacting consumed space first (every position is relative to rpos)."""
-        cdef char* q
-        if self.pos == self.end:
-            self.pos = self.end = 0
-            if self.cap > SHRINK_ABOVE and n < INITIAL_BUF:
-                q = <char*>realloc(self.buf, INITIAL_BUF)
-                if q != NULL:
-                    self.buf = q
-                    self.cap = INITIAL_BUF
-        if self.end + n > self.cap:
-            if self.pos:
-                memmove(self.buf, self.buf + self.pos, self.end - self.pos)
-                self.end -= self.pos
-                self.pos = 0
+        """Copy fed bytes into our own buffer after the unconsumed ones, compacting consumed space first
+        (every position is relative to pos)."""
+        cdef Py_ssize_t rest = self.end - self.pos
+        if self.held is not None:
+            # The unconsumed bytes are in a fed object: move them to our buffer, where the new ones can follow.
+            if rest + n > self.cap:
+                self._grow(&self.own, &self.cap, rest + n)
+            memcpy(self.own, self.buf + self.pos, rest)
+            self.held = None
+            self.buf = self.own
+            self.pos = 0
+            self.end = rest
+        else:
+            if rest == 0:
+                self.pos = self.end = 0
             if self.end + n > self.cap:
-                self._grow(&self.buf, &self.cap, self.end + n)
+                if self.pos:
+                    memmove(self.own, self.own + self.pos, rest)
+                    self.end = rest
+                    self.pos = 0
+                if self.end + n > self.cap:
+                    self._grow(&self.own, &self.cap, self.end + n)
+                self.buf = self.own
         memcpy(self.buf + self.end, data, n)
         self.end += n
         return 0
@@ -441,7 +489,6 @@ cdef class _Message:
         return -1
 
     cdef void _reset_head(self):
-        cdef char* q
         self.state = S_HEAD
         self.scan = self.line_start = 0
         self.hlen = 0
@@ -458,11 +505,11 @@ cdef class _Message:
         self.ck_rem = 0
         self.ck_scan = self.ck_trailer_bytes = 0
         self.blen = 0
-        if self.bcap > SHRINK_ABOVE:
-            q = <char*>realloc(self.bbuf, 4096)
-            if q != NULL:
-                self.bbuf = q
-                self.bcap = 4096
+        if self.bcap > KEEP_AT_MOST:        # a big chunked body is over: give its buffer back
+            free(self.bbuf)
+            self.bbuf = NULL
+            self.bcap = 0
+        _message_over(self)
 
     cdef int _scan_head(self, bint skip_leading_crlf):
         """Find the end of a head in buf. 1: found, its length in self.scan; 0: need data; -1: error.
@@ -531,8 +578,10 @@ cdef class _Message:
                 if nxt == -2:
                     return self._fail(400, "invalid header name")
                 return self._fail(400, "invalid character in header value")
-            if self.nhdr >= self.max_hdrs:
-                return self._fail(431, "too many header fields")
+            if self.nhdr >= self.hdr_cap:
+                if self.nhdr >= self.max_hdrs:
+                    return self._fail(431, "too many header fields")
+                self._more_headers()
             h = self.hdr + HSTRIDE * self.nhdr
             h[0] = i
             h[1] = ne - i
@@ -718,6 +767,12 @@ cdef class _Message:
         """Bytes fed but not consumed yet (for backpressure and pipelining limits)."""
         return self.end - self.pos
 
+    @property
+    def buffer_bytes(self):
+        """Bytes of C buffers the parser holds now (its input copy, the head, the header slots, the de-chunked
+        body); a fed object it reads in place is not counted: it is the caller's, and let go once consumed."""
+        return self.cap + self.hcap + self.bcap + self.hdr_cap * HSTRIDE * sizeof(Py_ssize_t)
+
     cpdef object header(self, bytes name):
         """First value of the field `name` (matched case-insensitively), or None."""
         cdef const unsigned char* q = <const unsigned char*>PyBytes_AS_STRING(name)
@@ -781,7 +836,7 @@ cdef class RequestParser(_Message):
         if self.state == S_ERROR:
             return      # the connection is being closed: keep nothing
         if type(data) is bytes:
-            self._append(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+            self._take(data)
         else:
             view = data
             if view.shape[0]:
@@ -868,6 +923,7 @@ cdef class RequestParser(_Message):
                 else:
                     self.body = b""
             self.state = S_DONE
+            _message_over(self)
             return EV_END
         if self.state == S_DONE:
             return EV_NEED_DATA
@@ -990,9 +1046,9 @@ cdef class ResponseParser(_Message):
             self.pending = data
             return
         if self.pending is not None:
-            self._append(PyBytes_AS_STRING(self.pending), PyBytes_GET_SIZE(self.pending))
+            self._take(self.pending)
             self.pending = None
-        self._append(PyBytes_AS_STRING(data), n)
+        self._take(data)
 
     def feed_eof(self):
         """The upstream closed the connection: ends a close-delimited body; an error elsewhere."""
@@ -1080,6 +1136,7 @@ cdef class ResponseParser(_Message):
         if self.state == S_BODY:
             if self.framing == F_NONE:
                 self.state = S_DONE
+                _message_over(self)
                 return EV_END
             if self.framing == F_CHUNKED:
                 r = self._dechunk(-1, 0)
@@ -1090,6 +1147,7 @@ cdef class ResponseParser(_Message):
                     return EV_BODY
                 if r == 1:
                     self.state = S_DONE
+                    _message_over(self)
                     return EV_END
             else:
                 if self.pending is not None:
@@ -1103,9 +1161,11 @@ cdef class ResponseParser(_Message):
                     return EV_BODY
                 if self.remaining - avail == 0:
                     self.state = S_DONE
+                    _message_over(self)
                     return EV_END
                 if self.eof and self.framing == F_CLOSE:
                     self.state = S_DONE
+                    _message_over(self)
                     return EV_END
             if self.eof:
                 self._fail(502, "upstream closed the connection early")

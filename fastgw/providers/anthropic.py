@@ -6,10 +6,13 @@ and the relay: request lines, headers, the per-request body, the stream translat
 """
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastgw.protocol.jsonpeek import splice
 from fastgw.providers.base import Provider
 from fastgw.providers.json_body import dumps, request_object, take_usage, upstream_object
 from fastgw.providers.stream import translated_stream
+from fastgw.providers.wire.models import anthropic_models
 from fastgw.providers.wire.anthropic_chat import (
     MessagesToChatStream, MessagesUsageReader, chat_request_to_messages, messages_error_to_chat,
     messages_response_to_chat)
@@ -50,6 +53,13 @@ class Anthropic(Provider):
 
     def messages_front(self):
         return MESSAGES_PASS_THROUGH
+
+    def models_target(self, base_path, cursor, page_size):
+        target = f"{base_path.removesuffix('/v1')}/v1/models?limit={page_size}"
+        return target + "&after_id=" + quote(cursor, safe="") if cursor else target
+
+    def models_page(self, body):
+        return anthropic_models(body)
 
     def request_body(self, ex, model_json, add_usage):
         body = chat_request_to_messages(request_object(ex.body), _upstream_model(ex),

@@ -40,6 +40,10 @@ class Azure(OpenAI):
             lines[ep] = b"POST " + path.encode() + b" HTTP/1.1\r\n"
         return lines
 
+    def models_target(self, base_path, cursor, page_size):
+        # A deployment is one model (`model` is required), so the resource's model list says nothing about it.
+        return None
+
     def header_lines(self, host_value, key, d):
         lines = f"host: {host_value}\r\n"
         if key:

@@ -17,6 +17,10 @@ it for:
                                           success or an error) in the client's wire format; usage goes to ex,
                                           and the status the client gets to ex.status
 
+For GET /v1/models behind a wildcard route (fastgw.routing.catalog), a format that can list its models gives
+`models_target` (the request target of one page of its list) and `models_page` (that page as OpenAI model
+objects, fastgw.providers.wire.models).
+
 The OpenAI pass-through (openai.pyx) translates nothing: the relay forwards its response bytes unchanged and
 never calls response_body, so the OpenAI path pays one C method call per request for being a provider.
 """
@@ -46,6 +50,15 @@ cdef class Provider:
         """The provider serving POST /v1/messages (Anthropic's API) on this format's deployments; None when none
         can (load time)."""
         return None
+
+    def models_target(self, str base_path, str cursor, int page_size):
+        """The target of a GET for the page of this format's model list after `cursor` ("" = the first), on a
+        deployment whose URL path is base_path; None when its deployments have no list to offer."""
+        return None
+
+    def models_page(self, bytes body):
+        """One page of the model list -> (OpenAI model objects, the next page's cursor, "" after the last)."""
+        raise NotImplementedError
 
     cpdef bytes request_line(self, Exchange ex, dict request_lines):
         line = request_lines.get(ex.endpoint)

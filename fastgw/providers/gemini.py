@@ -10,6 +10,7 @@ from fastgw.errors import GatewayError
 from fastgw.providers.base import Provider
 from fastgw.providers.json_body import dumps, request_object, take_usage, upstream_object
 from fastgw.providers.stream import translated_stream
+from fastgw.providers.wire.models import gemini_models
 from fastgw.providers.wire.gemini_chat import (
     GeminiToChatStream, chat_request_to_gemini, gemini_error_to_chat, gemini_response_to_chat)
 
@@ -33,6 +34,13 @@ class Gemini(Provider):
 
     def header_lines(self, host_value, key, d):
         return f"host: {host_value}\r\nx-goog-api-key: {key}\r\n".encode()
+
+    def models_target(self, base_path, cursor, page_size):
+        target = f"{base_path.removesuffix('/v1beta')}/v1beta/models?pageSize={page_size}"
+        return target + "&pageToken=" + quote(cursor, safe="") if cursor else target
+
+    def models_page(self, body):
+        return gemini_models(body)
 
     def request_line(self, ex, request_lines):
         start = request_lines.get(ex.endpoint)

@@ -6,6 +6,7 @@ and stream_options.include_usage when accounting needs a stream's usage), and th
 as they come, the SSE relay reading usage on the way.
 """
 from fastgw.protocol.jsonpeek import splice
+from fastgw.providers.wire.models import openai_models
 from fastgw.protocol.sse cimport SSERelay
 from fastgw.proxy.exchange cimport Exchange
 
@@ -33,6 +34,12 @@ cdef class OpenAI(Provider):
     def messages_front(self):
         from fastgw.providers.messages import MessagesFront
         return MessagesFront(self)
+
+    def models_target(self, str base_path, str cursor, int page_size):
+        return base_path + "/models"                   # one page: OpenAI's list is not paginated
+
+    def models_page(self, bytes body):
+        return openai_models(body)
 
     cpdef bytes request_line(self, Exchange ex, dict request_lines):
         return <bytes>request_lines[ex.endpoint]       # every proxied endpoint has one

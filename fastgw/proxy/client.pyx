@@ -11,7 +11,7 @@ Invariants:
 - Every request that got an Exchange ends in `exchange_over` exactly once: the complete phase, then
   accounting (fastgw.observability.accounting.record).
 - A proxied request is handed to a Relay (relay.pyx); a local endpoint (/healthz, /readyz, /metrics,
-  /v1/models) and every refusal are answered here.
+  /v1/models, /v1/models/{id}) and every refusal are answered here.
 - Timeouts are deadlines checked by the worker's sweeper (`check_deadline`), not a timer per request.
 """
 import re
@@ -37,7 +37,8 @@ from fastgw.protocol.proxyproto import parse as parse_proxy_header
 from fastgw.routing.router import MESSAGES, PROXIED
 
 cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _END = H.END
-cdef frozenset _PROXIED = frozenset(PROXIED + MESSAGES)
+# Proxied path -> whether it is Anthropic's Messages API (one dict lookup answers both questions).
+cdef dict _PROXIED = {**{p: False for p in PROXIED}, **{p: True for p in MESSAGES}}
 cdef frozenset _MESSAGES = frozenset(MESSAGES)
 cdef frozenset _LOCAL = frozenset(("/healthz", "/readyz", "/metrics", "/v1/models"))
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -232,7 +233,9 @@ cdef class ClientConnection(ClientSide):
         path = ex.path
         method = p.method
         try:
-            if path in _PROXIED:
+            messages_api = _PROXIED.get(path)
+            if messages_api is not None:
+                ex.messages_api = messages_api is True
                 if method != b"POST":
                     raise GatewayError(405, f"Method {method.decode('latin-1')} is not allowed on {path}; use POST.",
                                        code="method_not_allowed")
@@ -268,10 +271,33 @@ cdef class ClientConnection(ClientSide):
                 self._respond(200, b'{"status":"ready"}', _JSON, b"")
         elif path == "/metrics":
             self._respond(200, gw.stats.render(), _METRICS_TYPE, b"")
-        elif path == "/v1/models":
-            self._respond(200, gw.router.models_body, _JSON, b"")
+        elif path == "/v1/models" or path.startswith("/v1/models/"):
+            self._models(ex, path)
         else:
             raise GatewayError(404, f"Unknown request URL: GET {path}.", code="unknown_url")
+
+    cdef void _models(self, Exchange ex, str path) except *:
+        """GET /v1/models[/{id}], from the model catalog (fastgw.routing.catalog). Only the first listings after a
+        start or reload may wait, for the upstreams' lists, never longer than the catalog's first wait; nothing
+        else waits on them."""
+        catalog = self.gw.catalog
+        if catalog.ready():
+            self._respond(200, catalog.answer(ex, path), _JSON, b"")
+            return
+        wait_for(self, UPSTREAM_WAIT)
+        catalog.when_ready(self._models_ready, ex, path, catalog)
+
+    def _models_ready(self, Exchange ex, str path, catalog):
+        """The catalog can answer now: answer, if the client still waits for this exchange."""
+        if self.ex is not ex or self.closing:
+            return
+        try:
+            self._respond(200, catalog.answer(ex, path), _JSON, b"")
+        except GatewayError as err:
+            if self.ex is ex:
+                self.refuse(err, False)
+        except Exception:
+            self._internal_error("listing models failed")
 
     # -- answers ----------------------------------------------------------------------------------------------
 

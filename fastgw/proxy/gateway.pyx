@@ -15,6 +15,7 @@ from fastgw.policies.pipeline import Pipeline, load_pipeline
 from fastgw.policies.api import PolicyContext
 from fastgw.protocol.proxyproto import parse_networks
 from fastgw.observability.logs import LogThrottle
+from fastgw.routing.catalog import ModelCatalog
 from fastgw.routing.health import HealthChecks
 from fastgw.routing.resilience import attach
 from fastgw.routing.router import Router
@@ -46,9 +47,11 @@ cdef class Gateway:
         ctx = PolicyContext(self.log, self.stats, self.run_dir, self.worker_id, cfg)
         router, pipeline = build(cfg, ctx, self.mock_url)
         trusted = parse_networks(s.trusted_proxies)
-        old = self.pipeline
+        catalog = ModelCatalog(self.loop, router, u.models_cache_s, self.log, pipeline.model_visible)
+        old, old_catalog = self.pipeline, self.catalog
         self.cfg = cfg
         self.router = router
+        self.catalog = catalog
         self.pipeline = pipeline
         self.policy_ctx = ctx
         self.access_hooks = pipeline.access
@@ -73,6 +76,8 @@ cdef class Gateway:
         self.trusted_proxies = trusted
         self.pools.cfg = u
         old.close()
+        if old_catalog is not None:
+            old_catalog.close()
         if self.worker_id == "0":           # one worker checks for all: the breakers it opens are shared
             self.health.apply(cfg, router)
 
@@ -81,6 +86,7 @@ cdef class Gateway:
         return _request_id(self._id_prefix, self._id_next)
 
     def close(self):
+        self.catalog.close()
         self.health.close()
         self.pipeline.close()
         self.pools.close()

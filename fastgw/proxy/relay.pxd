@@ -30,6 +30,7 @@ cdef class ClientSide:
     cdef bint keep_alive
     cdef int wait
     cdef double deadline
+    cdef Deployment limits            # the exchange's deployment when it has timeouts of its own, else None
 
     cdef void exchange_over(self, Exchange ex) except *
     cdef void refuse(self, object err, bint close) except *
@@ -54,6 +55,8 @@ cdef class Relay(UpstreamListener):
     cdef object events_tail           # stream_event hooks: the bytes of an event not complete yet
     cdef list parts                   # a non-stream body kept to read its usage (None past _MAX_KEPT)
     cdef Py_ssize_t parts_bytes
+    cdef bint attempt_open            # deployment.started() was called, deployment.ended() not yet
+    cdef object queued_pick           # its place in the route's queue for a deployment with a free slot
     cdef object pending_request       # (head, body) while queued for a connection of a full pool
     cdef double queued_at
     cdef readonly double next_keepalive
@@ -72,6 +75,8 @@ cdef class Relay(UpstreamListener):
 
     cdef void start(self) except *
     cdef void _admitted(self) except *
+    cdef void _queue_for_deployment(self) except *
+    cdef void _end_attempt(self) except *
     cdef void _send(self, Deployment d, bint same_attempt=*) except *
     cdef void _stream_events(self, data) except *
     cdef void _end_stream(self) except *
@@ -107,12 +112,19 @@ cdef inline void client_write(ClientSide c, data) except *:
 
 
 cdef inline void wait_for(ClientSide c, int what) except *:
-    """`c` waits for `what` from now on, for at most its timeout; no upstream wait outlives the request's total."""
+    """`c` waits for `what` from now on, for at most its timeout; no upstream wait outlives the request's total.
+    The upstream waits of a deployment with timeouts of its own (c.limits) take those."""
     c.wait = what
     cdef double d = now() + c.gw.timeouts[what]
     cdef double total
+    cdef Deployment own
     if (what == UPSTREAM_WAIT or what == STREAMING) and c.ex is not None:
-        total = c.ex.t_start + c.gw.total_timeout
+        own = c.limits
+        if own is None:
+            total = c.ex.t_start + c.gw.total_timeout
+        else:
+            d = now() + (own.first_byte_timeout if what == UPSTREAM_WAIT else own.stream_gap_timeout)
+            total = c.ex.t_start + own.total_timeout
         if total < d:
             d = total
     c.deadline = d

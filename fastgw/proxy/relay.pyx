@@ -19,6 +19,9 @@ Invariants:
   broken stream, never a made-up `[DONE]` or a clean last chunk.
 - The relay ends in DONE exactly once, and then hands the exchange back (ClientSide.exchange_over or refuse),
   which accounts it.
+- Every attempt is counted on its deployment for the balancing: started() when it is sent, ended() exactly
+  once however it ends (answered, failed, given up, cancelled, or replaced by the next attempt); first_byte()
+  when an answer (not a 429 or 5xx) begins: the head, or a stream's first event.
 """
 import asyncio
 import re
@@ -38,24 +41,22 @@ from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.jsonpeek import peek_request, peek_usage
 from fastgw.routing.retry import fallback_reason, retry_after_seconds
-from fastgw.routing.router import MESSAGES
 
 _frame = H.frame_chunk
 cdef bytes _LAST_CHUNK = H.LAST_CHUNK
 cdef bytes _JSON = b"content-type: application/json\r\n"
 # Client headers that never reach a provider: its key (the provider key replaces it), our request id (re-added),
-# accept-encoding (a compressed response could not be metered or relayed event by event), and an Anthropic
-# client's API version (an Anthropic deployment's is sent; two would conflict).
+# and accept-encoding (a compressed response could not be metered or relayed event by event); from an Anthropic
+# client also its API version (the deployment's own is sent; two would conflict).
 # A tuple, not a set: forward_head walks it once per request, and a tuple walks by index (a set by iterator).
-cdef tuple _DROP = (b"authorization", b"api-key", b"x-api-key", b"x-request-id", b"accept-encoding",
-                    b"anthropic-version")
+cdef tuple _DROP = (b"authorization", b"api-key", b"x-api-key", b"x-request-id", b"accept-encoding")
+cdef tuple _DROP_MESSAGES = _DROP + (b"anthropic-version",)
 cdef bytes _SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
                         b"transfer-encoding: chunked\r\n")
 cdef bytes _KEEPALIVE_EVENT = _frame(b": keep-alive\n\n")
 # A non-streamed response body is kept (to read its usage, or to translate it) up to this size.
 cdef Py_ssize_t _MAX_KEPT = 16 * 1024 * 1024
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-cdef frozenset _MESSAGES = frozenset(MESSAGES)
 
 
 cdef class ClientSide:
@@ -82,6 +83,7 @@ cdef Relay new_relay(ClientSide client, Exchange ex):
     r.gw = client.gw
     r.ex = ex
     r.state = ADMITTING
+    client.limits = None                # the last exchange's deployment's timeouts do not apply to this one
     return r
 
 
@@ -107,7 +109,6 @@ cdef class Relay(UpstreamListener):
                                param="model", code="model_not_found")
         ex.fields = f
         ex.model = model
-        ex.messages_api = ex.endpoint in _MESSAGES
         ex.stream = f.stream
         ex.client_wants_usage = f.include_usage
         ex.route = route
@@ -154,15 +155,39 @@ cdef class Relay(UpstreamListener):
         if deadline > 0.0:
             self.deadline_at = ex.t_start + deadline
         cdef Deployment d = route.pick(ex, None)
-        if d is None or (d.breaker is not None and not d.admit()):   # another deployment, else a fallback model
-            d = self._next(route, None, False)
-            if d is None:
+        if d is None or (d.breaker is not None and not d.admit()):
+            d = self._next(route, None, False)            # a half-open probe taken meanwhile: another one
+            if d is None and not route.any_full(None):   # none available (breakers open): a fallback model
                 d = self._fallback(route.retry.fallbacks)
-            if d is None:
-                raise GatewayError(503, f"No deployment of model `{ex.model}` is available now (their circuit "
-                                        "breakers are open).", type="upstream_error", code="upstream_unavailable",
-                                   headers=(("retry-after", _retry_in(route)),))
+            if d is None:                                 # every one at max_concurrent: the model's queue, or 503
+                self._queue_for_deployment()
+                return
         self._send(d)
+
+    cdef void _queue_for_deployment(self) except *:
+        """No deployment can take the request now: wait in the route's queue (max_queue) for one with a free slot,
+        at most its queue_timeout; a 503 when the queue is full or nothing would free up."""
+        cdef Route route = <Route>self.ex.route
+        self.queued_pick = route.wait(self.ex, self._deployment_free)
+        if self.queued_pick is None:
+            raise _no_deployment(route, False)
+        wait_for(self.client, UPSTREAM_WAIT)
+        cdef double until = now() + route.queue_timeout
+        if until < self.client.deadline:
+            self.client.deadline = until
+
+    def _deployment_free(self, Deployment d):
+        """Our turn in the route's queue: `d` has a slot for us."""
+        self.queued_pick = None
+        if self.state != ADMITTING:
+            return
+        try:
+            self._send(d)
+        except GatewayError as err:         # this deployment's provider cannot express the request
+            self._give_up(err)
+        except Exception:                   # runs inside another request's end: never let a bug reach it
+            self.gw.log.exception("request failed", request_id=self.ex.request_id)
+            self._give_up(GatewayError(500, "The gateway failed to process the request."))
 
     # -- the upstream request ---------------------------------------------------------------------------------
 
@@ -172,6 +197,7 @@ cdef class Relay(UpstreamListener):
         cdef Gateway gw = self.gw
         cdef Provider provider = <Provider>d.provider
         cdef bint add_usage = ex.stream and gw.needs_usage and not ex.fields.include_usage
+        self._end_attempt()                  # a retry: the attempt before it is over
         if ex.messages_api:
             if d.messages_provider is None:
                 raise GatewayError(400, f"The Messages API is not available for model `{ex.model}` (provider "
@@ -185,15 +211,24 @@ cdef class Relay(UpstreamListener):
         line = provider.request_line(ex, d.request_lines)   # first: it refuses an endpoint the provider lacks
         body = provider.request_body(ex, d.model_json, add_usage)
         ex.upstream_name = d.name
+        drop = _DROP_MESSAGES if ex.messages_api else _DROP
+        if d.own_header_names:               # a deployment's own `headers` replace the client's of those names
+            drop = drop + d.own_header_names
         head = (<RequestParser>ex._parser).forward_head(
             line,
             d.header_lines + b"x-request-id: " + ex.request_id.encode() + b"\r\n",
-            len(body), _DROP)
+            len(body), drop)
         pool = d.pool                        # cached on the deployment: no Pools lookup per request
         if pool is None:
             pool = d.pool = gw.pools.get(d)
         cdef UpstreamConnection conn = (<Pool>pool).acquire()
         self.state = AWAITING_HEAD
+        d.started()                          # sent, or queued for one of its connections
+        self.attempt_open = True
+        if d.own_timeouts:
+            self.client.limits = d
+        elif self.client.limits is not None:  # a retry on a deployment without timeouts of its own
+            self.client.limits = None
         if not same_attempt:
             ex.attempts += 1
             self.route_attempts += 1
@@ -237,7 +272,7 @@ cdef class Relay(UpstreamListener):
 
     async def _open_and_send(self, Pool pool, Deployment d, bytes head, bytes body, int attempt):
         try:
-            conn = await pool.open_one()
+            conn = await (pool.open_one(d.connect_timeout) if d.own_timeouts else pool.open_one())
         except (OSError, asyncio.TimeoutError) as exc:
             if self.state != DONE and self.attempt_id == attempt:
                 self.upstream_failed("connect", f"cannot connect to the upstream: {type(exc).__name__}")
@@ -277,6 +312,8 @@ cdef class Relay(UpstreamListener):
             wait_for(self.client, STREAMING)
         else:
             self.parts = []
+            if r.status < 500 and r.status != 429:   # an answer, not a failure: how fast it came counts
+                self.deployment.first_byte(t - ex.t_sent)
         if self.state == OWN_SSE_HEAD:      # our SSE head is out already (keep-alive comments were sent)
             self.chunked = True
             if self.sse is not None:
@@ -315,14 +352,15 @@ cdef class Relay(UpstreamListener):
                 return
             if ex.t_first_token == 0.0:
                 ex.t_first_token = now()
+                self.deployment.first_byte(ex.t_first_token - ex.t_sent)
             if self.gw.stream_event_hooks:
                 try:
                     self._stream_events(data)
                 except GatewayError as err:
                     self._give_up(err)
                     return
-            d = now() + self.gw.stream_gap_timeout
-            total = ex.t_start + self.gw.total_timeout
+            d = now() + self.deployment.stream_gap_timeout   # its own timeouts, else [upstream]'s
+            total = ex.t_start + self.deployment.total_timeout
             self.client.deadline = d if d < total else total
             self._emit(_frame(data))
             return
@@ -358,6 +396,7 @@ cdef class Relay(UpstreamListener):
         cdef Exchange ex = self.ex
         cdef int status = ex.status
         self.upstream = None
+        self._end_attempt()
         ex.upstream_wait += now() - ex.t_sent
         if self.deployment.breaker is not None:     # (checked here: no call at all without a breaker)
             if status == 429 or status >= 500:
@@ -373,7 +412,7 @@ cdef class Relay(UpstreamListener):
             # A translating provider's refusal of a whole answer (Gemini's blocked prompt: content_filter) may
             # have a fallback like an upstream's 400; else it found the response broken or truncated.
             if self.state == HEAD_HELD and err.status == 400 and self._replace_answer(400, err.body()):
-                return         # a translating provider found the response broken or truncated
+                return
             self._give_up(err)
             return
         self._flush()
@@ -431,6 +470,7 @@ cdef class Relay(UpstreamListener):
 
     cdef void upstream_failed(self, str kind, str message) except *:
         self.upstream = None
+        self._end_attempt()
         if self.state == DONE:
             return
         if self.state == AWAITING_HEAD or self.state == HEAD_HELD:
@@ -659,6 +699,7 @@ cdef class Relay(UpstreamListener):
         self.upstream = None
         if up is not None:
             up.abort()
+        self._end_attempt()
         if self.state == DONE:
             return
         cdef Exchange ex = self.ex
@@ -676,6 +717,12 @@ cdef class Relay(UpstreamListener):
     cdef void _done(self) except *:
         self.state = DONE
         self.client.exchange_over(self.ex)
+
+    cdef void _end_attempt(self) except *:
+        """The attempt on self.deployment is over (answered, failed, given up or cancelled)."""
+        if self.attempt_open:
+            self.attempt_open = False
+            self.deployment.ended()
 
     cdef void upstream_read_done(self) except *:
         self._flush()
@@ -705,6 +752,9 @@ cdef class Relay(UpstreamListener):
         request at once; its connection cannot be reused."""
         self.state = DONE
         self.queued = False                  # leaves a pool's queue (skipped when its turn comes)
+        if self.queued_pick is not None:     # leaves the route's queue
+            (<Route>self.ex.route).leave(self.queued_pick)
+            self.queued_pick = None
         if self.backoff is not None:
             self.backoff.cancel()
             self.backoff = None
@@ -712,8 +762,15 @@ cdef class Relay(UpstreamListener):
         self.upstream = None
         if up is not None:
             up.abort()
+        self._end_attempt()
 
     cdef void timed_out(self) except *:
+        if self.queued_pick is not None:     # waited its queue_timeout for a deployment with a free slot
+            (<Route>self.ex.route).leave(self.queued_pick)
+            self.queued_pick = None
+            self.state = DONE
+            self.client.refuse(_no_deployment(<Route>self.ex.route, True), False)
+            return
         if self.backoff is not None:         # the deadline came while the next attempt waited out its backoff
             self.backoff.cancel()
             self.backoff = None
@@ -786,6 +843,20 @@ def _retry_in(Route route):
     """Whole seconds until a deployment of `route` lets a probe through (a 503's retry-after), at least 1."""
     waits = [d.breaker.info()["retry_in_s"] for d in route.deployments if d.breaker is not None]
     return str(max(1, int(min(waits) + 0.999))) if waits else "1"
+
+
+cdef object _no_deployment(Route route, bint waited):
+    """The 503 of a request no deployment of `route` could take: all at max_concurrent (with no room in its
+    queue, or `waited` its queue_timeout there), or none available."""
+    if waited or route.any_full(None):
+        why = (f"waited {route.queue_timeout:g} s for a free slot" if waited else
+               f"{route.queued} requests wait for a free slot already" if route.max_queue else
+               "no request waits for a free slot (max_queue = 0)")
+        return GatewayError(503, f"Every deployment of model `{route.name}` is at its max_concurrent; {why}.",
+                            type="api_error", code="deployments_busy", headers=(("retry-after", "1"),))
+    return GatewayError(503, f"No deployment of model `{route.name}` is available now: their circuit breakers are "
+                             "open.", type="api_error", code="no_available_deployment",
+                        headers=(("retry-after", _retry_in(route)),))
 
 
 cdef void _note_upstream_error(Exchange ex, str kind) except *:

@@ -240,15 +240,16 @@ cdef class Pool:
             return await self.open_one()
         return got
 
-    async def open_one(self):
-        """Open a connection in a slot already counted in `open` (reserve, or slot_ready)."""
+    async def open_one(self, double timeout=0.0):
+        """Open a connection in a slot already counted in `open` (reserve, or slot_ready), within `timeout`
+        seconds (a deployment's own connect timeout), else the pool's connect_timeout."""
         self.connects += 1
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(
                     lambda: UpstreamConnection(self), self.host, self.port,
                     ssl=self.ssl, server_hostname=self.server_hostname),
-                self.connect_timeout)
+                timeout if timeout > 0 else self.connect_timeout)
         except BaseException:
             self.open -= 1
             if self._hand_over(None):

@@ -6,6 +6,7 @@ Provider keys never live in the file: a deployment names the environment variabl
 from __future__ import annotations
 
 import os
+import re
 
 try:
     import tomllib
@@ -53,6 +54,17 @@ class Upstream(msgspec.Struct, forbid_unknown_fields=True):
     max_connections_per_upstream: int = 1024
     max_idle_per_upstream: int = 1024     # idle ones kept for reuse (a burst then opens no new connections)
     queue_timeout: float = 10.0
+    # GET /v1/models: how long the model lists of the wildcard route's upstreams are reused before a refresh
+    # (in the background: listings answer from the previous lists meanwhile).
+    models_cache_s: float = 60.0
+
+
+class DeploymentTimeouts(msgspec.Struct, forbid_unknown_fields=True):
+    """A deployment's own timeouts (seconds); None keeps [upstream]'s."""
+    connect: float | None = None
+    first_byte: float | None = None
+    stream_gap: float | None = None
+    total: float | None = None
 
 
 class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -67,6 +79,10 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     auth: str = ""                        # azure: "bearer" sends the key as Authorization: Bearer (an Entra ID
                                           # token) instead of api-key; "" = the provider's default
     default_max_tokens: int = 4096        # anthropic: max_tokens when the client sends none (Anthropic requires it)
+    priority: int = 1                     # tier: 2 serves only while no deployment of tier 1 is available
+    max_concurrent: int = 0               # requests in flight on it per worker; 0 = no limit
+    timeouts: DeploymentTimeouts = msgspec.field(default_factory=DeploymentTimeouts)
+    headers: dict[str, str] = {}          # extra header lines sent upstream (replacing a client's of that name)
 
 
 class Retry(msgspec.Struct, forbid_unknown_fields=True):
@@ -99,6 +115,10 @@ class HealthCheck(msgspec.Struct, forbid_unknown_fields=True):
 class Model(msgspec.Struct, forbid_unknown_fields=True):
     name: str                             # the virtual name clients ask for; "*" matches any model
     deployments: list[DeploymentConfig]
+    balancing: str = "round-robin"        # one of BALANCING
+    sticky_key: str = "consumer"          # balancing = "sticky": "consumer" or "user" (the body's `user`)
+    max_queue: int = 0                    # requests that wait when every deployment is at max_concurrent; 0 = 503
+    queue_timeout: float | None = None    # the longest such a wait; None = [upstream] queue_timeout
     # Resilience: retries, fallback models (tried in order once this model's attempts are used up), and the
     # fallbacks for an upstream 400 context_length_exceeded / content_filter (content_policy_violation).
     retry: Retry = msgspec.field(default_factory=Retry)
@@ -107,6 +127,18 @@ class Model(msgspec.Struct, forbid_unknown_fields=True):
     content_policy_fallbacks: list[str] = []
     breaker: Breaker | None = None        # None: no breaker (a health_check alone uses Breaker's defaults)
     health_check: HealthCheck | None = None
+
+
+# A model's ways of picking a deployment for each request (see fastgw.routing.router.Route).
+BALANCING = ("round-robin", "least-in-flight", "lowest-latency", "sticky")
+STICKY_KEYS = ("consumer", "user")
+# Header names a deployment's `headers` may not set: hop-by-hop ones (RFC 9110 7.6.1), and the ones the gateway
+# writes itself (framing, host, the request id).
+_RESERVED_HEADERS = frozenset(("connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+                               "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host",
+                               "content-length", "expect", "x-request-id"))
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
+MAX_DEPLOYMENT_HEADERS = 32
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True):
@@ -216,7 +248,8 @@ def _check(cfg: Config, source: str) -> None:
         if getattr(s, field) <= 0:
             raise ConfigError(f"{source}: server.{field}: must be > 0")
     u = cfg.upstream
-    for field in ("max_connections_per_upstream", "connect_timeout", "queue_timeout"):
+    for field in ("max_connections_per_upstream", "connect_timeout", "first_byte_timeout", "stream_gap_timeout",
+                  "total_timeout", "queue_timeout", "models_cache_s"):
         if getattr(u, field) <= 0:
             raise ConfigError(f"{source}: upstream.{field}: must be > 0")
     if u.max_idle_per_upstream < 0:
@@ -229,6 +262,7 @@ def _check(cfg: Config, source: str) -> None:
         seen.add(m.name)
         if not m.deployments:
             raise ConfigError(f"{where}: deployments: at least one is needed")
+        _check_balancing(m, where)
         for j, d in enumerate(m.deployments):
             parts = urlsplit(d.url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -241,8 +275,55 @@ def _check(cfg: Config, source: str) -> None:
             problem = PROVIDERS[d.provider].check(d)
             if problem:
                 raise ConfigError(f"{where}.deployments[{j}].{problem}")
+            problem = _deployment_problem(d)
+            if problem:
+                raise ConfigError(f"{where}.deployments[{j}].{problem}")
         _check_resilience(m, where)
     _check_fallbacks(cfg.models, source)
+
+
+def _check_balancing(m: Model, where: str) -> None:
+    if m.balancing not in BALANCING:
+        raise ConfigError(f"{where}.balancing: unknown balancing {m.balancing!r} (known: {', '.join(BALANCING)})")
+    if m.sticky_key not in STICKY_KEYS:
+        raise ConfigError(f"{where}.sticky_key: expected one of {', '.join(STICKY_KEYS)}, got {m.sticky_key!r}")
+    if m.max_queue < 0:
+        raise ConfigError(f"{where}.max_queue: must be >= 0 (0 = answer 503 at once)")
+    if m.queue_timeout is not None and m.queue_timeout <= 0:
+        raise ConfigError(f"{where}.queue_timeout: must be > 0")
+    if m.max_queue and not any(d.max_concurrent for d in m.deployments):
+        raise ConfigError(f"{where}.max_queue: no deployment of this model has a max_concurrent, so no request "
+                          "would ever wait")
+
+
+def _deployment_problem(d: DeploymentConfig) -> str:
+    """What is wrong with a deployment's balancing settings, as "field: why" ("" when nothing)."""
+    if d.priority < 1:
+        return "priority: must be >= 1 (1 = the first tier)"
+    if d.max_concurrent < 0:
+        return "max_concurrent: must be >= 0 (0 = no limit)"
+    for field in ("connect", "first_byte", "stream_gap", "total"):
+        value = getattr(d.timeouts, field)
+        if value is not None and value <= 0:
+            return f"timeouts.{field}: must be > 0"
+    if len(d.headers) > MAX_DEPLOYMENT_HEADERS:
+        return f"headers: at most {MAX_DEPLOYMENT_HEADERS}"
+    seen = set()
+    for name, value in d.headers.items():
+        if not _TOKEN(name):
+            return f"headers: {name!r} is not a valid header name"
+        if name.lower() in seen:
+            return f"headers.{name}: set twice (names are case-insensitive)"
+        seen.add(name.lower())
+        if name.lower() in _RESERVED_HEADERS:
+            return f"headers.{name}: a hop-by-hop or gateway-managed header cannot be set"
+        if any(c in value for c in "\r\n\0"):
+            return f"headers.{name}: the value contains CR, LF or NUL"
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            return f"headers.{name}: the value must be Latin-1 text"
+    return ""
 
 
 def _check_resilience(m: Model, where: str) -> None:

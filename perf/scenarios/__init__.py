@@ -121,7 +121,7 @@ SCENARIOS = {s.name: s for s in [
     *_paced_scenarios(),
 ]}
 
-DEFAULT = ["direct", "nginx", "proxy", "stream", "policies"]
+DEFAULT = ["direct", "nginx", "proxy", "stream", "policies", "stream-policies"]
 PACED = ["paced-stream", "paced-stream-no-usage", "paced-stream-20ms", "paced-streams-2000"]
 TRANSLATE = ["translate-anthropic", "translate-anthropic-stream"]
 

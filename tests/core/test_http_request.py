@@ -111,7 +111,9 @@ values = st.lists(
 def requests(draw, allow_close=True):
     method = draw(methods)
     version = draw(st.sampled_from([b"1.1", b"1.1", b"1.0"]))
-    fields = draw(st.lists(st.tuples(names, values), max_size=8))
+    # Now and then more fields than the parser's first header slots (16): they grow while parsing.
+    fewest, most = draw(st.sampled_from([(0, 8), (0, 8), (0, 8), (17, 40)]))
+    fields = draw(st.lists(st.tuples(names, values), min_size=fewest, max_size=most))
     if draw(st.booleans()) and fields:  # a repeated name
         fields.append((fields[0][0].upper(), draw(values)))
     body = draw(st.binary(max_size=300))

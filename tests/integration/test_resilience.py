@@ -177,11 +177,12 @@ def test_a_failure_before_the_first_byte_is_served_by_a_healthy_deployment(failu
     bad = bad_url.split("/")[2]
     wait_for_value(lambda: metric(gw, "fastgw_upstream_errors_total", upstream=bad, kind=kind), 1.0,
                    what=f"the {kind} counted")
-    # A stream request too (the retry moved the cycle back to the bad one): nothing of the failed attempt
-    # reaches the client.
-    r = httpx.post(gw.base + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=20)
-    assert r.status_code == 200 and r.text.startswith("data: {") and r.text.count("data: [DONE]") == 1
-    assert last_line(gw, 2)["attempts"] == 2
+    # Stream requests too (of two, the balancing sends one to the bad deployment first): nothing of the failed
+    # attempt reaches the client.
+    for _ in range(2):
+        r = httpx.post(gw.base + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=20)
+        assert r.status_code == 200 and r.text.startswith("data: {") and r.text.count("data: [DONE]") == 1
+    assert sorted(last_line(gw, n)["attempts"] for n in (2, 3)) == [1, 2]
 
 
 def test_without_retries_the_failure_reaches_the_client_as_before(upstreams, start_gateway):
@@ -372,9 +373,10 @@ def test_limits_and_budgets_are_charged_once_per_client_request(tmp_path, upstre
         remaining.append(r.headers["x-ratelimit-remaining-requests"])
     assert remaining == ["2", "1", "0"]                   # one request each, whatever the attempts
     assert post(gw, headers=auth).status_code == 429
-    assert bad.stats.requests == 3 and good.stats.requests == 3
     lines = wait_for(lambda: len(chat_lines(gw)) == 4 and chat_lines(gw), what="four access lines")
-    assert [(l["status"], l["attempts"]) for l in lines] == [(200, 2), (200, 2), (200, 2), (429, 0)]
+    assert [l["status"] for l in lines] == [200, 200, 200, 429] and lines[3]["attempts"] == 0
+    assert good.stats.requests == 3 and bad.stats.requests >= 1          # some went to the bad one first ...
+    assert sum(l["attempts"] for l in lines) == 3 + bad.stats.requests   # ... and were retried, uncharged
 
 
 # -- configuration ---------------------------------------------------------------------------------------------

@@ -83,6 +83,12 @@ def test_allowed_models(auth, make_exchange, consumer_key, model, allowed, polic
             body = orjson.loads(e.value.body())["error"]
             assert e.value.status == 403 and body["code"] == "model_not_allowed" and body["param"] == "model"
             assert e.value.reason == "model_not_allowed"
+    # GET /v1/models lists the model to this consumer exactly when it may use it, from the cache or not.
+    other = make_exchange(headers={"Authorization": f"Bearer {consumer_key}"})
+    auth.access(other)
+    assert auth.model_visible(other, model) is allowed
+    auth._allowed.clear()
+    assert auth.model_visible(other, model) is allowed
 
 
 def test_key_never_logged_or_in_metrics(auth, make_exchange, policy_ctx):

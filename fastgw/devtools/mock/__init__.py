@@ -8,8 +8,10 @@ answers in every wire format at once, on one port (their paths do not collide):
                 rendered once
   tools.py      tool-call arguments built from a tool's JSON schema, shared by the formats
   openai.py     OpenAI: /v1/chat/completions (with tool calls), completions, responses, embeddings, models
-  anthropic.py  Anthropic Messages: /v1/messages (streamed, tool use), /v1/messages/count_tokens
-  gemini.py     Gemini v1beta: /v1beta/models/{model}:generateContent, :streamGenerateContent, :countTokens
+  anthropic.py  Anthropic Messages: /v1/messages (streamed, tool use), /v1/messages/count_tokens, and its
+                GET /v1/models (the requests with an anthropic-version header: OpenAI's list shares the path)
+  gemini.py     Gemini v1beta: /v1beta/models/{model}:generateContent, :streamGenerateContent, :countTokens, and
+                GET /v1beta/models
   azure.py      Azure OpenAI: /openai/deployments/{deployment}/chat/completions, completions, embeddings
 
 Adding another wire format is one new module and one line here, without touching the server: handlers

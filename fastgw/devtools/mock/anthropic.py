@@ -231,6 +231,35 @@ def messages(req: MockRequest):
     return JsonReply(200, _TEXT.get(model, False, n, stop_reason).body_for(prompt, n))
 
 
+# (id, display_name, created_at) of GET /v1/models, newest first as Anthropic lists them.
+MODELS = (("claude-haiku-4-5", "Claude Haiku 4.5", "2025-10-15T00:00:00Z"),
+          ("claude-sonnet-4-5", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
+          ("claude-opus-4-1", "Claude Opus 4.1", "2025-08-05T00:00:00Z"))
+
+
+def list_models(req: MockRequest) -> JsonReply:
+    """GET /v1/models in Anthropic's shape (openai.py hands over the requests with an anthropic-version header:
+    the two formats share the path): the page after `after_id`, of `limit` models (default 20, 1 to 1000)."""
+    if not req.header(b"x-api-key") and req.bearer() is None:
+        return JsonReply(401, error_body(401, "x-api-key header is required"))
+    try:
+        limit = int(req.query_param("limit") or 20)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        return JsonReply(400, error_body(400, "limit: Input should be between 1 and 1000"))
+    ids = [m[0] for m in MODELS]
+    after = req.query_param("after_id")
+    if after is not None and after not in ids:
+        return JsonReply(400, error_body(400, f"after_id: unknown model {after!r}"))
+    start = ids.index(after) + 1 if after is not None else 0
+    page = [{"type": "model", "id": i, "display_name": name, "created_at": created}
+            for i, name, created in MODELS[start:start + limit]]
+    return JsonReply(200, orjson.dumps({"data": page, "has_more": start + limit < len(MODELS),
+                                        "first_id": page[0]["id"] if page else None,
+                                        "last_id": page[-1]["id"] if page else None}))
+
+
 def count_tokens(req: MockRequest) -> JsonReply:
     _checked(req, needs_max_tokens=False)
     return JsonReply(200, b'{"input_tokens":%d}' % (len(req.body) // 4))

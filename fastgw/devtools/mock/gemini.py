@@ -237,6 +237,35 @@ _METHODS = {
 }
 
 
+_CHAT_METHODS = ["generateContent", "countTokens", "createCachedContent", "batchGenerateContent"]
+# GET /v1beta/models: (id, displayName, supportedGenerationMethods); an embedding model among them, as Google's
+# list has them.
+MODELS = (("gemini-2.5-pro", "Gemini 2.5 Pro", _CHAT_METHODS),
+          ("gemini-2.5-flash", "Gemini 2.5 Flash", _CHAT_METHODS),
+          ("text-embedding-004", "Text Embedding 004", ["embedContent"]),
+          ("gemini-2.0-flash", "Gemini 2.0 Flash", _CHAT_METHODS))
+
+
+def list_models(req: MockRequest) -> JsonReply:
+    """GET /v1beta/models: the page at `pageToken` of `pageSize` models (default 50, at most 1000)."""
+    if not req.header(b"x-goog-api-key") and not req.query_param("key"):
+        raise Refusal(403, UNREGISTERED)
+    try:
+        size = int(req.query_param("pageSize") or 50)
+        start = int(req.query_param("pageToken") or 0)
+    except ValueError:
+        raise Refusal(400, "Invalid pageSize or pageToken.") from None
+    if size < 1 or not 0 <= start <= len(MODELS):
+        raise Refusal(400, "Invalid pageSize or pageToken.")
+    size = min(size, 1000)
+    out = {"models": [{"name": f"models/{i}", "version": "001", "displayName": name, "description": name,
+                       "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+                       "supportedGenerationMethods": methods} for i, name, methods in MODELS[start:start + size]]}
+    if start + size < len(MODELS):
+        out["nextPageToken"] = str(start + size)       # opaque to clients; an offset here
+    return JsonReply(200, orjson.dumps(out))
+
+
 def models(req: MockRequest):
     """POST /v1beta/models/{model}:{method}."""
     model, _, method = req.path[len(PREFIX):].decode("latin-1").rpartition(":")
@@ -248,5 +277,6 @@ def models(req: MockRequest):
 
 
 ROUTES = (
+    (b"GET", b"/v1beta/models", list_models),
     (b"POST", PREFIX + b"*", models),
 )

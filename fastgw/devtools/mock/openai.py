@@ -24,7 +24,7 @@ import time
 
 import orjson
 
-from fastgw.devtools.mock import tools
+from fastgw.devtools.mock import anthropic, tools
 from fastgw.devtools.mock.wire import (
     PROMPT_TOKENS as _P, TOTAL_TOKENS as _T, Canned, JsonReply, MockRequest, Refusal, StreamReply, TemplateCache,
     fill, frame, pieces as _pieces, sse, template, to_template)
@@ -345,6 +345,8 @@ _MODELS_BODY = orjson.dumps({"object": "list", "data": [
 
 
 def models(req: MockRequest) -> JsonReply:
+    if req.header(b"anthropic-version"):   # Anthropic lists its models at the same path; its clients send this
+        return anthropic.list_models(req)
     return JsonReply(200, _MODELS_BODY)
 
 

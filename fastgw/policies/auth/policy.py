@@ -189,6 +189,15 @@ class KeyAuth(Policy):
         if not ok:
             self._refuse_model(ex)
 
+    def model_visible(self, ex, model: str) -> bool:
+        """GET /v1/models lists a restricted consumer only the models it may use."""
+        rules = self._restricted.get(ex.consumer)
+        if rules is None:
+            return True
+        k = (ex.consumer, model)
+        ok = self._allowed.get(k)
+        return ok if ok is not None else self._model_allowed(k, rules)
+
     def _model_allowed(self, k: tuple[str, str], rules: tuple) -> bool:
         """Whether model k[1] is allowed by every pattern list of `rules` (consumer's, group's); cached."""
         ok = all(not pats or any(fnmatchcase(k[1], p) for p in pats) for pats in rules)
