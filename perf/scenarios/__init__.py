@@ -116,6 +116,12 @@ SCENARIOS = {s.name: s for s in [
     Scenario("translate-anthropic-stream", "fastgw", "paced-stream",
              "fastgw as in `paced-stream` with an Anthropic deployment: its event stream translated to chat "
              "chunks, event by event", config="anthropic.toml", base="paced-stream"),
+    Scenario("routing", "fastgw", "chat",
+             "fastgw as in `proxy` with the model on 3 deployments, retries and a breaker configured, all healthy",
+             config="routing.toml", base="proxy"),
+    Scenario("failover", "fastgw", "chat",
+             "fastgw as in `routing` with one of the 3 deployments refusing connections (breaker, retries)",
+             config="failover.toml", base="proxy"),
     Scenario("cache-hit", "fastgw", "chat", "fastgw answering from its response cache",
              unavailable="no response cache in fastgw yet"),
     *_paced_scenarios(),
