@@ -674,3 +674,15 @@ def test_usage_reader_does_not_parse_text_deltas():
     assert reader.event("content_block_delta", b"not even json") == []      # skipped by its name, unread
     with pytest.raises(GatewayError):
         reader.event("message_start", b"not json")
+
+
+@pytest.mark.parametrize("message", [
+    "prompt is too long: 215000 tokens > 200000 maximum",
+    "input length and `max_tokens` exceed context limit: 197000 + 8192 > 200000, decrease input length or "
+    "`max_tokens` and try again"])
+def test_a_prompt_over_the_window_is_openais_context_length_exceeded(message):
+    body = orjson.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": message}})
+    status, err = messages_error_to_chat(400, body)
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded"
+    other = orjson.dumps({"type": "error", "error": {"type": "invalid_request_error", "message": "bad field"}})
+    assert messages_error_to_chat(400, other)[1]["error"]["code"] is None

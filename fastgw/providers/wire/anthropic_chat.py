@@ -12,6 +12,7 @@ dropped silently, unless dropping it changes no answer (`seed`, `store`, ...). M
 """
 from __future__ import annotations
 
+import re
 import time
 
 import orjson
@@ -527,9 +528,16 @@ def _chat_error(status: int, kind, message: str) -> tuple[int, dict]:
         return 504, _error_object(f"The upstream (Anthropic) timed out: {message}", "upstream_error",
                                   "upstream_timeout")
     if 400 <= status < 500:     # about the request itself (400 invalid_request_error, 409, ...): the client's
-        return status, _error_object(message, "invalid_request_error", None)
+        # OpenAI's code for a prompt over the model's window, which clients and context_window_fallbacks read
+        code = "context_length_exceeded" if status == 400 and _TOO_LONG.search(message) else None
+        return status, _error_object(message, "invalid_request_error", code)
     return 502, _error_object(f"The upstream (Anthropic) failed ({kind}): {message}", "upstream_error",
                               "upstream_error")
+
+
+# Anthropic's wording for a request over the context window ("prompt is too long: 215000 tokens > 200000
+# maximum"; "input length and `max_tokens` exceed context limit: ..."): it has no error code of its own.
+_TOO_LONG = re.compile(r"prompt is too long|exceed context limit")
 
 
 def _error_object(message: str, kind: str, code: str | None) -> dict:
