@@ -59,6 +59,9 @@ FAULTS = {f.name: f for f in (
     Fault("close", (("x-mock-close", "1"),)),                              # the upstream closes after answering
     Fault("status500", (("x-mock-status", "500"),), ERROR, 500),
     Fault("reset", (("x-mock-reset-after", "3"),), BROKEN, streams_only=True),  # aborted after 3 events
+    # For clients that leave (the soak): a stream open for a second, an answer that starts after 300 ms.
+    Fault("slow", (("x-mock-chunk-delay-ms", "200"),), streams_only=True),
+    Fault("late", (("x-mock-delay-ms", "300"),)),
 )}
 # How often each fault is picked (the rest of a stream-only fault's share goes to "none" for non-streams).
 FAULT_WEIGHTS = {"none": 55, "delay": 10, "paced": 8, "close": 9, "status500": 9, "reset": 9}
@@ -92,16 +95,18 @@ class Job:
 class Jobs:
     """Tagged jobs for one run: tags unique to it, streams and faults drawn from a seeded generator."""
 
-    def __init__(self, seed: int | None = None, stream_share: float = 0.4, fault_share: float = 1.0):
+    def __init__(self, seed: int | None = None, stream_share: float = 0.4, fault_share: float = 1.0,
+                 fault_weights: dict = FAULT_WEIGHTS):
         self.rng = random.Random(seed)
         self.run = os.urandom(3).hex()
         self.n = 0
         self.stream_share = stream_share
-        names = list(FAULT_WEIGHTS)
-        weights = [FAULT_WEIGHTS[n] for n in names]
+        names = ["none"] + [n for n in fault_weights if n != "none"]
+        weights = [fault_weights.get(n, 0) for n in names]
         if fault_share < 1.0:   # fewer faults: the rest of the weight goes to "none"
+            total = sum(weights)
             weights = [w * fault_share for w in weights]
-            weights[0] += sum(FAULT_WEIGHTS.values()) - sum(weights)
+            weights[0] += total - sum(weights)
         self.names, self.weights = names, weights
 
     def next(self, stream: bool | None = None, fault: str | None = None) -> Job:
@@ -286,7 +291,7 @@ class Tally:
     def add(self, job: Job, verdict: tuple, behind: bool = False) -> None:
         outcome, problem, detail = verdict
         self.outcomes[(job.fault, outcome)] += 1
-        if outcome != LOST:
+        if outcome != LOST and outcome != ABORTED:
             if job.stream:
                 self.streams += 1
             else:
@@ -299,7 +304,7 @@ class Tally:
                 ex.append(detail)
 
     def answered(self) -> int:
-        return sum(n for (_, outcome), n in self.outcomes.items() if outcome != LOST)
+        return sum(n for (_, outcome), n in self.outcomes.items() if outcome != LOST and outcome != ABORTED)
 
     def merge(self, other: "Tally") -> None:
         self.outcomes.update(other.outcomes)
@@ -317,13 +322,15 @@ class Tally:
                 "problems": dict(self.problems), "examples": self.examples}
 
 
-async def pipelined(host: str, port: int, batches, tally: Tally, timeout: float = 30.0) -> None:
+async def pipelined(host: str, port: int, batches, tally: Tally, timeout: float = 30.0, pace=None) -> None:
     """One keep-alive connection: each batch of jobs (from the iterable `batches`, taken one at a time) is
     written at once (pipelined), then its answers are read in order. After an answer broken off the rest of its
-    batch are LOST, and no further batch is taken."""
+    batch are LOST, and no further batch is taken. `pace(n)`, if given, is awaited before n requests go out."""
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
     try:
         for batch in batches:
+            if pace is not None:
+                await pace(len(batch))
             writer.write(b"".join(job.raw() for job in batch))
             broken = False
             for i, job in enumerate(batch):
