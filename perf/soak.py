@@ -49,7 +49,7 @@ SERIES = (
 # The judged requests' faults (perf/tagged_load.py FAULTS), by weight: "slow" streams stay open ~1.2 s.
 SOAK_FAULTS = {"none": 66, "delay": 6, "paced": 6, "close": 5, "status500": 5, "reset": 5, "slow": 7}
 ABORT_SHARE = 0.04      # of the connections a client opens: leave mid-stream or before the head (half each)
-SETTLE_S = 5.0          # after the load, before the idle sample: status snapshots and flushes catch up
+SETTLE_S = 3.0          # after the load, before the idle sample: status snapshots (1 s) and flushes catch up
 
 CONFIG = """[server]
 host = "{host}"
@@ -231,7 +231,7 @@ async def soak(minutes: float, rate: float, users: int, interval: float, work: s
         # Warm-up (imports, caches, first allocations), then the idle workers.
         warm = Load(port, 500, 8, seed + 1)
         stop = asyncio.Event()
-        asyncio.get_running_loop().call_later(3, stop.set)
+        asyncio.get_running_loop().call_later(2, stop.set)
         await warm.run_until(stop)
         await asyncio.sleep(SETTLE_S)
         before = await sample(admin)

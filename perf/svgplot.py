@@ -39,8 +39,13 @@ def _panel(p: Panel, ox: float, oy: float) -> list[str]:
     y0, y1 = min(y for _, y in pts), max(y for _, y in pts)
     if y0 >= 0 and y0 <= (y1 - y0) * 2:        # near zero: start the axis at 0, so small wiggles look small
         y0 = 0.0
-    if y1 == y0:
-        y1 = y0 + 1.0
+    span = max(abs(y1) * 0.05, 1.0 if y1 == y0 else 0.0)
+    if y1 - y0 < span:                         # at least 5% of the value: a flat series looks flat
+        mid = (y0 + y1) / 2
+        low = mid - span / 2
+        if y0 >= 0 > low:                      # no negative axis for counts
+            low = 0.0
+        y0, y1 = low, low + span
     if x1 == x0:
         x1 = x0 + 1.0
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
@@ -59,7 +64,7 @@ def _panel(p: Panel, ox: float, oy: float) -> list[str]:
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):  # x labels in minutes
         x = x0 + (x1 - x0) * frac
         out.append(f'<text x="{sx(x):.1f}" y="{TOP + ph + 14}" font-size="11" text-anchor="middle">'
-                   f'{x / 60:.0f}</text>')
+                   f'{round(x / 60, 1):g}</text>')
     out.append(f'<text x="{LEFT + pw / 2}" y="{H - 4}" font-size="11" text-anchor="middle" fill="#555">'
                "minutes</text>")
     if p.mark_x is not None and x0 <= p.mark_x <= x1:
