@@ -4,8 +4,8 @@
 Invariants:
 - An UpstreamConnection carries one request at a time and reports its response to one UpstreamListener through
   upstream_head, upstream_body, then exactly one of upstream_end / upstream_failed.
-- A connection that sent bytes nobody asked for, broke mid-response, or was given up by its listener is never
-  reused: it is aborted and forgotten by its pool.
+- A connection that sent bytes nobody asked for (while idle, or after a response's end in the same read),
+  broke mid-response, or was given up by its listener is never reused: it is closed and forgotten by its pool.
 - A kept-alive connection that dies before answering reports "stale" (the request may be sent again: the
   upstream never saw it), anything else "reset" or "protocol".
 - A pool never has more than max_connections open (connecting, busy or idle). A request that finds none idle
@@ -101,8 +101,10 @@ cdef class UpstreamConnection:
                 listener.upstream_head(p)
             elif ev == _END:
                 self.listener = None
-                # Back to the pool before the listener continues, which may want a connection at once.
-                if p.keep_alive and not self.closed:
+                # Back to the pool before the listener continues, which may want a connection at once; but
+                # not with bytes after the response's end: nobody asked for them, and kept they would be read
+                # as the next request's answer (another client's).
+                if p.keep_alive and not self.closed and p.pos == p.end and p.pending is None:
                     self.reused = True
                     self.pool.release(self)
                 else:

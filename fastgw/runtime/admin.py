@@ -24,8 +24,8 @@ def config_version(cfg) -> str:
     return hashlib.sha256(msgspec.json.encode(cfg)).hexdigest()[:12]
 
 
-def write_status(gw, started: float, reloads: int) -> None:
-    """This worker's snapshot (called by the worker's one-second timer)."""
+def write_status(gw, started: float, reloads: int, asyncio_tasks: int = 0) -> None:
+    """This worker's snapshot (called by the worker's one-second timer, which counts its `asyncio_tasks`)."""
     errors = {}
     for (upstream, kind), n in gw.stats._upstream_errors.items():
         errors.setdefault(upstream, {})[kind] = n
@@ -33,10 +33,12 @@ def write_status(gw, started: float, reloads: int) -> None:
     for route in list(gw.router.routes.values()) + ([gw.router.wildcard] if gw.router.wildcard else []):
         for t in route.deployments:
             pool = gw.pools.pools.get(t.pool_key)
-            upstreams[t.name] = {"name": t.name, "idle_connections": len(pool.idle) if pool else 0,
-                                 "errors": errors.get(t.name, {})}
+            upstreams[t.name] = {"name": t.name, "open_connections": pool.open if pool else 0,
+                                 "idle_connections": len(pool.idle) if pool else 0,
+                                 "connects": pool.connects if pool else 0, "errors": errors.get(t.name, {})}
     status = {
         "worker": gw.worker_id, "pid": os.getpid(), "started_at": started, "connections": len(gw.connections),
+        "asyncio_tasks": asyncio_tasks,
         "draining": gw.draining, "config_source": gw.cfg.source, "config_version": config_version(gw.cfg),
         "reloads": reloads, "upstreams": list(upstreams.values()), "deployments": deployment_status(gw.router),
         "updated_at": time.time(),

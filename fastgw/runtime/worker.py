@@ -90,13 +90,17 @@ class Worker:
 
     def _snapshot(self) -> None:
         gw = self.gw
+        # Tasks alive on this worker's loop (connects, admissions, background policy work): counted once a
+        # second here, never per request, so a soak can tell a task leak from load.
+        tasks = len(asyncio.all_tasks(self.loop))
         gw.stats.set_gauge("open_connections", len(gw.connections))
         gw.stats.set_gauge("draining", 1.0 if gw.draining else 0.0)
+        gw.stats.set_gauge("asyncio_tasks", tasks)
         gw.stats.set_pools(gw.pools.report())
         gw.stats.set_deployments(breaker_rows(gw.router))
         gw.stats.flush()
         if self.cfg.server.admin_port:
-            admin.write_status(gw, self.started, self.reloads)
+            admin.write_status(gw, self.started, self.reloads, tasks)
         self.loop.call_later(STATS_FLUSH_INTERVAL, self._snapshot)
 
     # -- signals ------------------------------------------------------------------------------------------

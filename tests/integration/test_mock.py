@@ -181,6 +181,17 @@ def test_echo_headers(client):
     assert echoed["authorization"] == "Bearer sk-test" and echoed["x-custom"] == "v"
 
 
+def test_echo_headers_in_a_stream_is_cut_into_its_pieces(client):
+    chunks = list(client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+        extra_headers={"x-mock-echo-headers": "1", "x-custom": "streamed", "x-mock-chunks": "5"}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) == 5                             # the client must join the events to read the headers
+    echoed = orjson.loads("".join(pieces))
+    assert echoed["x-custom"] == "streamed" and echoed["x-mock-chunks"] == "5"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_reset_after_breaks_the_stream(client, mock):
     before = mock.stats.resets
     got = []

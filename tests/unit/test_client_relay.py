@@ -255,6 +255,27 @@ def test_a_client_that_leaves_cancels_the_upstream_request(rig):
     assert (line["request_id"], line["status"], line["error"]) == ("gone", 499, "client_disconnected")
 
 
+@pytest.mark.parametrize("answer", [json_response(b"mine"), sse_response(2)], ids=["json", "stream"])
+def test_bytes_after_a_response_end_are_never_the_next_clients_answer(rig, answer):
+    # A buggy upstream glues an unsolicited response to the end of a real one, in the same read. Kept in the
+    # pooled connection's parser, those bytes were the next request's "answer": another client's data.
+    r = rig()
+    fresh = r.upstream()
+    glued = r.upstream()                                # released last: acquire() hands it out first
+    first = r.client()
+    first.data_received(chat(stream=b"text/event-stream" in answer, rid="a"))
+    assert b"x-request-id: a" in glued.transport.take()
+    glued.data_received(answer + json_response(b"UNSOLICITED"))
+    assert b"UNSOLICITED" not in first.transport.take()
+    assert glued.closed and glued not in glued.pool.idle   # never reused
+    second = r.client()
+    second.data_received(chat(rid="b"))
+    assert b"x-request-id: b" in fresh.transport.take() and not glued.transport.out
+    fresh.data_received(json_response(b"for-b"))
+    out = second.transport.take()
+    assert b"for-b" in out and b"UNSOLICITED" not in out
+
+
 def test_a_reset_mid_stream_closes_the_client_without_a_clean_end(rig):
     r = rig()
     up = r.upstream()

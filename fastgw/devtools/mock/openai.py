@@ -230,10 +230,12 @@ def _text(req: MockRequest, obj: dict, model: str, render, cache: TemplateCache,
         usage_mode = STREAM_USAGE if isinstance(opts, dict) and opts.get("include_usage") is True else USAGE
     else:
         usage_mode = USAGE
+    if req.echo_headers:  # the headers as the content; rendered for this request only (never cached)
+        if stream:        # cut into the stream's pieces: a client must put the events together to read it
+            return StreamReply(render(model, True, n, usage_mode, req.echoed_headers()).events_for(prompt, n))
+        return JsonReply(200, fill(render(model, False, 1, usage_mode, req.echoed_headers()).body, prompt, 1))
     if stream:
         return StreamReply(cache.get(model, True, n, usage_mode).events_for(prompt, n))
-    if req.echo_headers:  # one piece: the headers; rendered for this request only (never cached)
-        return JsonReply(200, fill(render(model, False, 1, usage_mode, req.echoed_headers()).body, prompt, 1))
     return JsonReply(200, cache.get(model, False, n, usage_mode).body_for(prompt, n))
 
 

@@ -18,7 +18,8 @@ Fault injection by request header (the gateway forwards client headers, so tests
   x-mock-reset-after: N            stream: abort the TCP connection after N events (no final chunk)
   x-mock-no-usage: 1               never send usage (OpenAI and Azure; Anthropic and Gemini always report it)
   x-mock-close: 1                  answer with Connection: close and close
-  x-mock-echo-headers: 1           non-stream text answers: the request headers as a JSON object in the content
+  x-mock-echo-headers: 1           text answers: the request headers as a JSON object in the content (OpenAI
+                                   streams too, cut into the x-mock-chunks pieces; other formats non-stream)
 Defaults for the delays and chunk count can be given to start_mock(**defaults): delay_ms,
 first_token_delay_ms, chunk_delay_ms, chunks; and for the error answers: status, error_code, retry_after,
 retry_after_ms (a mock that fails every request, one of several upstreams in a test).

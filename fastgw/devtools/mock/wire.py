@@ -23,9 +23,10 @@ PIECES = ("Hello", "!", " This", " is", " the", " fastgw", " mock", " upstream",
 
 
 def pieces(n: int, content: str | None = None) -> list[str]:
-    """The first n pieces of the canned answer (cycling), or [content] when the content is given."""
+    """The first n pieces of the canned answer (cycling), or the given content cut into (at most) n pieces."""
     if content is not None:
-        return [content]
+        size = max(1, -(-len(content) // max(1, n)))
+        return [content[i:i + size] for i in range(0, len(content), size)] or [content]
     return [PIECES[i % len(PIECES)] for i in range(n)]
 
 
@@ -44,7 +45,7 @@ class MockRequest:
         self.body = body
         self.chunks = chunks            # how many content pieces to answer with
         self.no_usage = no_usage        # never report usage
-        self.echo_headers = echo_headers  # non-stream: answer with the request headers as the content
+        self.echo_headers = echo_headers  # answer with the request headers as the content (OpenAI streams too)
 
     def echoed_headers(self) -> str:
         """The request headers as a JSON object (repeated names joined with ", "), for x-mock-echo-headers."""
