@@ -4,8 +4,8 @@
 Invariants:
 - An UpstreamConnection carries one request at a time and reports its response to one UpstreamListener through
   upstream_head, upstream_body, then exactly one of upstream_end / upstream_failed.
-- A connection that sent bytes nobody asked for, broke mid-response, or was given up by its listener is never
-  reused: it is aborted and forgotten by its pool.
+- A connection that sent bytes nobody asked for (after its response, in the same read or later), broke
+  mid-response, or was given up by its listener is never reused: it is closed and forgotten by its pool.
 - A kept-alive connection that dies before answering reports "stale" (the request may be sent again: the
   upstream never saw it), anything else "reset" or "protocol".
 - A pool never has more than max_connections open (connecting, busy or idle). A request that finds none idle
@@ -15,11 +15,13 @@ Invariants:
 """
 import asyncio
 import socket
+import struct
 from collections import deque
 
 from fastgw.protocol import http as H
 
 cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _BODY = H.BODY, _END = H.END
+cdef bytes _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 cdef class UpstreamListener:
@@ -101,8 +103,9 @@ cdef class UpstreamConnection:
                 listener.upstream_head(p)
             elif ev == _END:
                 self.listener = None
-                # Back to the pool before the listener continues, which may want a connection at once.
-                if p.keep_alive and not self.closed:
+                # Back to the pool before the listener continues, which may want a connection at once; not with
+                # bytes after the response (an answer to a request never sent): the next request would get them.
+                if p.keep_alive and not self.closed and p.pos == p.end:
                     self.reused = True
                     self.pool.release(self)
                 else:
@@ -147,11 +150,18 @@ cdef class UpstreamConnection:
         pass
 
     cpdef abort(self):
-        """Drop the connection at once (cancel what is in flight); never reused."""
+        """Drop the connection at once (cancel what is in flight); never reused. It ends with a TCP reset: a FIN
+        can read as a half-close, which a server may still answer at its cost; a reset says the request is off."""
         self.listener = None
         if not self.closed:
             self.closed = True
             self.pool.forget(self)
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+                except OSError:
+                    pass
             self.transport.abort()
 
     cpdef close(self):
