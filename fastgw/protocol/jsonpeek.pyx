@@ -4,9 +4,9 @@
 The gateway moves bodies as bytes and must not json.loads/dumps them per request. `peek_request` walks
 the raw bytes once, validating the whole document as strictly as orjson does (strings, escapes, UTF-8, the
 number grammar and doubles that overflow to infinity, literals, trailing bytes), skips nested values without
-building anything, and notes only the spans of the wanted top-level members. `peek_usage` reads an
-upstream's response, which is forwarded unchanged: it only tells strings, containers and the top level
-apart (no validation), which is all it takes to find the top-level "usage" object. Python
+building anything, and notes only the spans of the wanted top-level members. `peek_response` validates an
+upstream's response the same way and reads its top-level "usage" object; `peek_usage` reads only the usage:
+it tells strings, containers and the top level apart (no validation), which is all it takes to find it. Python
 objects are made only for the returned fields. `splice` rewrites spans (model, stream_options) with one
 allocation.
 
@@ -751,8 +751,8 @@ cdef const uchar* scan_object(const uchar* p, const uchar* end, int depth, Field
 
 
 # -- peek_usage: a light, non-validating scan ---------------------------------------------------------------
-# The usage of an upstream's response is read for accounting only; the body is forwarded unchanged whatever
-# it holds, so validating it buys nothing. The light scan still tells strings, nested containers and the
+# The usage of a response read where its validity is not the question (the relay checks a success with
+# peek_response, which validates in the same pass). The light scan still tells strings, nested containers and the
 # top level apart exactly as a parser does (a "usage" inside a string or a nested object never counts), and
 # never reads outside [s, end] (the NUL after the data included).
 
@@ -970,7 +970,6 @@ def peek_usage(body):
     (-1, -1) or counts read from it, never a crash or a read out of bounds.
     """
     cdef Fields f
-    cdef int64_t prompt, completion
     cdef const uchar* s
     cdef const uchar* p
     cdef Py_ssize_t n
@@ -984,7 +983,27 @@ def peek_usage(body):
         raise TypeError(f"expected bytes or bytearray, got {type(body).__name__}")
     fields_init(&f, s)
     p = skip_ws(s)
-    if p[0] != 123 or light_object(p, s + n, &f, MODE_RESPONSE) == NULL or not f.usage_is_object:
+    if p[0] != 123 or light_object(p, s + n, &f, MODE_RESPONSE) == NULL:
+        return (-1, -1)
+    return usage_of(&f)
+
+
+def peek_response(body):
+    """Validate a response body as one JSON object, as strictly as peek_request, and read its usage in the same
+    pass: None when the body is not one JSON object, else what peek_usage returns for it.
+
+    For a success that is relayed: the gateway must not pass on a 200 whose body no client can parse.
+    """
+    cdef Fields f
+    if not scan_document(body, &f, MODE_RESPONSE):
+        return None
+    return usage_of(&f)
+
+
+cdef tuple usage_of(Fields* f):
+    """(prompt_tokens, completion_tokens) of a scanned response (see peek_usage)."""
+    cdef int64_t prompt, completion
+    if not f.usage_is_object:
         return (-1, -1)
     prompt = f.prompt_tokens if f.prompt_tokens >= 0 else f.input_tokens
     completion = f.completion_tokens if f.completion_tokens >= 0 else f.output_tokens

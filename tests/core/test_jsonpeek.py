@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fastgw.protocol.jsonpeek import NESTING_LIMIT, RequestFields, peek_request, peek_usage, splice
+from fastgw.protocol.jsonpeek import NESTING_LIMIT, RequestFields, peek_request, peek_response, peek_usage, splice
 
 MAX = 2**63
 
@@ -73,7 +73,13 @@ def check_request(body):
     return d
 
 
-def check_usage(body):
+def check_usage(body, validating=True):
+    """Assert peek_usage(body) agrees with orjson on body, and (unless the body nests deeper than NESTING_LIMIT)
+    peek_response too: None exactly when orjson would not give a dict, else the same counts as peek_usage."""
+    if validating:
+        v = peek_response(body)
+        d = orjson_or_none(body)
+        assert v == (peek_usage(body) if type(d) is dict else None), body
     got = peek_usage(body)
     assert type(got) is tuple and len(got) == 2 and all(type(v) is int for v in got)
     d = orjson_or_none(body)
@@ -395,6 +401,7 @@ def test_truncations_of_realistic_bodies():
         for i in range(len(body)):
             assert peek_request(body[:i]) is None
             assert peek_usage(body[:i]) == (-1, -1)
+            assert peek_response(body[:i]) is None
 
 
 def test_nesting_limit():
@@ -411,10 +418,12 @@ def test_nesting_limit():
                  b'{"usage":' + b'{"a":' * NESTING_LIMIT + b"1" + b"}" * (NESTING_LIMIT + 1)):
         assert orjson.loads(body) is not None
         assert peek_request(body) is None
-    # peek_usage matches brackets with a counter: any depth, same result as orjson.
+    # peek_usage matches brackets with a counter: any depth, same result as orjson; peek_response validates,
+    # with the limit of peek_request.
     for body in (b'{"a":' + b"[" * 20000 + b"]" * 20000 + b',"usage":{"prompt_tokens":3}}',
                  b'{"usage":{"x":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b',"completion_tokens":4}}'):
-        check_usage(body)
+        check_usage(body, validating=False)
+        assert peek_response(body) is None
     assert peek_usage(b'{"a":' + b"[" * 20000 + b"]" * 20000 + b',"usage":{"prompt_tokens":3}}') == (3, 0)
 
 
