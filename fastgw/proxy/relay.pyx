@@ -569,7 +569,8 @@ cdef void _count_streamed(Exchange ex, SSERelay sse) except *:
         return
     from fastgw.tokens.exact import count_prompt, count_text, encoding_for_model
 
-    ex.completion_tokens = count_text(sse.text(), encoding_for_model(ex.model))
+    # text past the first few MB is not kept (sse.pyx MAX_TEXT): its tokens are estimated, ~4 bytes each
+    ex.completion_tokens = count_text(sse.text(), encoding_for_model(ex.model)) + sse.text_skipped // 4
     ex.prompt_tokens = count_prompt(ex.body, ex.endpoint, ex.model)
 
 
