@@ -20,6 +20,8 @@ from tests.integration.conftest import Gateway, MockThread, model_config, wait_f
 from tests.integration.faulty_upstream import FaultyUpstream
 from tests.integration.rawhttp import converse, parse, post
 
+# The long variant (python -m perf.battery) multiplies the load of the slow-client and pipelining cases by this.
+SCALE = int(os.environ.get("FASTGW_BATTERY_SCALE", "1"))
 KEY = "sk-consumer-hostile-51b0"
 MARK = b"hostile-7d2f"         # in every hostile request: must never reach the ops log
 CHAT = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]})
@@ -303,7 +305,7 @@ def test_slowloris_gets_408_at_the_timeout_and_others_are_served(slow_gw, what):
     auth = f"authorization: Bearer {slow_gw.key}\r\n" if slow_gw.key else ""
     head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n{auth}content-length: {len(CHAT)}\r\n\r\n".encode()
     first, rest = (b"", head + CHAT) if what == "head" else (head, CHAT)
-    results = [{} for _ in range(50)]
+    results = [{} for _ in range(50 * SCALE)]
     threads = [threading.Thread(target=dribble, args=(slow_gw.port, first, rest, out)) for out in results]
     for t in threads:
         t.start()
@@ -312,13 +314,13 @@ def test_slowloris_gets_408_at_the_timeout_and_others_are_served(slow_gw, what):
     for _ in range(20):
         c = converse(slow_gw.port, post(CHAT, key=slow_gw.key))
         assert [a.status for a in c.answers] == [200]
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 2.0 * SCALE
     for t in threads:
         t.join()
     for out in results:
         assert [a.status for a in out["answers"]] == [408], out
         assert out["answers"][0].error()["code"] == "request_timeout"
-        assert out["after"] < 3.5              # 1 s timeouts, checked each second
+        assert out["after"] < 3.5 * SCALE      # 1 s timeouts, checked each second
 
 
 def test_a_client_that_never_reads_a_large_stream_holds_back_the_upstream(slow_gw, upstream):
@@ -345,7 +347,7 @@ def test_a_client_that_never_reads_a_large_stream_holds_back_the_upstream(slow_g
     assert held < 64 * 1024 * 1024                         # what the sockets hold, no more
     assert rss_mb(pid) - before < 20, (before, rss_mb(pid))
     got = 0
-    while got < held + 20 * 1024 * 1024:                   # reading: everything held, and the stream goes on
+    while got < held + 20 * SCALE * 1024 * 1024:           # reading: everything held, and the stream goes on
         chunk = s.recv(1 << 20)
         assert chunk
         got += len(chunk)
@@ -390,8 +392,8 @@ def test_a_bad_request_mid_pipeline_does_not_poison_the_ones_before(gw):
 def test_a_pipeline_larger_than_the_buffers_is_answered_in_order(gw):
     # The client writes far more than the gateway keeps while the first answer is in flight (it stops reading),
     # without reading; all of it is answered, in order.
-    n = 400
+    n = 400 * SCALE
     reqs = b"".join(post(CHAT, f"x-request-id: big-{i}\r\nx-pad: {'p' * 8000}\r\n"
                          + ("x-mock-delay-ms: 300\r\n" if i == 0 else ""), key=gw.key) for i in range(n))
-    c = converse(gw.port, reqs, expect=n, timeout=20)
+    c = converse(gw.port, reqs, expect=n, timeout=20 * SCALE)
     assert [a.headers["x-request-id"] for a in c.answers] == [f"big-{i}" for i in range(n)]

@@ -6,6 +6,7 @@ Run against a real `fastgw serve` with its default settings (short upstream time
 on; the faults come from tests/integration/faulty_upstream.py (a raw socket server) and the built-in mock."""
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -18,6 +19,9 @@ from tests.integration.conftest import Gateway, MockThread, model_config, wait_f
 from tests.integration.faulty_upstream import FaultyUpstream
 from tests.integration.rawhttp import converse, post
 
+# The long variant (python -m perf.battery) goes through every fault this many times, and runs as many copies
+# of the hung waits at once.
+SCALE = int(os.environ.get("FASTGW_BATTERY_SCALE", "1"))
 KEY = "sk-consumer-faults-7c1e"
 CHAT = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]})
 STREAM = orjson.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hi"}]})
@@ -127,7 +131,7 @@ FAULTS = {
 def test_every_fault_is_a_clean_error_and_its_connection_is_never_reused(gw, upstream):
     assert outcome(ask(gw, "ok")) == "200"
     failures = []
-    for fault, (stream, allowed) in FAULTS.items():
+    for fault, (stream, allowed) in list(FAULTS.items()) * SCALE:
         c = ask(gw, fault, stream, rid=f"fault-{fault}")
         got = outcome(c)
         if got not in allowed:
@@ -143,10 +147,9 @@ def test_every_fault_is_a_clean_error_and_its_connection_is_never_reused(gw, ups
             failures.append((fault, "reused", ok.raw[:300]))
     assert not failures, "\n".join(map(repr, failures))
     # Accounting saw each fault as one: every line has an error, none is a plain success.
-    lines = wait_for(lambda: (ls := {x["request_id"]: x for x in gw.access_lines()
-                                     if x["request_id"].startswith("fault-")}) and len(ls) == len(FAULTS) and ls,
-                     what="an access line per fault")
-    for fault, line in lines.items():
+    lines = wait_for(lambda: (ls := [x for x in gw.access_lines() if x["request_id"].startswith("fault-")])
+                     and len(ls) == len(FAULTS) * SCALE and ls, what="an access line per fault")
+    for line in lines:
         assert line["error"], line
 
 
@@ -174,7 +177,7 @@ def test_a_response_nobody_asked_for_is_never_handed_to_the_next_request(gw, ups
 def test_waits_that_never_end_are_504_or_cut_and_the_upstream_sees_the_gateway_leave(gw, upstream):
     cases = [("hang", False, {"504 upstream_timeout"}), ("hang-after-head", False, {"504 upstream_timeout"}),
              ("hang-after-head", True, CUT), ("trickle-head", False, {"504 upstream_timeout"}),
-             ("trickle-body", False, CUT | {"504 upstream_timeout"}), ("cl-larger", False, CUT)]
+             ("trickle-body", False, CUT | {"504 upstream_timeout"}), ("cl-larger", False, CUT)] * SCALE
     closed_before = upstream.closed_by_peer
     results = [None] * len(cases)
 
@@ -187,11 +190,12 @@ def test_waits_that_never_end_are_504_or_cut_and_the_upstream_sees_the_gateway_l
         t.start()
     for t in threads:
         t.join()
-    assert time.monotonic() - t0 < 4           # 0.5 s timeouts, checked each second
+    assert time.monotonic() - t0 < 4 + SCALE   # 0.5 s timeouts, checked each second
     for (fault, stream, allowed), c in zip(cases, results):
         assert outcome(c) in allowed, (fault, stream, c.raw[:300])
     # Every hung upstream connection was closed by the gateway, not left open (or pooled).
-    wait_for(lambda: upstream.closed_by_peer - closed_before >= 3, timeout=3, what="the gateway closing hung upstreams")
+    wait_for(lambda: upstream.closed_by_peer - closed_before >= 3 * SCALE, timeout=3 * SCALE,
+             what="the gateway closing hung upstreams")
 
 
 def test_an_unreachable_upstream_is_a_502(tmp_path):
