@@ -18,7 +18,7 @@ import pytest
 from fastgw.policies.auth.policy import hash_key
 from tests.integration.conftest import Gateway, MockThread, model_config, wait_for
 from tests.integration.faulty_upstream import FaultyUpstream
-from tests.integration.rawhttp import converse, parse, post
+from tests.integration.rawhttp import Reader, converse, parse, post
 
 # The long variant (python -m perf.battery) multiplies the load of the slow-client and pipelining cases by this.
 SCALE = int(os.environ.get("FASTGW_BATTERY_SCALE", "1"))
@@ -265,7 +265,8 @@ def test_an_odd_request_id_is_replaced_not_echoed(gw, rid):
 @pytest.fixture(scope="module", params=["default", "key-auth"])
 def slow_gw(request, mock, upstream, tmp_path_factory):
     g = start(tmp_path_factory.mktemp("slow-" + request.param), mock, upstream, request.param,
-              "[server]\nheader_timeout = 1.0\nbody_timeout = 1.0\n[upstream]\nstream_gap_timeout = 30\n")
+              "[server]\nheader_timeout = 1.0\nbody_timeout = 1.0\nmax_body_bytes = 65536\n"
+              "[upstream]\nstream_gap_timeout = 30\n")
     yield g
     served_and_clean(g)
     g.stop()
@@ -330,29 +331,29 @@ def test_a_client_that_never_reads_a_large_stream_holds_back_the_upstream(slow_g
     pid = slow_gw.worker
     before = rss_mb(pid)
     gone = upstream.closed_by_peer
-    s = socket.create_connection(("127.0.0.1", slow_gw.port), timeout=10)
-    s.sendall(post(orjson.dumps({**orjson.loads(STREAM), "model": "raw"}), "x-fault: endless-stream\r\n",
-                   key=slow_gw.key))
-    samples = [-1]
+    start = upstream.stream_sent                           # what earlier streams sent
+    with socket.create_connection(("127.0.0.1", slow_gw.port), timeout=10) as s:
+        s.sendall(post(orjson.dumps({**orjson.loads(STREAM), "model": "raw"}), "x-fault: endless-stream\r\n",
+                       key=slow_gw.key))
+        samples = [-1]
 
-    def stalled():
-        samples.append(upstream.stream_sent)
-        return samples[-1] > 0 and samples[-1] == samples[-2]
+        def stalled():
+            samples.append(upstream.stream_sent - start)
+            return samples[-1] > 0 and samples[-1] == samples[-2]
 
-    t0 = time.monotonic()
-    while not stalled():
-        assert time.monotonic() - t0 < 15, "the upstream never stopped sending: the gateway buffers the stream"
-        time.sleep(0.5)
-    held = upstream.stream_sent
-    assert held < 64 * 1024 * 1024                         # what the sockets hold, no more
-    assert rss_mb(pid) - before < 20, (before, rss_mb(pid))
-    got = 0
-    while got < held + 20 * SCALE * 1024 * 1024:           # reading: everything held, and the stream goes on
-        chunk = s.recv(1 << 20)
-        assert chunk
-        got += len(chunk)
-    assert upstream.stream_sent > held and rss_mb(pid) - before < 20
-    s.close()
+        t0 = time.monotonic()
+        while not stalled():
+            assert time.monotonic() - t0 < 15, "the upstream never stopped sending: the gateway buffers the stream"
+            time.sleep(0.5)
+        held = upstream.stream_sent - start
+        assert held < 64 * 1024 * 1024                     # what the sockets hold, no more
+        assert rss_mb(pid) - before < 20, (before, rss_mb(pid))
+        got = 0
+        while got < held + 20 * SCALE * 1024 * 1024:       # reading: everything held, and the stream goes on
+            chunk = s.recv(1 << 20)
+            assert chunk
+            got += len(chunk)
+        assert upstream.stream_sent - start > held and rss_mb(pid) - before < 20
     wait_for(lambda: upstream.closed_by_peer > gone, timeout=3, what="the upstream to see the client leave")
 
 
@@ -389,11 +390,20 @@ def test_a_bad_request_mid_pipeline_does_not_poison_the_ones_before(gw):
     assert orjson.loads(c.answers[0].body)["choices"]
 
 
-def test_a_pipeline_larger_than_the_buffers_is_answered_in_order(gw):
-    # The client writes far more than the gateway keeps while the first answer is in flight (it stops reading),
-    # without reading; all of it is answered, in order.
+def test_a_pipeline_larger_than_the_buffers_is_answered_in_order(slow_gw):
+    # The client sends far more than the gateway keeps while an answer is in flight (max head + max body: 80 KB
+    # here), so the gateway stops reading it now and then; everything is answered, in order, nothing lost.
     n = 400 * SCALE
     reqs = b"".join(post(CHAT, f"x-request-id: big-{i}\r\nx-pad: {'p' * 8000}\r\n"
-                         + ("x-mock-delay-ms: 300\r\n" if i == 0 else ""), key=gw.key) for i in range(n))
-    c = converse(gw.port, reqs, expect=n, timeout=20 * SCALE)
-    assert [a.headers["x-request-id"] for a in c.answers] == [f"big-{i}" for i in range(n)]
+                         + ("x-mock-delay-ms: 300\r\n" if i == 0 else ""), key=slow_gw.key) for i in range(n))
+    reader = Reader()
+    with socket.create_connection(("127.0.0.1", slow_gw.port), timeout=20 * SCALE) as s:
+        sender = threading.Thread(target=s.sendall, args=(reqs,))
+        sender.start()
+        while reader.complete < n:
+            chunk = s.recv(1 << 20)
+            assert chunk, f"closed after {reader.complete} answers"
+            reader.feed(chunk)
+        sender.join()
+    assert [a.headers["x-request-id"] for a in reader.answers()] == [f"big-{i}" for i in range(n)]
+    assert all(a.status == 200 for a in reader.answers())
