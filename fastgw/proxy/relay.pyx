@@ -376,7 +376,7 @@ cdef class Relay(UpstreamListener):
         else:
             if parts is not None and ex.status < 300 and ex.status != 204:
                 # A success is one JSON object on every proxied endpoint: anything else is the upstream's fault
-                # (a 502), never passed on as a success. Validated, and its usage read, in one pass.
+                # (a 502), never passed on as a success. Its structure checked and its usage read in one light scan.
                 usage = peek_response(body)
                 if usage is None:
                     self.out1 = self.outq = None    # its end never goes out: a client that has its start sees it cut
