@@ -104,7 +104,8 @@ class RedisClient:
     def __init__(self, url: str, connect_timeout: float = 0.1, timeout: float = 0.1, retry_interval: float = 0.5):
         u = urlsplit(url)
         if u.scheme != "redis" or not u.hostname:
-            raise ValueError(f"expected redis://host:port[/db], got {url!r}")
+            from fastgw.runtime.config import redact_url   # the message is logged: never with the password
+            raise ValueError(f"expected redis://host:port[/db], got {redact_url(url)!r}")
         self.host = u.hostname
         self.port = u.port or 6379
         self.password = unquote(u.password) if u.password else None

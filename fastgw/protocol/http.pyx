@@ -23,7 +23,8 @@ Strictness (both parsers unless noted), chosen to shut request-smuggling and des
     chunk data must be followed by CRLF; trailers are validated like header lines (no
     Content-Length / Transfer-Encoding among them) and dropped;
   * requests: method a token; target origin-form ("/..."), "*" only for OPTIONS, or absolute-form
-    (http:// or https://); version HTTP/1.0 or HTTP/1.1 (other HTTP/d.d => 505); HTTP/1.1 needs
+    (http:// or https://); version HTTP/1.0 or HTTP/1.1 (other HTTP/d.d => 505; a chunked HTTP/1.0
+    request is never kept alive, RFC 9112 section 6.1); HTTP/1.1 needs
     exactly one Host (more than one is refused for 1.0 too); Expect other than 100-continue => 417;
     head > max_head_bytes or more than max_headers fields => 431; body > max_body_bytes => 413
     (from Content-Length at once, and while de-chunking). Empty lines (CRLF) before a request line
@@ -903,7 +904,9 @@ cdef class RequestParser(_Message):
             if self.http_version == 11:
                 self.keep_alive = not self.conn_close
             else:
-                self.keep_alive = self.conn_keepalive and not self.conn_close
+                # A chunked HTTP/1.0 request has faulty framing (RFC 9112 6.1): answered, then the connection
+                # closes, so no bytes after it are read as a request (a front proxy may have framed it otherwise).
+                self.keep_alive = self.conn_keepalive and not self.conn_close and not self.chunked
             self.state = S_BODY
             return EV_HEAD
         if self.state == S_BODY:

@@ -13,6 +13,7 @@ cdef class SSERelay:
     cdef readonly bint done
     cdef readonly bint usage_seen
     cdef readonly bint usage_promised  # an event had "usage": null: the upstream reports usage at the end
+    cdef readonly Py_ssize_t text_skipped  # collect_text: bytes of text past the first MAX_TEXT, not kept
     cdef readonly long long prompt_tokens
     cdef readonly long long completion_tokens
     cdef readonly long long total_tokens
@@ -33,4 +34,5 @@ cdef class SSERelay:
     cdef int _line(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int _dispatch(self) except -1
     cdef int _parse_event(self, const unsigned char* d, Py_ssize_t n) except -1
+    cdef int _keep_text(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef void _usage(self, const unsigned char* d, Py_ssize_t s, Py_ssize_t e) noexcept

@@ -51,6 +51,12 @@ cdef extern from "string.h":
 # event larger than this is no longer held back (so it cannot be stripped either).
 cdef enum:
     MAX_EVENT = 8 * 1024 * 1024
+# Text collected (collect_text) up to this many bytes of JSON strings, far beyond any model's output: a stream that
+# goes on and on costs neither memory nor, when its tokens are counted at the end, seconds of the worker's CPU.
+# What comes after is only measured (text_skipped).
+cdef enum:
+    MAX_TEXT = 4 * 1024 * 1024
+MAX_TEXT_BYTES = MAX_TEXT
 
 # ---------------------------------------------------------------------------------------------- buffers
 
@@ -230,7 +236,8 @@ cdef class SSERelay:
     SSERelay(strip_usage_chunk=False, collect_text=False)
       feed(chunk: bytes) -> bytes   what to forward now (`chunk` itself unless something is held or stripped)
       finish() -> bytes             at the end of the upstream body: the bytes still held back (strip mode)
-      text() -> str                 collected choices[].delta.content / response.output_text.delta text
+      text() -> str                 collected choices[].delta.content / response.output_text.delta text (the first
+                                    MAX_TEXT bytes; text_skipped: the bytes of text past them)
       events, done, usage_seen, prompt_tokens, completion_tokens, total_tokens (-1 when unknown)
     """
 
@@ -429,15 +436,13 @@ cdef class SSERelay:
                         if vs >= 0 and d[vs] == 123:
                             cs = obj_find(d, vs, ce, b"content", 7, &te)
                             if cs >= 0 and d[cs] == 34:
-                                buf_add(&self.txt, d + cs, te - cs)
-                                buf_byte(&self.txt, 44)
+                                self._keep_text(d + cs, te - cs)
                     i = skip_ws(d, ve, e)
                     if i < e and d[i] == 44:
                         i = skip_ws(d, i + 1, e)
             if (t.delta_s >= 0 and t.type_s >= 0 and t.type_e - t.type_s == 26
                     and memcmp(d + t.type_s, b"response.output_text.delta", 26) == 0):
-                buf_add(&self.txt, d + t.delta_s - 1, t.delta_e - t.delta_s + 2)
-                buf_byte(&self.txt, 44)
+                self._keep_text(d + t.delta_s - 1, t.delta_e - t.delta_s + 2)
         if t.usage_s >= 0:
             self._usage(d, t.usage_s, t.usage_e)
             if t.choices_s >= 0:
@@ -448,6 +453,14 @@ cdef class SSERelay:
             if vs >= 0 and d[vs] == 123:
                 self._usage(d, vs, ve)
         return strip
+
+    cdef int _keep_text(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """Collect one JSON string (quotes included) of text, up to MAX_TEXT in all."""
+        if self.txt.len + n > MAX_TEXT:
+            self.text_skipped += n
+            return 0
+        buf_add(&self.txt, p, n)
+        return buf_byte(&self.txt, 44)
 
     cdef void _usage(self, const unsigned char* d, Py_ssize_t s, Py_ssize_t e) noexcept:
         cdef Py_ssize_t vs, ve

@@ -10,6 +10,7 @@ Invariants:
   in order after the response, so responses go out in request order.
 - Every request that got an Exchange ends in `exchange_over` exactly once: the complete phase, then
   accounting (fastgw.observability.accounting.record).
+- A client that leaves (closes, resets, or half-closes) cancels its request in flight at once.
 - A proxied request is handed to a Relay (relay.pyx); a local endpoint (/healthz, /readyz, /metrics,
   /v1/models, /v1/models/{id}) and every refusal are answered here.
 - Timeouts are deadlines checked by the worker's sweeper (`check_deadline`), not a timer per request.
@@ -131,10 +132,11 @@ cdef class ClientConnection(ClientSide):
         wait_for(self, STREAMING if self.ex is not None else IDLE)
 
     def eof_received(self):
-        # The client half-closed: answer what is in flight (keep the transport open), then close.
-        self.keep_alive = False
-        if self.ex is not None or self.parser.buffered:
-            return True
+        # The client closed its side: it has left (one that only half-closed cannot be told apart; nginx decides
+        # the same). A request in flight is cancelled now, not answered to nobody at the upstream's cost:
+        # connection_lost drops its upstream request and accounts it (499).
+        if self.ex is not None:
+            self.transport.abort()
         return None
 
     cdef object _proxy_header(self, data):

@@ -39,7 +39,7 @@ from fastgw.routing.retry cimport RetryPolicy
 
 from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
-from fastgw.protocol.jsonpeek import peek_request, peek_usage
+from fastgw.protocol.jsonpeek import peek_request, peek_response
 from fastgw.routing.retry import fallback_reason, retry_after_seconds
 
 _frame = H.frame_chunk
@@ -57,6 +57,8 @@ cdef bytes _KEEPALIVE_EVENT = _frame(b": keep-alive\n\n")
 # A non-streamed response body is kept (to read its usage, or to translate it) up to this size.
 cdef Py_ssize_t _MAX_KEPT = 16 * 1024 * 1024
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# Endpoints whose streams end with `data: [DONE]`: one that stops before it was cut short upstream.
+cdef tuple _ENDS_WITH_DONE = ("/v1/chat/completions", "/v1/completions")
 
 
 cdef class ClientSide:
@@ -395,6 +397,7 @@ cdef class Relay(UpstreamListener):
     cdef void upstream_end(self) except *:
         cdef Exchange ex = self.ex
         cdef int status = ex.status
+        cdef UpstreamConnection up = self.upstream
         self.upstream = None
         self._end_attempt()
         ex.upstream_wait += now() - ex.t_sent
@@ -413,6 +416,9 @@ cdef class Relay(UpstreamListener):
             # have a fallback like an upstream's 400; else it found the response broken or truncated.
             if self.state == HEAD_HELD and err.status == 400 and self._replace_answer(400, err.body()):
                 return
+            if err.status >= 500 and up is not None and up.listener is None:
+                up.abort()                  # broken, truncated or not JSON: the connection it came on (back in its
+                                            # pool, unless a queued request has it already) is not trusted again
             self._give_up(err)
             return
         self._flush()
@@ -422,20 +428,24 @@ cdef class Relay(UpstreamListener):
         cdef Exchange ex = self.ex
         cdef SSERelay sse = self.sse
         tail = sse.finish()
-        out = _LAST_CHUNK
         if tail:
             if ex.t_first_token == 0.0:
                 ex.t_first_token = now()
             if self.gw.stream_event_hooks:
                 self._stream_events(tail)
-            out = _frame(tail) + out
+            self._emit(_frame(tail))
         ex.events = sse.events
         if sse.usage_seen:
             ex.prompt_tokens = sse.prompt_tokens
             ex.completion_tokens = sse.completion_tokens
         elif self.gw.needs_usage:
             _count_streamed(ex, sse)
-        self._emit(out)
+        if not (sse.done or self.provider.translates or ex.endpoint not in _ENDS_WITH_DONE):
+            # The upstream ended the body before `data: [DONE]`: the client's stream is broken off too, never given
+            # a clean end the upstream's lacked (a translating provider's stream checks its own end event).
+            raise GatewayError(502, "The upstream's stream ended before data: [DONE].", type="upstream_error",
+                               code="upstream_truncated")
+        self._emit(_LAST_CHUNK)
 
     cdef bint _end_body(self) except -1:
         """The end of a non-stream body; True when another attempt replaces it (nothing of it went out)."""
@@ -455,8 +465,15 @@ cdef class Relay(UpstreamListener):
             out = H.response_head(ex.status, reason(ex.status), [_JSON, self.pending_head], len(body)) + body
             self.pending_head = None
         else:
-            if body and ex.status < 300:
-                ex.prompt_tokens, ex.completion_tokens = peek_usage(body)
+            if parts is not None and ex.status < 300 and ex.status != 204:
+                # A success is one JSON object on every proxied endpoint: anything else is the upstream's fault
+                # (a 502), never passed on as a success. Its structure checked and its usage read in one light scan.
+                usage = peek_response(body)
+                if usage is None:
+                    self.out1 = self.outq = None    # its end never goes out: a client that has its start sees it cut
+                    raise GatewayError(502, "The upstream's response is not valid JSON.", type="upstream_error",
+                                       code="upstream_malformed")
+                ex.prompt_tokens, ex.completion_tokens = usage
             if held:                        # relayed after all: the whole body goes out now
                 out = ((_frame(body) if body else b"") + _LAST_CHUNK) if self.chunked else body
             else:
@@ -694,7 +711,7 @@ cdef class Relay(UpstreamListener):
 
     cdef void _give_up(self, object err) except *:
         """Our side (a policy, or our own code) cannot go on with this response: drop the upstream request, and
-        answer `err` if the client has no head yet, else break the response off."""
+        answer `err` if nothing of the response reached the client yet, else break the response off."""
         up = self.upstream
         self.upstream = None
         if up is not None:
@@ -703,7 +720,7 @@ cdef class Relay(UpstreamListener):
         if self.state == DONE:
             return
         cdef Exchange ex = self.ex
-        if self.state == RELAYING or self.state == OWN_SSE_HEAD:
+        if (self.state == RELAYING or self.state == OWN_SSE_HEAD) and ex.bytes_out:
             ex.error = err.code or err.type
             self.state = DONE
             self._flush()
@@ -873,7 +890,8 @@ cdef void _count_streamed(Exchange ex, SSERelay sse) except *:
         return
     from fastgw.tokens.exact import count_prompt, count_text, encoding_for_model
 
-    ex.completion_tokens = count_text(sse.text(), encoding_for_model(ex.model))
+    # text past the first few MB is not kept (sse.pyx MAX_TEXT): its tokens are estimated, ~4 bytes each
+    ex.completion_tokens = count_text(sse.text(), encoding_for_model(ex.model)) + sse.text_skipped // 4
     ex.prompt_tokens = count_prompt(ex.body, ex.endpoint, ex.model)
 
 

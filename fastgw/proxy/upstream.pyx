@@ -15,11 +15,13 @@ Invariants:
 """
 import asyncio
 import socket
+import struct
 from collections import deque
 
 from fastgw.protocol import http as H
 
 cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _BODY = H.BODY, _END = H.END
+cdef bytes _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 cdef class UpstreamListener:
@@ -149,11 +151,18 @@ cdef class UpstreamConnection:
         pass
 
     cpdef abort(self):
-        """Drop the connection at once (cancel what is in flight); never reused."""
+        """Drop the connection at once (cancel what is in flight); never reused. It ends with a TCP reset: a FIN
+        can read as a half-close, which a server may still answer at its cost; a reset says the request is off."""
         self.listener = None
         if not self.closed:
             self.closed = True
             self.pool.forget(self)
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+                except OSError:
+                    pass
             self.transport.abort()
 
     cpdef close(self):

@@ -28,16 +28,21 @@ def _config_loader(args) -> callable:
         else:
             cfg = config.load(args.config)
         s = cfg.server
+        overridden = False
         for name in ("host", "port", "workers", "access_log"):
             value = getattr(args, name)
             if value is not None:
                 setattr(s, name, value)
+                overridden = True
+        if overridden:
+            config.check(cfg)       # e.g. --port now equal to the admin port
         return cfg
 
     return load
 
 
 def cmd_serve(args) -> int:
+    from fastgw.runtime.permissions import warn_loose_files
     from fastgw.runtime.preflight import check_usable
     from fastgw.runtime.supervisor import Supervisor, available_cpus
     from fastgw.runtime.worker import run_worker
@@ -61,6 +66,7 @@ def cmd_serve(args) -> int:
         """Raises ConfigError (the supervisor logs it, the workers are not signalled) for a config they would refuse."""
         new = load()
         check_usable(new)   # what the workers would do with it, done here first
+        warn_loose_files(new, log)
         config.publish(new, run_dir)
         state["cfg"] = new
         return True
@@ -70,6 +76,7 @@ def cmd_serve(args) -> int:
 
     log.info("fastgw starting", version=__version__, workers=n, host=cfg.server.host, port=cfg.server.port,
              config=cfg.source)
+    warn_loose_files(cfg, log)
     try:
         return Supervisor(n, target, drain_timeout=cfg.server.drain_timeout + cfg.server.shutdown_delay,
                           reload=reload, log=log).run()

@@ -225,12 +225,31 @@ def single_upstream(url: str, key_env: str = "") -> Config:
     return cfg
 
 
+def check(cfg: Config) -> None:
+    """The rules msgspec's types cannot say, again: for a config changed after it was loaded (command-line
+    overrides). Raises ConfigError."""
+    _check(cfg, cfg.source)
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user info (scheme://user:password@host) replaced by ***, for messages."""
+    return _PASSWORD_IN_URL.sub(r"\1***@", url)
+
+
+_PASSWORD_IN_URL = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
+
+
 def _check(cfg: Config, source: str) -> None:
     """Rules msgspec's types cannot say."""
     from fastgw.providers import PROVIDERS   # here: providers are compiled, config is read before they are needed
     s = cfg.server
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"{source}: server.port: {s.port} is not a TCP port")
+    if s.admin_port and s.admin_port == s.port:
+        # Both listeners use SO_REUSEPORT: the kernel would share the port's connections between them, and
+        # /status would answer on the public port.
+        raise ConfigError(f"{source}: server.admin_port: {s.admin_port} is the public port; the admin listener "
+                          "needs a port of its own (it is never served on the public one)")
     if s.workers < 0:
         raise ConfigError(f"{source}: server.workers: must be >= 0 (0 = one per available CPU)")
     if s.proxy_protocol not in ("off", "required"):
@@ -266,7 +285,8 @@ def _check(cfg: Config, source: str) -> None:
         for j, d in enumerate(m.deployments):
             parts = urlsplit(d.url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(f"{where}.deployments[{j}].url: expected http(s)://host[:port][/path], got {d.url!r}")
+                raise ConfigError(f"{where}.deployments[{j}].url: expected http(s)://host[:port][/path], "
+                                  f"got {redact_url(d.url)!r}")
             if d.weight < 1:
                 raise ConfigError(f"{where}.deployments[{j}].weight: must be >= 1")
             if d.provider not in PROVIDERS:

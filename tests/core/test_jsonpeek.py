@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fastgw.protocol.jsonpeek import NESTING_LIMIT, RequestFields, peek_request, peek_usage, splice
+from fastgw.protocol.jsonpeek import NESTING_LIMIT, RequestFields, peek_request, peek_response, peek_usage, splice
 
 MAX = 2**63
 
@@ -73,7 +73,20 @@ def check_request(body):
     return d
 
 
+def check_response(body):
+    """peek_response never refuses a body orjson reads as an object (it then gives peek_usage's counts); an
+    invalid body it lets through is an object by its outline (its fault is inside: test_response_structure)."""
+    got = peek_response(body)
+    d = orjson_or_none(body)
+    if type(d) is dict:
+        assert got == peek_usage(body), body
+    elif got is not None:
+        t = body.strip(b" \t\r\n")
+        assert t[:1] == b"{" and t[-1:] == b"}", body
+
+
 def check_usage(body):
+    check_response(body)
     got = peek_usage(body)
     assert type(got) is tuple and len(got) == 2 and all(type(v) is int for v in got)
     d = orjson_or_none(body)
@@ -395,6 +408,7 @@ def test_truncations_of_realistic_bodies():
         for i in range(len(body)):
             assert peek_request(body[:i]) is None
             assert peek_usage(body[:i]) == (-1, -1)
+            assert peek_response(body[:i]) is None
 
 
 def test_nesting_limit():
@@ -411,7 +425,7 @@ def test_nesting_limit():
                  b'{"usage":' + b'{"a":' * NESTING_LIMIT + b"1" + b"}" * (NESTING_LIMIT + 1)):
         assert orjson.loads(body) is not None
         assert peek_request(body) is None
-    # peek_usage matches brackets with a counter: any depth, same result as orjson.
+    # peek_usage and peek_response match brackets with a counter: any depth, same result as orjson.
     for body in (b'{"a":' + b"[" * 20000 + b"]" * 20000 + b',"usage":{"prompt_tokens":3}}',
                  b'{"usage":{"x":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b',"completion_tokens":4}}'):
         check_usage(body)
@@ -430,6 +444,22 @@ def test_duplicate_keys_last_wins():
     assert peek_usage(body) == (0, 2)
     body = b'{"usage":{"prompt_tokens":1},"usage":null}'
     assert peek_usage(body) == (-1, -1)
+
+
+def test_response_structure():
+    # What broken upstreams send is refused: an empty, truncated, HTML or text body, another JSON value, bytes
+    # after the object (truncations of real bodies: test_truncations_of_realistic_bodies).
+    good = orjson.dumps(REALISTIC_RESPONSES[0])
+    for body in (b"", b"  ", b"<html><body>502 Bad Gateway</body></html>", b"upstream connect error", b"[]",
+                 b'[{"usage":{}}]', b'"ok"', b"null", b"1", good + b"}", good + b"{}", good + b" x", good[:-1],
+                 b'{"a":1,}', b'{"a" 1}', b'{a:1}', b'{"a":}', b'{"a":[1,{]}', b'{"a":"\\"}', b"{\"a\":1}\x00"):
+        assert peek_response(body) is None, body
+        assert peek_response(bytearray(body)) is None
+    assert peek_response(b" \r\n" + good + b"\n") == peek_usage(good) == (19, 10)
+    # The scan is light (no more than peek_usage): scalars, string bytes and what nested containers hold are
+    # not checked, so these invalid bodies pass; no upstream breaks that way (they truncate, or send a page).
+    for body in (b'{"a":tru}', b'{"a":01}', b'{"a":"\xff"}', b'{"a":"\\x"}', b'{"a":[1 2]}', b'{"a":{b}}'):
+        assert orjson_or_none(body) is None and peek_response(body) == (-1, -1), body
 
 
 def test_nested_lookalikes_do_not_count():

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastgw.protocol.sse import SSERelay
+from fastgw.protocol.sse import MAX_TEXT_BYTES, SSERelay
 
 # --------------------------------------------------------------------------------------------- the twin
 
@@ -346,6 +346,21 @@ def test_finish_returns_held_incomplete_event():
     assert relay.feed(b"data: {\"choices\":[]") == b""
     assert relay.finish() == b"data: {\"choices\":[]"
     assert relay.events == 0
+
+
+def test_text_is_collected_up_to_a_bound_and_the_rest_measured():
+    # An upstream that streams on and on without usage: the text kept stops at MAX_TEXT_BYTES (memory, and the
+    # CPU of counting it at the end), the bytes after it are measured, and the stream itself is relayed whole.
+    piece = "word " * 200
+    event = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": piece}}]}).encode() + b"\n\n"
+    per = len(json.dumps(piece))                    # collected per event: the JSON string, quotes included
+    n = MAX_TEXT_BYTES // (per + 1) + 50
+    relay = SSERelay(collect_text=True)
+    for _ in range(n):
+        assert relay.feed(event) == event
+    kept = relay.text()
+    assert len(kept) == (n - 50) * len(piece) and kept == piece * (n - 50)
+    assert relay.text_skipped == 50 * per and relay.events == n
 
 
 def test_responses_api_usage_and_text():

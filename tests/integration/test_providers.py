@@ -258,15 +258,20 @@ def _stream_response(events: bytes) -> bytes:
     b'"output_tokens":1}}}\n\nevent: content_block_start\ndata: {"type":"content_block_start","index":0,'
     b'"content_block":{"type":"text","text":""}}\n\nevent: content_block_delta\ndata: {"type":'
     b'"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}\n\n'])
-def test_a_malformed_or_truncated_provider_stream_breaks_off_cleanly(tmp_path, start_gateway, events):
+def test_a_malformed_or_truncated_provider_stream_is_a_502_or_breaks_off(tmp_path, start_gateway, events):
     up = CannedUpstream(_stream_response(events))
     gw = start_gateway(config(up.port).replace(f"127.0.0.1:{up.port}/v1", f"127.0.0.1:{up.port}"), env=ENV)
     with httpx.stream("POST", gw.base + "/v1/chat/completions", timeout=10,
                       json={"model": "claude-sonnet-4", "stream": True, **chat()}) as r:
         body = b""
-        with pytest.raises(httpx.RemoteProtocolError):   # broken off: the client cannot take it for a whole answer
+        broken = False
+        try:
             for part in r.iter_bytes():
                 body += part
+        except httpx.RemoteProtocolError:   # broken off: the client cannot take it for a whole answer
+            broken = True
+    # ... or, when the fault was found before anything reached the client, a clean 502
+    assert broken or (r.status_code == 502 and json.loads(body)["error"]["type"] == "upstream_error"), body
     assert b"[DONE]" not in body and b'"finish_reason":"stop"' not in body
     assert httpx.get(gw.base + "/healthz").status_code == 200
 

@@ -204,3 +204,66 @@ def test_a_subclass_overriding_a_hook_keeps_its_own_code(policy_ctx, make_exchan
     Audited(cfg, policy_ctx).access(ex)
     assert (ex.consumer, ex.group) == ("alice", "audited:g")
     assert KeyAuth(cfg, policy_ctx).access.__self__.__class__.__name__ == "KeyLookup"
+
+
+# -- what the module docstring claims makes a constant-time compare unnecessary --------------------------------
+
+def _trace(fn):
+    """The calls fn makes, as (event, name) pairs: Python frames and C functions alike."""
+    import sys
+
+    calls = []
+
+    def prof(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls.append((event, arg.__qualname__ if event == "c_call" else frame.f_code.co_qualname))
+
+    sys.setprofile(prof)
+    try:
+        fn()
+    except GatewayError:
+        pass
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.mark.parametrize("header", ["authorization", "api-key", "x-api-key"])
+def test_a_wrong_key_takes_the_same_path_however_much_of_a_good_key_it_shares(auth, make_exchange, header):
+    # The presented key is only ever hashed and its digest looked up: a key one character off a good one and a key
+    # sharing nothing with it run the very same calls (compiled hook and Python reference), so how far a compare
+    # got can show in neither. (Inside the one dict lookup, a stored digest is compared with the caller's digest,
+    # and only when their 64-bit hashes collide: the docstring's argument.)
+    good = "sk-carol-1"
+    near, far = good[:-1] + "X", "zq#7@!w$5k"
+    assert len(near) == len(far) == len(good)
+
+    def run(access, key):
+        ex = make_exchange(headers={header: f"Bearer {key}" if header == "authorization" else key})
+        return _trace(lambda: access(ex))
+
+    for access in (auth.access, KeyAuth.access.__get__(auth)):
+        assert run(access, near) == run(access, far)
+        assert any(name == "openssl_sha256" for _, name in run(access, near))   # the key is hashed first
+
+
+def test_a_stored_digest_is_no_key(auth, make_exchange):
+    # Even the whole digest (leaked from a policy file, or learnt bit by bit from timings) does not open the door:
+    # a key for it is a SHA-256 preimage.
+    digest = hash_key("sk-alice")
+    for value in (digest, "sha256:" + digest, digest.upper()):
+        with pytest.raises(GatewayError) as e:
+            auth.access(make_exchange(headers={"Authorization": f"Bearer {value}"}))
+        assert e.value.status == 401
+
+
+def test_keys_live_in_policy_files_only_as_digests(policy_ctx, tmp_path):
+    from fastgw.policies import load_policy_file
+    from fastgw.runtime.config import ConfigError
+
+    path = tmp_path / "10-auth.toml"
+    path.write_text('policy = "key-auth"\n[[consumers]]\nname = "a"\nkeys = ["sk-live-plain-key-9c2e"]\n')
+    with pytest.raises(ConfigError) as e:
+        load_policy_file(str(path), policy_ctx)
+    assert "consumers[0].keys[0]" in str(e.value) and "not a key" in str(e.value)
+    assert "sk-live-plain-key-9c2e" not in str(e.value)          # the refusal does not repeat it either
