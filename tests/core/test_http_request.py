@@ -480,6 +480,17 @@ def test_head_limits_431():
     assert ours_requests([trailers], max_head_bytes=100)[1][:2] == ("error", 431)
 
 
+def test_head_limit_verdict_does_not_depend_on_the_reads():
+    # Found by fuzzing (tests/fuzz, http_request): the head search looked past max_head_bytes when one read held
+    # more, so a bare LF beyond the limit made the answer 400 when the bytes came at once and 431 in pieces.
+    raw = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 200 + b"\nmore\r\n\r\n"
+    for chunks in ([raw], split(raw, [60, 150]), bytewise(raw)):
+        assert ours_requests(chunks, max_head_bytes=100)[1] == ("error", 431, "request header fields too large")
+    # Within the limit the bare LF is found, however it arrives.
+    for chunks in ([raw], split(raw, [60, 150]), bytewise(raw)):
+        assert ours_requests(chunks, max_head_bytes=1000)[1][:2] == ("error", 400)
+
+
 def test_body_limits_413():
     assert ours_requests([R + b"Content-Length: 11\r\n\r\n"], max_body_bytes=10)[1][:2] == ("error", 413)
     assert ours_requests([R + b"Content-Length: 10\r\n\r\n" + b"a" * 10], max_body_bytes=10)[1] == "ok"
