@@ -736,9 +736,16 @@ cdef class _Message:
                 self.pos += 2
                 self.ck_state = CK_SIZE
             elif self.ck_state == CK_TRAILER:
-                p = <const unsigned char*>memchr(b + self.ck_scan, 10, n - self.ck_scan)
+                # The line is searched for only within what the trailer section may still take (max_head in
+                # all), as the head is: past it the answer is 431 however the bytes were read.
+                k = self.max_head - self.ck_trailer_bytes
+                if k > n:
+                    k = n
+                p = NULL
+                if k > self.ck_scan:
+                    p = <const unsigned char*>memchr(b + self.ck_scan, 10, k - self.ck_scan)
                 if p == NULL:
-                    self.ck_scan = n
+                    self.ck_scan = k
                     if self.ck_trailer_bytes + n > self.max_head:
                         return self._fail(431, "trailer section too large")
                     return 0
@@ -746,8 +753,6 @@ cdef class _Message:
                 if j == 0 or b[j - 1] != 13:
                     return self._fail(400, "line not terminated by CRLF")
                 self.ck_trailer_bytes += j + 1
-                if self.ck_trailer_bytes > self.max_head:
-                    return self._fail(431, "trailer section too large")
                 self.pos += j + 1
                 self.ck_scan = 0
                 if j == 1:

@@ -221,7 +221,7 @@ cdef int usage_values(const unsigned char* d, Py_ssize_t n) noexcept nogil:
         if j < n and d[j] == 58:
             j = skip_ws(d, j + 1, n)
             found |= USAGE_NULL if n - j >= 4 and memcmp(d + j, b"null", 4) == 0 else USAGE_VALUE
-        i = (q - d) + 7
+        i = (q - d) + 6     # the closing quote may open the next one: "usage"usage": null
     return found
 
 # ---------------------------------------------------------------------------------------------- relay

@@ -489,6 +489,11 @@ def test_head_limit_verdict_does_not_depend_on_the_reads():
     # Within the limit the bare LF is found, however it arrives.
     for chunks in ([raw], split(raw, [60, 150]), bytewise(raw)):
         assert ours_requests(chunks, max_head_bytes=1000)[1][:2] == ("error", 400)
+    # Found next: the same for trailers, which count against the same limit.
+    raw = R + b"Transfer-Encoding: chunked\r\n\r\n0\r\nT: " + b"a" * 200 + b"\nX\r\n\r\n"
+    for chunks in ([raw], split(raw, [60, 150]), bytewise(raw)):
+        assert ours_requests(chunks, max_head_bytes=100)[1] == ("error", 431, "trailer section too large")
+        assert ours_requests(chunks, max_head_bytes=1000)[1][:2] == ("error", 400)
 
 
 def test_body_limits_413():

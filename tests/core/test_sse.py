@@ -477,3 +477,11 @@ def test_usage_only_from_events_that_are_json(payload, strip):
     assert got == twin(s, strip)
     assert got["prompt"] == (-1 if payload in NOT_JSON else 1)
     assert got["forwarded"] == (DONE if strip and payload in STILL_JSON else s)
+
+
+def test_usage_null_right_after_another_usage_key():
+    # Found by fuzzing (tests/fuzz, sse_relay): after a match of `"usage"` the search went on past its closing
+    # quote, which can open the next one, so `"usage"usage": null` did not promise usage as the twin says.
+    s = b'data: {"a":"usage"usage": null}\n\ndata: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+    got = run(s, [s], False)
+    assert got == twin(s, False) and got["usage_promised"] and got["text"] == ""
