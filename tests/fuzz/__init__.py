@@ -20,7 +20,8 @@ comparisons in both guide the mutations, not only the branches.
 Commands (results and crash files go to build/fuzz/, not into git):
   python -m tests.fuzz run [TARGET ...] --seconds N     fuzz each target N seconds (all targets by default)
   python -m tests.fuzz replay [TARGET ...] [FILE ...]    run inputs (the corpus by default) through the harness
-  python -m tests.fuzz merge TARGET                      add a run's new coverage to the committed corpus
+                                                         (--native: in the instrumented build, under ASan)
+  python -m tests.fuzz merge TARGET                      minimize the committed corpus with the runs' corpora
   python -m tests.fuzz seeds                             remake the seed corpus from the tests' cases
 tests/fuzz/test_fuzz.py replays every corpus and fuzzes each target briefly as part of `make test`.
 """

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -102,14 +104,41 @@ def cmd_replay(args) -> int:
     return 1 if bad else 0
 
 
+def minimize(target: str, sources, build_dir: Path) -> int:
+    """Make the committed corpus of `target` the smallest set of inputs of `sources` (and of itself) that keeps
+    their edge coverage (libFuzzer's merge; value profiles off, or every new comparison value would be kept).
+    The regress-* files (past findings) stay as they are. Returns the number of inputs kept besides them."""
+    corpus = CORPUS / target
+    corpus.mkdir(parents=True, exist_ok=True)
+    merged = OUT / "merged" / target
+    shutil.rmtree(merged, ignore_errors=True)
+    merged.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "tests.fuzz.runner", target, "-merge=1", "-use_value_profile=0", "-timeout=20",
+           "-rss_limit_mb=4096", "-max_len=8192", str(merged), str(corpus), *map(str, sources)]
+    subprocess.run(cmd, cwd=native.ROOT, env=native.child_env(build_dir), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kept = set()
+    for old in corpus.iterdir():
+        if old.name.startswith("regress-"):
+            kept.add(hashlib.sha1(old.read_bytes()).hexdigest())
+        else:
+            old.unlink()
+    count = 0
+    for new in merged.iterdir():          # libFuzzer names them by their SHA-1
+        if new.name not in kept:
+            shutil.copy(new, corpus / new.name)
+            count += 1
+    return count
+
+
 def cmd_merge(args) -> int:
-    """libFuzzer's merge: the inputs of a run's corpus that add coverage, copied into the committed corpus."""
+    """The committed corpus of a target, minimized together with every run's corpus under build/fuzz/."""
     runs = sorted(OUT.glob(f"*/{args.target}/corpus"))
     if not runs:
         raise SystemExit(f"no run of {args.target} under {OUT}")
-    cmd = [sys.executable, "-m", "tests.fuzz.runner", args.target, "-merge=1", *OPTIONS,
-           str(CORPUS / args.target), *map(str, runs[-1:])]
-    return subprocess.run(cmd, cwd=native.ROOT, env=native.child_env(native.build())).returncode
+    count = minimize(args.target, runs, native.build())
+    print(f"{args.target}: {count} inputs (and the regress-* files)")
+    return 0
 
 
 def cmd_seeds(args) -> int:
@@ -135,7 +164,7 @@ def main() -> int:
     rep.add_argument("names", nargs="*")
     rep.add_argument("--native", action="store_true", help="in the instrumented build, under AddressSanitizer")
     rep.set_defaults(func=cmd_replay)
-    merge = sub.add_parser("merge", help="add the latest run's new coverage to the committed corpus")
+    merge = sub.add_parser("merge", help="minimize the committed corpus with the runs' corpora (their coverage)")
     merge.add_argument("target", choices=TARGETS)
     merge.set_defaults(func=cmd_merge)
     sub.add_parser("seeds", help="remake the seed corpus from the tests' cases").set_defaults(func=cmd_seeds)

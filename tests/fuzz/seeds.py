@@ -166,7 +166,7 @@ def _stream_recorder(sink, cls, selector):
 
 def write_all() -> None:
     from tests.fuzz import TARGETS, native
-    from tests.fuzz.__main__ import CORPUS, OPTIONS, OUT
+    from tests.fuzz.__main__ import OUT, minimize
 
     raw = OUT / "seeds-raw"
     shutil.rmtree(raw, ignore_errors=True)
@@ -182,22 +182,5 @@ def write_all() -> None:
                 sink.write(target, prefix + path.read_bytes())
     build_dir = native.build()
     for target in TARGETS:
-        corpus = CORPUS / target
-        corpus.mkdir(parents=True, exist_ok=True)
-        merged = OUT / "seeds-merged" / target
-        shutil.rmtree(merged, ignore_errors=True)
-        merged.mkdir(parents=True)
-        sources = [str(p) for p in (raw / target, corpus) if p.exists()]
-        subprocess.run([sys.executable, "-m", "tests.fuzz.runner", target, "-merge=1", *OPTIONS, str(merged),
-                        *sources], cwd=native.ROOT, env=native.child_env(build_dir), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        kept = set()
-        for old in corpus.iterdir():
-            if old.name.startswith("regress-"):
-                kept.add(hashlib.sha1(old.read_bytes()).hexdigest())
-            else:
-                old.unlink()
-        for new in merged.iterdir():      # libFuzzer names them by their SHA-1
-            if new.name not in kept:
-                shutil.copy(new, corpus / new.name)
-        print(f"seeds: {target}: {len(list(corpus.iterdir()))} inputs")
+        count = minimize(target, [raw / target] if (raw / target).exists() else [], build_dir)
+        print(f"seeds: {target}: {count} inputs (and the regress-* files)")
