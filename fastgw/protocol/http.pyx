@@ -516,16 +516,18 @@ cdef class _Message:
         """Find the end of a head in buf. 1: found, its length in self.scan; 0: need data; -1: error.
 
         Resumes where the previous call stopped, and insists on CRLF line ends as it goes, so a
-        bare LF is refused as soon as it arrives.
+        bare LF is refused as soon as it arrives. Never looks past max_head bytes: what lies beyond
+        cannot change the verdict (431), whether it came in the same read or not.
         """
         cdef const char* b = self.buf + self.pos
         cdef Py_ssize_t n = self.end - self.pos
         cdef Py_ssize_t i = self.scan, ls = self.line_start, j
+        cdef Py_ssize_t lim = n if n <= self.max_head else self.max_head
         cdef const char* p
-        while i < n:
-            p = <const char*>memchr(b + i, 10, n - i)
+        while i < lim:
+            p = <const char*>memchr(b + i, 10, lim - i)
             if p == NULL:
-                i = n
+                i = lim
                 break
             j = p - b
             if j == 0 or b[j - 1] != 13 or j - 1 < ls:
@@ -536,18 +538,17 @@ cdef class _Message:
                         self.pos += 2
                         b += 2
                         n -= 2
+                        lim = n if n <= self.max_head else self.max_head
                         i = 0
                         continue
                     return self._fail(400, "empty line where a start line was expected")
-                if j + 1 > self.max_head:
-                    return self._fail(431, "request header fields too large")
                 self.scan = j + 1
                 return 1
             ls = j + 1
             i = j + 1
         self.scan = i
         self.line_start = ls
-        if i > self.max_head:
+        if n > self.max_head:
             return self._fail(431, "request header fields too large")
         return 0
 
@@ -736,9 +737,16 @@ cdef class _Message:
                 self.pos += 2
                 self.ck_state = CK_SIZE
             elif self.ck_state == CK_TRAILER:
-                p = <const unsigned char*>memchr(b + self.ck_scan, 10, n - self.ck_scan)
+                # The line is searched for only within what the trailer section may still take (max_head in
+                # all), as the head is: past it the answer is 431 however the bytes were read.
+                k = self.max_head - self.ck_trailer_bytes
+                if k > n:
+                    k = n
+                p = NULL
+                if k > self.ck_scan:
+                    p = <const unsigned char*>memchr(b + self.ck_scan, 10, k - self.ck_scan)
                 if p == NULL:
-                    self.ck_scan = n
+                    self.ck_scan = k
                     if self.ck_trailer_bytes + n > self.max_head:
                         return self._fail(431, "trailer section too large")
                     return 0
@@ -746,8 +754,6 @@ cdef class _Message:
                 if j == 0 or b[j - 1] != 13:
                     return self._fail(400, "line not terminated by CRLF")
                 self.ck_trailer_bytes += j + 1
-                if self.ck_trailer_bytes > self.max_head:
-                    return self._fail(431, "trailer section too large")
                 self.pos += j + 1
                 self.ck_scan = 0
                 if j == 1:

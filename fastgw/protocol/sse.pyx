@@ -9,8 +9,10 @@ events, `data: [DONE]`, the last non-null `usage` object (Chat Completions `prom
 Cost per chunk is linear in the chunk and independent of what streamed before: the only state kept is the
 current partial line and the current event's data (C buffers). Events are parsed when their blank line
 arrives: a memmem for `"usage"` decides whether the event can carry usage at all (`"usage":null` cannot);
-only then, or when text is collected, the event's JSON is walked by a minimal scanner of its top-level
-object (strings skipped with their escapes, so `"usage"` inside content text is never mistaken for a key).
+only then, or when text is collected, the event is checked to be JSON (as Python's json.loads reads it, see
+jsonskip.json_valid: nothing is read from an event that is not) and walked by a minimal scanner of its
+top-level object (strings skipped with their escapes, so `"usage"` inside content text is never mistaken for
+a key).
 
 Line and event rules are the WHATWG event-stream ones: a line ends with CRLF, LF or CR; an empty line ends an
 event; `data` lines (`data:value`, `data: value` or a bare `data`) are joined with LF; other fields and
@@ -30,7 +32,7 @@ byte-identical and in order.
 """
 from libc.stdlib cimport free, realloc
 from libc.string cimport memchr, memcmp, memcpy
-from fastgw.protocol.jsonskip cimport skip_string, skip_value, skip_ws
+from fastgw.protocol.jsonskip cimport json_valid, skip_string, skip_value, skip_ws
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 import json
@@ -225,7 +227,7 @@ cdef int usage_values(const unsigned char* d, Py_ssize_t n) noexcept nogil:
         if j < n and d[j] == 58:
             j = skip_ws(d, j + 1, n)
             found |= USAGE_NULL if n - j >= 4 and memcmp(d + j, b"null", 4) == 0 else USAGE_VALUE
-        i = (q - d) + 7
+        i = (q - d) + 6     # the closing quote may open the next one: "usage"usage": null
     return found
 
 # ---------------------------------------------------------------------------------------------- relay
@@ -421,7 +423,9 @@ cdef class SSERelay:
             collect = False
         if not collect and not usage & USAGE_VALUE:
             return 0
-        if scan_top(d, n, &t) < 0:
+        # Only an event that is JSON is read (its client could not read anything else); the scanners below
+        # assume as much. Checked here, where an event is read at all: not for the "usage": null majority.
+        if not json_valid(d, n) or scan_top(d, n, &t) < 0:
             return 0
         if collect:
             if t.choices_s >= 0:  # choices[].delta.content, in order

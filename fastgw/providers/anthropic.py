@@ -10,9 +10,10 @@ from urllib.parse import quote
 
 from fastgw.protocol.jsonpeek import splice
 from fastgw.providers.base import Provider
-from fastgw.providers.json_body import dumps, request_object, take_usage, upstream_object
+from fastgw.providers.json_body import request_object, take_usage, token_count, upstream_object
 from fastgw.providers.stream import translated_stream
 from fastgw.providers.wire.models import anthropic_models
+from fastgw.providers.wire.encode import client_json, upstream_json
 from fastgw.providers.wire.anthropic_chat import (
     MessagesToChatStream, MessagesUsageReader, chat_request_to_messages, messages_error_to_chat,
     messages_response_to_chat)
@@ -64,7 +65,7 @@ class Anthropic(Provider):
     def request_body(self, ex, model_json, add_usage):
         body = chat_request_to_messages(request_object(ex.body), _upstream_model(ex),
                                         ex.deployment.config.default_max_tokens)
-        return dumps(body)
+        return client_json(body)
 
     def open_stream(self, ex, strip_usage, keep_text):
         return translated_stream(MessagesToChatStream(ex.model, ex.client_wants_usage))
@@ -75,7 +76,7 @@ class Anthropic(Provider):
             take_usage(ex, out)
         else:
             ex.status, out = messages_error_to_chat(status, body)
-        return dumps(out)
+        return upstream_json(out)
 
 
 class AnthropicMessages(Provider):
@@ -98,9 +99,9 @@ class AnthropicMessages(Provider):
         if status == 200 and ex.endpoint == "/v1/messages":
             u = upstream_object(body).get("usage")
             if isinstance(u, dict):
-                ex.prompt_tokens = sum(int(u.get(k) or 0) for k in (
+                ex.prompt_tokens = sum(token_count(u.get(k)) for k in (
                     "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
-                ex.completion_tokens = int(u.get("output_tokens") or 0)
+                ex.completion_tokens = token_count(u.get("output_tokens"))
         return body
 
 

@@ -8,9 +8,10 @@ from urllib.parse import quote
 
 from fastgw.errors import GatewayError
 from fastgw.providers.base import Provider
-from fastgw.providers.json_body import dumps, request_object, take_usage, upstream_object
+from fastgw.providers.json_body import request_object, take_usage, upstream_object
 from fastgw.providers.stream import translated_stream
 from fastgw.providers.wire.models import gemini_models
+from fastgw.providers.wire.encode import client_json, upstream_json
 from fastgw.providers.wire.gemini_chat import (
     GeminiToChatStream, chat_request_to_gemini, gemini_error_to_chat, gemini_response_to_chat)
 
@@ -52,7 +53,7 @@ class Gemini(Provider):
         return start + model + method + b" HTTP/1.1\r\n"
 
     def request_body(self, ex, model_json, add_usage):
-        return dumps(chat_request_to_gemini(request_object(ex.body)))
+        return client_json(chat_request_to_gemini(request_object(ex.body)))
 
     def open_stream(self, ex, strip_usage, keep_text):
         return translated_stream(GeminiToChatStream(ex.model, ex.client_wants_usage))
@@ -63,4 +64,4 @@ class Gemini(Provider):
             take_usage(ex, out)
         else:
             ex.status, out = gemini_error_to_chat(status, body)
-        return dumps(out)
+        return upstream_json(out)

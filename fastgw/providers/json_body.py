@@ -30,12 +30,18 @@ def upstream_object(body: bytes) -> dict:
     return obj
 
 
+def token_count(value) -> int:
+    """A token count of a usage object the gateway did not write: a non-negative integer below 2**53 (the exchange
+    holds int64 sums of them), else 0."""
+    return value if type(value) is int and 0 <= value < 2**53 else 0
+
+
 def take_usage(ex, chat_response: dict) -> None:
     """An OpenAI chat response's usage into the exchange (what limits, budgets and the access log count)."""
     u = chat_response.get("usage")
     if isinstance(u, dict):
-        ex.prompt_tokens = int(u.get("prompt_tokens") or 0)
-        ex.completion_tokens = int(u.get("completion_tokens") or 0)
+        ex.prompt_tokens = token_count(u.get("prompt_tokens"))
+        ex.completion_tokens = token_count(u.get("completion_tokens"))
 
 
-dumps = orjson.dumps
+dumps = orjson.dumps    # the gateway's own objects; a translation's output goes through wire/encode.py

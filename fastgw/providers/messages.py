@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from fastgw.errors import Reply
 from fastgw.providers.base import Provider
-from fastgw.providers.json_body import dumps, request_object, upstream_object
+from fastgw.providers.json_body import dumps, request_object, token_count, upstream_object
 from fastgw.providers.stream import translated_stream
+from fastgw.providers.wire.encode import client_json, upstream_json
 from fastgw.providers.wire.messages_front import (
     ChatToMessagesStream, chat_error_to_messages, chat_response_to_message, count_tokens_local,
     messages_request_to_chat)
@@ -29,7 +30,7 @@ class MessagesFront(Provider):
         model = ex.deployment.model or ex.model
         if ex.endpoint == "/v1/messages/count_tokens":
             raise Reply(dumps(count_tokens_local(obj, model)))
-        return dumps(messages_request_to_chat(obj, model))
+        return client_json(messages_request_to_chat(obj, model))
 
     def open_stream(self, ex, strip_usage, keep_text):
         return translated_stream(ChatToMessagesStream(ex.model))
@@ -39,12 +40,12 @@ class MessagesFront(Provider):
             resp = upstream_object(body)
             out = chat_response_to_message(resp, ex.model)
             u = out.get("usage") or {}
-            ex.prompt_tokens = sum(int(u.get(k) or 0) for k in (
+            ex.prompt_tokens = sum(token_count(u.get(k)) for k in (
                 "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
-            ex.completion_tokens = int(u.get("output_tokens") or 0)
+            ex.completion_tokens = token_count(u.get("output_tokens"))
         else:
             ex.status, out = chat_error_to_messages(status, body)
-        return dumps(out)
+        return upstream_json(out)
 
 
 def messages_error_body(status: int, openai_error_body: bytes) -> tuple[int, bytes]:

@@ -68,8 +68,11 @@ cdef class TranslatedStream(SSERelay):
                     self.data.append(b"")
                 elif line[4] == 58:                             # "data:" value, one leading space dropped
                     self.data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif line.startswith(b"event:"):
-                self.name = (line[7:] if line[6:7] == b" " else line[6:]).decode("utf-8", "replace")
+            elif line.startswith(b"event"):
+                if len(line) == 5:                              # a bare "event": the field with no value
+                    self.name = ""
+                elif line[5] == 58:
+                    self.name = (line[7:] if line[6:7] == b" " else line[6:]).decode("utf-8", "replace")
         self.tail = buf[i:]
         return out
 

@@ -1,7 +1,8 @@
 """fastgw.protocol.sse.SSERelay against a plain-Python twin on generated OpenAI-like streams.
 
 The twin splits the whole stream with the event-stream rules (lines end with CRLF, LF or CR; an empty line
-ends an event; `data` lines joined with LF), json.loads each data payload and picks usage / [DONE] / text.
+ends an event; `data` lines joined with LF), json.loads each data payload (strict UTF-8, no NaN/Infinity, at
+most 512 nested containers: what the relay calls JSON) and picks usage / [DONE] / text.
 The relay must forward the same bytes (concatenated), count the same events and report the same usage and
 text whether the stream is fed whole, byte by byte or in random pieces.
 """
@@ -26,6 +27,35 @@ def _count(v):
 
 
 _PROMISE = re.compile(rb'"usage"[ \t\n\r]*:[ \t\n\r]*null')
+MAX_DEPTH = 512     # fastgw/protocol/jsonskip.pxd JSON_MAX_DEPTH
+
+
+def _not_json(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _int(digits):
+    # (a huge integer is no token count: a stand-in, not Python's 4300-digit ValueError)
+    return int(digits) if len(digits) < 30 else (-1 if digits.startswith("-") else 1) * 10**30
+
+
+def _depth(value):
+    most, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            most = max(most, d)
+            todo.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return most
+
+
+def event_json(payload: bytes):
+    """The event's data as JSON, or None when it is not JSON (then nothing is read from it)."""
+    try:
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_not_json, parse_int=_int)
+    except (ValueError, RecursionError):
+        return None
+    return obj if _depth(obj) <= MAX_DEPTH else None
 
 
 def twin(stream: bytes, strip: bool) -> dict:
@@ -45,10 +75,7 @@ def twin(stream: bytes, strip: bool) -> dict:
             return False
         if not r["usage_promised"] and _PROMISE.search(payload):
             r["usage_promised"] = True      # text is collected only until the stream promises its usage
-        try:
-            obj = json.loads(payload)
-        except ValueError:
-            return False
+        obj = event_json(payload)
         if not isinstance(obj, dict):
             return False
         choices = obj.get("choices")
@@ -434,3 +461,42 @@ def test_text_survives_a_bad_escape_in_one_event():
     relay = SSERelay(collect_text=True)
     relay.feed(s)
     assert relay.text() == twin(s, False)["text"] == "one two"
+
+
+# Found by fuzzing (tests/fuzz, sse_relay): usage was read from events that are not JSON (here an invalid UTF-8
+# key, `"\x97\x97put_tokens"`), which no client can read; now an event must be JSON for anything to be read.
+NOT_JSON = [
+    b'{"choices":[],"usage":{"\x97\x97put_tokens":4,"output_tokens":2}}',     # invalid UTF-8 in a key
+    b'{"choices":[],"usage":{"prompt_tokens":1},"x":tru}',                    # a literal cut short
+    b'{"choices":[],"usage":{"prompt_tokens":01}}',                           # a leading zero
+    b'{"choices":[],"usage":{"prompt_tokens":1}} x',                          # bytes after the object
+    b'{"choices":[],"usage":{"prompt_tokens":1},"a":NaN}',                    # Python reads NaN; it is not JSON
+    b'{"choices":[],"usage":{"prompt_tokens":1},"a":"\x01"}',                 # a raw control byte in a string
+    b'{"choices":[],"usage":{"prompt_tokens":1},"a":"\xed\xa0\x80"}',         # an encoded surrogate
+    b'{"choices":[],"usage":{"prompt_tokens":1},"a":"\\x"}',                  # an unknown escape
+    b'{"choices":[],"usage":{"prompt_tokens":1},"a":' + b"[" * 512 + b"]" * 512 + b"}",   # 513 levels
+]
+STILL_JSON = [
+    b'{"choices":[],"usage":{"prompt_tokens":1},"a":"\\ud800"}',              # a lone surrogate escape
+    b'{"choices":[],"usage":{"prompt_tokens":1},"a":' + b"[" * 511 + b"]" * 511 + b"}",   # 512 levels
+    b'{"choices":[],"usage":{"prompt_tokens":1},"a":[1e400,-0.5E-7,' + b"9" * 5000 + b']}',
+    b' \t{"choices":[],"usage":{"prompt_tokens":1},"a":"caf\xc3\xa9 \xf0\x9f\x99\x82 \x7f"}\t',
+]
+
+
+@pytest.mark.parametrize("payload", NOT_JSON + STILL_JSON)
+@pytest.mark.parametrize("strip", [False, True])
+def test_usage_only_from_events_that_are_json(payload, strip):
+    s = b"data: " + payload + b"\n\n" + DONE
+    got = run(s, [s], strip)
+    assert got == twin(s, strip)
+    assert got["prompt"] == (-1 if payload in NOT_JSON else 1)
+    assert got["forwarded"] == (DONE if strip and payload in STILL_JSON else s)
+
+
+def test_usage_null_right_after_another_usage_key():
+    # Found by fuzzing (tests/fuzz, sse_relay): after a match of `"usage"` the search went on past its closing
+    # quote, which can open the next one, so `"usage"usage": null` did not promise usage as the twin says.
+    s = b'data: {"a":"usage"usage": null}\n\ndata: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+    got = run(s, [s], False)
+    assert got == twin(s, False) and got["usage_promised"] and got["text"] == ""

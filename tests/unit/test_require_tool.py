@@ -1,7 +1,7 @@
-"""require_tool(): a missing program fails the test under CI and skips it elsewhere, saying how to install it."""
+"""require_tool() and require_module(): a missing program or test-only module fails the test under CI and skips it elsewhere, saying how to install it."""
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import require_module, require_tool
 
 
 @pytest.fixture
@@ -34,3 +34,15 @@ def test_missing_tool_skips_without_ci(empty_path, monkeypatch, ci):
 def test_present_tool_is_its_path_even_under_ci(empty_path, monkeypatch):
     monkeypatch.setenv("CI", "1")
     assert require_tool("fake-tool") == str(empty_path)
+
+
+def test_missing_module_fails_under_ci_and_skips_without(monkeypatch):
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match=r"no_such_module_x is not installed: pip install .*CI is set"):
+        require_module("no_such_module_x")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=r"atheris_missing_x is not installed"):
+        require_module("atheris_missing_x")
+    import json
+
+    assert require_module("json") is json

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import INSTALL_HINTS, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["redis-server", "nginx-light", "wrk", "curl", "iproute2"]
+PACKAGES = ["redis-server", "nginx-light", "wrk", "curl", "iproute2", "clang"]
 
 
 def makefile_tools() -> dict:
@@ -22,8 +22,9 @@ def makefile_tools() -> dict:
 def test_every_tool_a_test_requires_is_installed_by_make():
     used = set()
     for path in (ROOT / "tests").rglob("*.py"):
-        used |= set(re.findall(r'require_tool\("([^"]+)"\)', path.read_text()))
-    used -= {"fake-tool", "make"}                       # the helper's own test; make runs the Makefile itself
+        used |= set(re.findall(r'require_(?:tool|module)\("([^"]+)"\)', path.read_text()))
+    used -= {"fake-tool", "make", "no_such_module_x", "atheris_missing_x", "json"}   # the helpers' own tests;
+    # make runs the Makefile itself
     assert used and used <= set(INSTALL_HINTS), used - set(INSTALL_HINTS)
     from_apt = {name: re.search(r"apt-get install (\S+)\)", hint).group(1)
                 for name, hint in INSTALL_HINTS.items() if "make system-deps" in hint}
@@ -73,7 +74,7 @@ def test_a_clean_machine_gets_every_package(stub_path):
 
 def test_only_missing_packages_are_installed(stub_path):
     add_tool, run = stub_path
-    for name in ("redis-server", "nginx", "wrk", "ss"):
+    for name in ("redis-server", "nginx", "wrk", "ss", "clang"):
         add_tool(name)
     assert run() == ["update -qq", "install -y -qq curl"]
     add_tool("curl")

@@ -47,7 +47,7 @@ def reference_events(body: bytes):
         if field == b"data":
             data.append(value)
         elif field == b"event":
-            name = value.decode()
+            name = value.decode("utf-8", "replace")     # the stream is UTF-8 decoded, errors replaced
     return events
 
 
@@ -114,3 +114,12 @@ def test_passthrough_forwards_the_bytes_unchanged_and_still_reads_them():
     assert s.feed(chunk) is chunk
     assert s.finish() == b""
     assert rec.seen == [("usage", b"1,2"), ("end", b"z")] and s.prompt_tokens == 1
+
+
+def test_a_bare_event_field_names_the_event_empty():
+    # Found by fuzzing (tests/fuzz, translated_stream): a line "event" (no colon) is the field `event` with an
+    # empty value (WHATWG), not ignored; an `event:` name is decoded with replacement, as the stream's text is.
+    body = b"event: usage\nevent\ndata: 1,2\n\nevent:\xff\ndata: x\n\nevent: end\ndata: z\n\n"
+    rec, s, out = run(body, [7, 13])
+    assert rec.seen == reference_events(body) == [("", b"1,2"), ("\ufffd", b"x"), ("end", b"z")]
+    assert s.prompt_tokens == -1 and out.endswith(b"[end]")

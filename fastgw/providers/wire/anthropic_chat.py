@@ -18,6 +18,7 @@ import time
 import orjson
 
 from fastgw.errors import GatewayError
+from fastgw.providers.wire.encode import upstream_json
 
 # ---------------------------------------------------------------------------------------------------------------
 # Request: OpenAI chat -> Anthropic messages
@@ -203,7 +204,7 @@ def _text_of(part: dict, where: str) -> str:
 
 
 def _part_type_error(kind, where: str, allowed: str) -> GatewayError:
-    if kind in _UNSUPPORTED_PARTS:
+    if isinstance(kind, str) and kind in _UNSUPPORTED_PARTS:
         return _unsupported(f"`{where}`: content parts of type `{kind}` are not supported by this model's "
                             f"provider (Anthropic) through the gateway.", f"{where}.type")
     return _invalid(f"`{where}.type` {kind!r} is not valid here; expected {allowed}.", f"{where}.type")
@@ -408,14 +409,17 @@ def _malformed(what: str) -> GatewayError:
 
 def _finish_reason(stop_reason) -> str:
     # An unknown (newer) stop reason still ended the answer normally as far as the client can tell.
-    return _FINISH_REASONS.get(stop_reason, "stop")
+    return _FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+MAX_COUNT = 2**53      # a token count above this is no count (and sums of counts must fit the exchange's int64)
 
 
 def _count(usage: dict, key: str) -> int:
     value = usage.get(key)
     if value is None:
         return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_COUNT:
         raise _malformed(f"usage.{key} is not a token count")
     return value
 
@@ -452,7 +456,7 @@ def messages_response_to_chat(resp: dict, model: str) -> dict:
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise _malformed("a tool_use block without id or name")
             tool_calls.append({"id": block["id"], "type": "function", "function": {
-                "name": block["name"], "arguments": orjson.dumps(block.get("input", {})).decode()}})
+                "name": block["name"], "arguments": upstream_json(block.get("input", {})).decode()}})
         elif kind is None:
             raise _malformed("a content block without a type")
         # thinking, redacted_thinking and server-tool blocks have no place in a chat.completion
@@ -626,7 +630,7 @@ class MessagesToChatStream:
             call = {"index": index, "id": _field(block, "id", str, "tool_use block"), "type": "function",
                     "function": {"name": _field(block, "name", str, "tool_use block"), "arguments": ""}}
             return [self._chunk_of({"tool_calls": [call]})]
-        if kind == "text" and block.get("text"):
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
             return [self._chunk_of({"content": block["text"]})]
         return []           # an empty text block (its text comes in deltas), thinking, server-tool blocks
 
@@ -638,7 +642,8 @@ class MessagesToChatStream:
             return [self._chunk_of({"content": _field(delta, "text", str, "text_delta")})]
         if kind == "input_json_delta":
             fragment = _field(delta, "partial_json", str, "input_json_delta")
-            index = self.tool_index.get(event.get("index"))
+            index = event.get("index")
+            index = self.tool_index.get(index) if isinstance(index, int) else None
             if index is None or not fragment:
                 return []   # a server tool's input, or the empty first fragment Anthropic sends
             return [self._chunk_of({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})]
@@ -675,7 +680,8 @@ class MessagesToChatStream:
         error = event.get("error")
         if not isinstance(error, dict) or not isinstance(error.get("message"), str):
             raise _malformed("an error event without an error")
-        _, body = _chat_error(_STATUS_OF_TYPE.get(error.get("type"), 500), error.get("type"), error["message"])
+        kind = error.get("type")
+        _, body = _chat_error(_STATUS_OF_TYPE.get(kind, 500) if isinstance(kind, str) else 500, kind, error["message"])
         return [b"data: " + orjson.dumps(body) + b"\n\n"]
 
     # -- helpers

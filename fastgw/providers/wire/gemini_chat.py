@@ -32,6 +32,7 @@ import time
 import orjson
 
 from fastgw.errors import GatewayError, error_type
+from fastgw.providers.wire.encode import upstream_json
 
 # ------------------------------------------------------------------------------------------------ request
 
@@ -120,7 +121,7 @@ def _generation_config(body: dict) -> dict:
     _response_format(body.get("response_format"), config)
     effort = body.get("reasoning_effort")
     if effort is not None:
-        if effort not in _THINKING_BUDGET:
+        if not isinstance(effort, str) or effort not in _THINKING_BUDGET:
             raise _unsupported("reasoning_effort", f"Gemini takes none, low, medium or high, not {effort!r}")
         config["thinkingConfig"] = {"thinkingBudget": _THINKING_BUDGET[effort]}
     modalities = body.get("modalities")
@@ -176,18 +177,25 @@ def _function_calling_config(choice) -> dict:
     if isinstance(choice, str) and choice in _TOOL_CHOICE_MODE:
         return {"mode": _TOOL_CHOICE_MODE[choice]}
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+        name = _get(choice.get("function"), "name")
         if isinstance(name, str):
             return {"mode": "ANY", "allowedFunctionNames": [name]}
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        allowed = choice.get("allowed_tools") or {}
-        names = [(t.get("function") or {}).get("name") for t in allowed.get("tools") or ()
+        allowed = choice.get("allowed_tools")
+        tools = _get(allowed, "tools")
+        names = [_get(t.get("function"), "name") for t in (tools if isinstance(tools, list) else ())
                  if isinstance(t, dict) and t.get("type") == "function"]
         # VALIDATED: text or a call limited to the names, which is what mode "auto" asks for.
-        mode = {"auto": "VALIDATED", "required": "ANY"}.get(allowed.get("mode"))
+        mode = _get(allowed, "mode")
+        mode = {"auto": "VALIDATED", "required": "ANY"}.get(mode) if isinstance(mode, str) else None
         if mode and names and all(isinstance(n, str) for n in names):
             return {"mode": mode, "allowedFunctionNames": names}
     raise _unsupported("tool_choice", "Gemini takes none, auto, required, a named function or allowed function tools")
+
+
+def _get(obj, key: str):
+    """obj[key] when obj is an object that has it, else None (a client may send any JSON where one is due)."""
+    return obj.get(key) if isinstance(obj, dict) else None
 
 
 # -- messages
@@ -264,7 +272,7 @@ def _user_parts(content, where: str) -> list:
             parts.append(_image_part(part["image_url"].get("url"), f"{at}.image_url.url"))
         elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
             audio = part["input_audio"]
-            mime = _AUDIO_TYPES.get(audio.get("format"))
+            mime = _AUDIO_TYPES.get(audio.get("format")) if isinstance(audio.get("format"), str) else None
             if mime is None or not isinstance(audio.get("data"), str):
                 raise _invalid(f"{at}.input_audio", "needs base64 `data` and a `format` of wav or mp3")
             parts.append({"inlineData": {"mimeType": mime, "data": audio["data"]}})
@@ -327,7 +335,7 @@ def _assistant_parts(message: dict, where: str, tool_names: dict) -> list:
         if not isinstance(args, dict):
             raise _invalid(f"{at}.function.arguments", "Gemini needs the arguments as a JSON object")
         part = {"functionCall": {"name": name, "args": args}}
-        signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+        signature = _get(_get(call.get("extra_content"), "google"), "thought_signature")
         if isinstance(signature, str):
             part["thoughtSignature"] = signature
         parts.append(part)
@@ -366,7 +374,7 @@ def _malformed(what: str) -> GatewayError:
 
 
 def _finish_reason(reason, has_calls: bool) -> str:
-    mapped = _FINISH_REASON.get(reason, "stop")
+    mapped = _FINISH_REASON.get(reason, "stop") if isinstance(reason, str) else "stop"
     return "tool_calls" if mapped == "stop" and has_calls else mapped
 
 
@@ -392,10 +400,13 @@ def _tool_call(part: dict, number: int) -> dict:
         raise _malformed("a functionCall has no name")
     args = call.get("args")
     tool_call = {"id": f"call_{number}", "type": "function",
-                 "function": {"name": call["name"], "arguments": orjson.dumps(args or {}).decode()}}
+                 "function": {"name": call["name"], "arguments": upstream_json(args or {}).decode()}}
     if isinstance(part.get("thoughtSignature"), str):
         tool_call["extra_content"] = {"google": {"thought_signature": part["thoughtSignature"]}}
     return tool_call
+
+
+MAX_COUNT = 2**53      # a token count above this is no count (and sums of counts must fit the exchange's int64)
 
 
 def _usage(meta) -> dict | None:
@@ -407,8 +418,8 @@ def _usage(meta) -> dict | None:
     for key in ("promptTokenCount", "toolUsePromptTokenCount", "candidatesTokenCount", "thoughtsTokenCount",
                 "cachedContentTokenCount"):
         value = meta.get(key, 0)
-        if not isinstance(value, int):
-            raise _malformed(f"usageMetadata.{key} is not an integer")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_COUNT:
+            raise _malformed(f"usageMetadata.{key} is not a token count")
         counts[key] = value
     # promptTokenCount already includes cached tokens; tool-use prompt tokens are input too.
     prompt = counts["promptTokenCount"] + counts["toolUsePromptTokenCount"]

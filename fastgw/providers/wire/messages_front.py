@@ -32,6 +32,7 @@ import secrets
 import orjson
 
 from fastgw.errors import GatewayError
+from fastgw.providers.wire.encode import client_json, upstream_json
 from fastgw.tokens.exact import count_chat
 
 __all__ = [
@@ -308,7 +309,7 @@ def _assistant_turn(blocks: list[dict], where: str) -> dict:
                 raise _invalid(here, "needs a string id and name")
             calls.append({"id": block["id"], "type": "function",
                           "function": {"name": block["name"],
-                                       "arguments": orjson.dumps(block.get("input", {})).decode()}})
+                                       "arguments": client_json(block.get("input", {})).decode()}})
         elif kind in ("thinking", "redacted_thinking"):
             continue
         else:
@@ -338,6 +339,11 @@ def _message_id(chat_id) -> str:
     return "msg_" + secrets.token_hex(12)
 
 
+def _call_id(call_id, number: int) -> str:
+    """A tool call's id, or one made up when the upstream gave none that is a string."""
+    return call_id if isinstance(call_id, str) and call_id else f"call_{number}"
+
+
 def _tool_input(arguments) -> dict:
     if arguments is None or arguments == "":
         return {}
@@ -360,8 +366,15 @@ def _usage(usage) -> dict:
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
+MAX_COUNT = 2**53      # a token count above this is no count (and sums of counts must fit the exchange's int64)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT
+
+
 def _count(value) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
+    return value if _is_count(value) else 0
 
 
 def chat_response_to_message(resp: dict, model: str) -> dict:
@@ -384,7 +397,7 @@ def chat_response_to_message(resp: dict, model: str) -> dict:
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise _malformed("a tool call without a function name")
-        content.append({"type": "tool_use", "id": call.get("id") or f"call_{len(content)}",
+        content.append({"type": "tool_use", "id": _call_id(call.get("id"), len(content)),
                         "name": function["name"], "input": _tool_input(function.get("arguments"))})
     return {"id": _message_id(resp.get("id")), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": _stop_reason(choice.get("finish_reason"), bool(calls)),
@@ -412,12 +425,11 @@ def _error_type(status: int) -> str:
 
 def _error_message(error) -> str | None:
     """The message of an OpenAI error object, or of the few other shapes servers send ({"detail": ...})."""
+    while isinstance(error, dict) and error.get("error") is not None:   # a loop: the nesting may be deep
+        error = error["error"]
     if isinstance(error, str):
         return error
     if isinstance(error, dict):
-        inner = error.get("error")
-        if inner is not None:
-            return _error_message(inner)
         for key in ("message", "detail"):
             if isinstance(error.get(key), str):
                 return error[key]
@@ -506,9 +518,9 @@ class ChatToMessagesStream:
 
     def _record_usage(self, usage: dict) -> None:
         self._usage = usage
-        if isinstance(usage.get("prompt_tokens"), int):
+        if _is_count(usage.get("prompt_tokens")):
             self.prompt_tokens = usage["prompt_tokens"]
-        if isinstance(usage.get("completion_tokens"), int):
+        if _is_count(usage.get("completion_tokens")):
             self.completion_tokens = usage["completion_tokens"]
 
     def _start(self, chunk: dict) -> list[bytes]:
@@ -554,14 +566,14 @@ class ChatToMessagesStream:
             if not isinstance(function.get("name"), str):
                 raise _malformed(f"tool call {index} starts without a function name")
             block_index = self._blocks
-            out += self._open_block(index, {"type": "tool_use", "id": call.get("id") or f"call_{block_index}",
+            out += self._open_block(index, {"type": "tool_use", "id": _call_id(call.get("id"), block_index),
                                             "name": function["name"], "input": {}})
             self._tool_blocks[index] = block_index
         elif self._open != index:  # Anthropic cannot reopen a closed block
             raise _malformed(f"tool call {index} continues after another content began")
         arguments = function.get("arguments")
         if isinstance(arguments, dict):  # a few OpenAI-compatible servers send the object itself
-            arguments = orjson.dumps(arguments).decode()
+            arguments = upstream_json(arguments).decode()
         if isinstance(arguments, str) and arguments:
             out.append(self._block_delta({"type": "input_json_delta", "partial_json": arguments}))
         return out
