@@ -6,6 +6,10 @@ cdef class Exchange:
     cdef public bytes method, body
     cdef public _Message _parser     # the request's parser (None once the request is over)
     cdef public object fields, route, deployment, scratch
+    # Pass-through endpoints (issue 15): `form` the small text fields of a multipart body (model,
+    # response_format...) read before its first file, else None; `response_body` a 2xx JSON answer kept whole
+    # (for its usage, resource ids and pricing), else None.
+    cdef public object form, response_body
     cdef public bint stream, client_wants_usage
     cdef public bint messages_api    # the client speaks Anthropic's Messages API (POST /v1/messages...)
     cdef public long long _prompt_estimate

@@ -14,6 +14,9 @@ Fields (all readable and writable from Python policies):
   status, response_headers (list of b"name: value\\r\\n" lines for the client), prompt_tokens and
   completion_tokens (-1 = unknown), cost (USD), error, bytes_in, bytes_out, events
   rejection, upstream_errors         what accounting counts besides the request (None when nothing)
+  form, response_body                pass-through endpoints: a multipart body's text fields read before its
+                                     first file (dict str -> str), and a 2xx JSON answer kept whole (bytes);
+                                     None otherwise
   t_start       the request head arrived       t_sent         sent upstream (last attempt)
   t_first_byte  the upstream's response head   t_first_token  a stream's first event relayed to the client
   t_end         the last byte written          upstream_wait  seconds spent waiting on the upstream
