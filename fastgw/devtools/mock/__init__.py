@@ -25,13 +25,13 @@ answers in every wire format at once, on one port (their paths do not collide):
                 GET /v1beta/models
   azure.py      Azure OpenAI: /openai/deployments/{deployment}/chat/completions, completions, embeddings
 
-Adding another wire format is one new module and one line here, without touching the server: handlers
-`def handler(req: MockRequest) -> JsonReply | StreamReply | BytesReply | BodyStream` (render answers once per
-key with TemplateCache, fill token counts per request; raise Refusal for bad input), a `ROUTES = ((b"POST", b"/path", handler), ...)` and an
-`error_body(status, message, code)` in the provider's error shape (returning a JsonReply when the answer needs
-headers, such as a 429's retry-after), registered below with `ROUTES.add_all(module.ROUTES, module.error_body)`.
-The error function renders that format's refusals and its x-mock-status answers. A path ending in "*" matches
-by prefix, for formats that put the model in the path (gemini.py, azure.py).
+Adding another wire format is one new module and one line here, without touching the server: handlers `def
+handler(req: MockRequest) -> JsonReply | StreamReply | BytesReply | BodyStream` (render answers once per key with
+TemplateCache, fill token counts per request; raise Refusal for bad input), a `ROUTES = ((b"POST", b"/path",
+handler), ...)` and an `error_body(status, message, code)` in the provider's error shape (returning a JsonReply when
+the answer needs headers, such as a 429's retry-after), registered below with `ROUTES.add_all(module.ROUTES,
+module.error_body)`. The error function renders that format's refusals and its x-mock-status answers. A path ending
+in "*" matches by prefix, for formats that put the model in the path (gemini.py, azure.py).
 """
 from fastgw.devtools.mock import anthropic, azure, gemini, openai, openai_files, openai_jobs, openai_media
 from fastgw.devtools.mock.openai import EMBEDDING_DIM

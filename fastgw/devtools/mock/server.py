@@ -20,6 +20,9 @@ Fault injection by request header (the gateway forwards client headers, so tests
   x-mock-close: 1                  answer with Connection: close and close
   x-mock-echo-headers: 1           text answers: the request headers as a JSON object in the content (OpenAI
                                    streams too, cut into the x-mock-chunks pieces; other formats non-stream)
+Endpoint headers (read by their handlers): x-mock-speech-bytes: N, the length of a speech answer
+(openai_media.py); x-mock-hold: 1, a batch or fine-tuning job created but left running, to be cancelled
+(openai_jobs.py). The delays, x-mock-status and x-mock-close apply to every route.
 Defaults for the delays and chunk count can be given to start_mock(**defaults): delay_ms,
 first_token_delay_ms, chunk_delay_ms, chunks; and for the error answers: status, error_code, retry_after,
 retry_after_ms (a mock that fails every request, one of several upstreams in a test).
