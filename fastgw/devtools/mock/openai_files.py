@@ -14,9 +14,10 @@
 Vector stores index nothing: their files are "completed" at once (usage_bytes: the file's size), so the SDK's
 create_and_poll helpers return at once.
 
-Response headers the mock adds: `x-mock-sha256` (the SHA-256 hex of the file's bytes as received) on a file's
-content and on POST /v1/files, and `x-mock-content: stored|regenerated` on the content (see store.py for files
-over KEEP_BYTES).
+Response headers the mock adds: `x-mock-sha256` (the SHA-256 hex of the bytes as received) on POST /v1/files, on
+an upload's parts and complete (the whole file's), and on a file's content; `x-mock-content: stored|regenerated`
+on the content (see store.py for files over KEEP_BYTES). An upload's parts are held in memory until it completes
+(OpenAI caps a part at 64 MB); the completed file then follows the KEEP_BYTES rule.
 """
 from __future__ import annotations
 
