@@ -213,7 +213,8 @@ cdef class ClientConnection(ClientSide):
                     if self.ex is not None:      # in flight upstream: exchange_over resumes parsing
                         return
                 else:
-                    self.refuse(GatewayError(p.error_status, p.error_message), True)
+                    self.refuse(GatewayError(p.error_status, p.error_message,
+                                             code="request_too_large" if p.error_status == 413 else None), True)
                     return
         finally:
             self.advancing = False
