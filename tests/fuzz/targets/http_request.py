@@ -2,7 +2,7 @@
 
 Oracles: h11 with the differential rules of tests/core/test_http_request.py (accepted requests parse as h11
 parses them; a refusal is h11's or one of the documented STRICTER ones); the same outcome whole, in pieces and
-byte by byte; smaller limits only ever turn the outcome into a 431/413 after the same messages; the head
+byte by byte, and with the bodies streamed (stream_body(), as uploads are read); smaller limits only ever turn the outcome into a 431/413 after the same messages; the head
 forward_head writes for each accepted request parses back (h11 and our parser) to the fields it should keep.
 """
 import h11
@@ -22,8 +22,17 @@ def one_input(data: bytes) -> None:
     whole = ours_requests([data])
     if len(data) <= BYTEWISE_MAX:
         assert ours_requests(bytewise(data)) == whole
+    # Bodies handed out in BODY events (uploads) join to the same messages, with the same errors and limits
+    # (a message cut short reads "ok" or "incomplete" depending on whether its body bytes were handed out).
+    same_when_streamed(ours_requests(pieces(data), True, max_stream_bytes=16 * 1024 * 1024), whole)
+    same_when_streamed(ours_requests([data], True, max_stream_bytes=24, **SMALL), ours_requests([data], **SMALL))
     check_limits(data, whole)
     check_forward_heads(data)
+
+
+def same_when_streamed(streamed, whole) -> None:
+    assert streamed[0] == whole[0], "a streamed body changed the messages"
+    assert streamed[1] == whole[1] or {streamed[1], whole[1]} <= {"ok", "incomplete"}, (streamed[1], whole[1])
 
 
 def check_limits(data: bytes, whole) -> None:
