@@ -87,9 +87,12 @@ def _str(v) -> str:
     return v if isinstance(v, str) else ""
 
 
+MAX_COUNT = 1e15     # more tokens or seconds than any request has: a broken answer, read as no figure
+
+
 def _num(v) -> float:
-    """A JSON count: a non-negative int or float (not a bool), else -1."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
+    """A JSON count: a non-negative int or float (not a bool) up to MAX_COUNT, else -1."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT:
         return float(v)
     return -1.0
 
@@ -106,6 +109,8 @@ def _n(req: dict) -> int:
             v = int(v.strip())
         except ValueError:
             return 1
+    if isinstance(v, float) and v.is_integer():      # 2.0, or a large integer a JSON parser made a float
+        v = int(v)
     if not isinstance(v, int) or isinstance(v, bool):
         return 1
     return min(max(v, 1), MAX_IMAGES)
