@@ -35,12 +35,14 @@ from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.proxyproto import ProxyProtocolError, is_trusted
 from fastgw.protocol.proxyproto import parse as parse_proxy_header
+from fastgw.proxy.passthrough import METHODS
 from fastgw.routing.router import MESSAGES, PROXIED
 
 cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _END = H.END
 # Proxied path -> whether it is Anthropic's Messages API (one dict lookup answers both questions).
 cdef dict _PROXIED = {**{p: False for p in PROXIED}, **{p: True for p in MESSAGES}}
 cdef frozenset _MESSAGES = frozenset(MESSAGES)
+cdef frozenset _PASSTHROUGH_METHODS = METHODS
 cdef frozenset _LOCAL = frozenset(("/healthz", "/readyz", "/metrics", "/v1/models"))
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes _JSON = b"content-type: application/json\r\n"
@@ -243,11 +245,23 @@ cdef class ClientConnection(ClientSide):
                                        code="method_not_allowed")
                 self.relay = new_relay(self, ex)
                 self.relay.start()
-            elif method == b"GET" or (method == b"HEAD" and path in _LOCAL):
-                self._local(ex, path)
-            elif path in _LOCAL:
-                raise GatewayError(405, f"Method {method.decode('latin-1')} is not allowed on {path}; use GET.",
-                                   code="method_not_allowed")
+            elif path in _LOCAL or not path.startswith("/v1/") or (
+                    path.startswith("/v1/models/") and (method == b"GET" or method == b"HEAD")):
+                if method == b"GET" or (method == b"HEAD" and (path in _LOCAL or path.startswith("/v1/models/"))):
+                    self._local(ex, path)
+                elif path in _LOCAL:
+                    raise GatewayError(405, f"Method {method.decode('latin-1')} is not allowed on {path}; use "
+                                            "GET.", code="method_not_allowed")
+                else:
+                    raise GatewayError(404, f"Unknown request URL: {method.decode('latin-1')} {path}.",
+                                       code="unknown_url")
+            elif (<Gateway>self.gw).passthrough.enabled:
+                if method not in _PASSTHROUGH_METHODS:
+                    raise GatewayError(405, f"Method {method.decode('latin-1')} is not allowed on {path}.",
+                                       code="method_not_allowed")
+                ex.passthrough = True        # another /v1 endpoint: files, images, audio... (proxy/passthrough.py)
+                self.relay = new_relay(self, ex)
+                self.relay.start()
             else:
                 raise GatewayError(404, f"Unknown request URL: {method.decode('latin-1')} {path}.",
                                    code="unknown_url")

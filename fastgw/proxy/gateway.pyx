@@ -17,6 +17,7 @@ from fastgw.protocol.proxyproto import parse_networks
 from fastgw.observability.logs import LogThrottle
 from fastgw.routing.catalog import ModelCatalog
 from fastgw.routing.health import HealthChecks
+from fastgw.proxy.passthrough import Passthrough
 from fastgw.routing.resilience import attach
 from fastgw.routing.router import Router
 
@@ -47,11 +48,13 @@ cdef class Gateway:
         ctx = PolicyContext(self.log, self.stats, self.run_dir, self.worker_id, cfg)
         router, pipeline = build(cfg, ctx, self.mock_url)
         trusted = parse_networks(s.trusted_proxies)
+        passthrough = Passthrough(cfg, router, self.run_dir)
         catalog = ModelCatalog(self.loop, router, u.models_cache_s, self.log, pipeline.model_visible)
         old, old_catalog = self.pipeline, self.catalog
         self.cfg = cfg
         self.router = router
         self.catalog = catalog
+        self.passthrough = passthrough
         self.pipeline = pipeline
         self.policy_ctx = ctx
         self.access_hooks = pipeline.access

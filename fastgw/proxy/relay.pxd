@@ -72,6 +72,8 @@ cdef class Relay(UpstreamListener):
     cdef double deadline_at           # no attempt starts after this (the model's retry.deadline_ms); 0: none
     cdef Py_ssize_t hook_lines        # ex.response_headers before this attempt's response_headers hooks
     cdef object backoff               # the timer of the next attempt while it waits out a backoff, or None
+    cdef Deployment pinned            # pass-through: the deployment that made the resource asked for, or None
+    cdef bint whole                   # pass-through: a 2xx JSON list read whole to be filtered for its consumer
 
     cdef void start(self) except *
     cdef void _admitted(self) except *

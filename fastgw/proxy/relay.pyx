@@ -98,22 +98,26 @@ cdef class Relay(UpstreamListener):
         or Reply (a policy answered) when the request ends here."""
         cdef Exchange ex = self.ex
         cdef Gateway gw = self.gw
-        f = peek_request(ex.body)
-        if f is None:
-            raise GatewayError(400, "We could not parse the JSON body of your request. The body must be a JSON "
-                                    "object.", code="invalid_json")
-        model = f.model
-        if not model:
-            raise GatewayError(400, "You must provide a model parameter.", param="model", code="missing_model")
-        route = (<Router>gw.router).resolve(model)
-        if route is None:
-            raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
-        ex.fields = f
-        ex.model = model
-        ex.stream = f.stream
-        ex.client_wants_usage = f.include_usage
-        ex.route = route
+        if ex.passthrough:                  # another /v1 endpoint: its own routing rules
+            ex.route, self.pinned = gw.passthrough.route_json(ex)
+        else:
+            f = peek_request(ex.body)
+            if f is None:
+                raise GatewayError(400, "We could not parse the JSON body of your request. The body must be a "
+                                        "JSON object.", code="invalid_json")
+            model = f.model
+            if not model:
+                raise GatewayError(400, "You must provide a model parameter.", param="model",
+                                   code="missing_model")
+            route = (<Router>gw.router).resolve(model)
+            if route is None:
+                raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                                   param="model", code="model_not_found")
+            ex.fields = f
+            ex.model = model
+            ex.stream = f.stream
+            ex.client_wants_usage = f.include_usage
+            ex.route = route
         if gw.request_hooks:
             wait_for(self.client, UPSTREAM_WAIT)     # policies waiting on I/O count against the first byte
             try:
@@ -148,7 +152,8 @@ cdef class Relay(UpstreamListener):
 
     cdef void _admitted(self) except *:
         cdef Exchange ex = self.ex
-        if ex.body is not (<RequestParser>ex._parser).body:   # a policy rewrote the body: read its fields again
+        if ex.fields is not None and ex.body is not (<RequestParser>ex._parser).body:
+            # a policy rewrote the body: read its fields again
             f = ex.fields = peek_request(ex.body)
             if f is None:
                 raise GatewayError(500, "A policy produced an invalid request body.", code="policy_error")
@@ -156,7 +161,11 @@ cdef class Relay(UpstreamListener):
         cdef double deadline = route.retry.deadline
         if deadline > 0.0:
             self.deadline_at = ex.t_start + deadline
-        cdef Deployment d = route.pick(ex, None)
+        cdef Deployment d = self.pinned
+        if d is not None:                   # a resource's requests go where it was made, whatever its state
+            self._send(d)
+            return
+        d = route.pick(ex, None)
         if d is None or (d.breaker is not None and not d.admit()):
             d = self._next(route, None, False)            # a half-open probe taken meanwhile: another one
             if d is None and not route.any_full(None):   # none available (breakers open): a fallback model
@@ -198,7 +207,7 @@ cdef class Relay(UpstreamListener):
         cdef Exchange ex = self.ex
         cdef Gateway gw = self.gw
         cdef Provider provider = <Provider>d.provider
-        cdef bint add_usage = ex.stream and gw.needs_usage and not ex.fields.include_usage
+        cdef bint add_usage = ex.stream and gw.needs_usage and not ex.passthrough and not ex.fields.include_usage
         self._end_attempt()                  # a retry: the attempt before it is over
         if ex.messages_api:
             if d.messages_provider is None:
@@ -210,8 +219,12 @@ cdef class Relay(UpstreamListener):
         self.deployment = d
         self.provider = provider
         ex.deployment = d                    # before request_body: a translating provider reads its config
-        line = provider.request_line(ex, d.request_lines)   # first: it refuses an endpoint the provider lacks
-        body = provider.request_body(ex, d.model_json, add_usage)
+        if ex.passthrough:
+            line = provider.passthrough_line(ex, d)
+            body = provider.passthrough_body(ex, d.model_json)
+        else:
+            line = provider.request_line(ex, d.request_lines)   # first: it refuses an endpoint the provider lacks
+            body = provider.request_body(ex, d.model_json, add_usage)
         ex.upstream_name = d.name
         drop = _DROP_MESSAGES if ex.messages_api else _DROP
         if d.own_header_names:               # a deployment's own `headers` replace the client's of those names
@@ -309,11 +322,19 @@ cdef class Relay(UpstreamListener):
                 return
         if r.status >= 400 and self.state == AWAITING_HEAD and self._holds(r):
             self.holding = True
+        if ex.passthrough:                  # what the answer is, it says itself: a stream, JSON, or other bytes
+            ex.stream = r.status == 200 and _has_type(r, b"text/event-stream")
         if ex.stream and r.status == 200:
             self.sse = self.provider.open_stream(ex, self.strip_usage, gw.needs_usage)
             wait_for(self.client, STREAMING)
+        elif ex.passthrough and not _has_type(r, b"application/json"):
+            self.parts = None               # audio, files' content, text: relayed as they come, never kept
+            if r.status < 500 and r.status != 429:
+                self.deployment.first_byte(t - ex.t_sent)
         else:
             self.parts = []
+            # A list a consumer asked for is read whole, to show only that consumer's resources.
+            self.whole = ex.passthrough and r.status < 300 and gw.passthrough.filters(ex)
             if r.status < 500 and r.status != 429:   # an answer, not a failure: how fast it came counts
                 self.deployment.first_byte(t - ex.t_sent)
         if self.state == OWN_SSE_HEAD:      # our SSE head is out already (keep-alive comments were sent)
@@ -329,7 +350,7 @@ cdef class Relay(UpstreamListener):
         if not self.client.keep_alive:
             extra += b"connection: close\r\n"
         self.state = HEAD_HELD
-        if self.sse is None and self.provider.translates:
+        if self.sse is None and (self.provider.translates or self.whole):
             retry_after = r.header(b"retry-after")  # the one upstream header a translated error keeps
             if retry_after is not None:
                 extra += b"retry-after: " + retry_after + b"\r\n"
@@ -371,12 +392,12 @@ cdef class Relay(UpstreamListener):
             parts.append(data)
             self.parts_bytes += len(data)
             if self.parts_bytes > _MAX_KEPT and self.state != OWN_SSE_HEAD:
-                if self.provider.translates or self.holding:
+                if self.provider.translates or self.holding or self.whole:
                     self._give_up(GatewayError(502, "The upstream's response is too large to translate.",
                                                type="upstream_error", code="upstream_too_large"))
                     return
                 self.parts = None           # a huge body: relayed, but not kept for its usage
-        if self.state == OWN_SSE_HEAD or self.provider.translates or self.holding:
+        if self.state == OWN_SSE_HEAD or self.provider.translates or self.holding or self.whole:
             return                          # rendered whole at the end (or replaced by another attempt)
         out = _frame(data) if self.chunked else data
         if self.pending_head is not None:
@@ -438,7 +459,7 @@ cdef class Relay(UpstreamListener):
         if sse.usage_seen:
             ex.prompt_tokens = sse.prompt_tokens
             ex.completion_tokens = sse.completion_tokens
-        elif self.gw.needs_usage:
+        elif self.gw.needs_usage and not ex.passthrough:
             _count_streamed(ex, sse)
         if not (sse.done or self.provider.translates or ex.endpoint not in _ENDS_WITH_DONE):
             # The upstream ended the body before `data: [DONE]`: the client's stream is broken off too, never given
@@ -474,6 +495,16 @@ cdef class Relay(UpstreamListener):
                     raise GatewayError(502, "The upstream's response is not valid JSON.", type="upstream_error",
                                        code="upstream_malformed")
                 ex.prompt_tokens, ex.completion_tokens = usage
+                if ex.passthrough:
+                    ex.response_body = body
+                    filtered = self.gw.passthrough.answered(ex, body, self.deployment, self.whole)
+                    if self.whole:
+                        self.whole = False
+                        body = filtered if filtered is not None else body
+                        self._emit(H.response_head(ex.status, reason(ex.status), [_JSON, self.pending_head],
+                                                   len(body)) + body)
+                        self.pending_head = None
+                        return False
             if held:                        # relayed after all: the whole body goes out now
                 out = ((_frame(body) if body else b"") + _LAST_CHUNK) if self.chunked else body
             else:
@@ -600,6 +631,8 @@ cdef class Relay(UpstreamListener):
         cdef double delay = 0.0, t = now(), end
         if self.deadline_at != 0.0 and t >= self.deadline_at:
             return False
+        if self.pinned is not None:         # a resource exists only where it was made
+            return False
         if self.tried is None:
             self.tried = [failed]
         elif failed not in self.tried:
@@ -702,6 +735,7 @@ cdef class Relay(UpstreamListener):
         self.events_tail = None
         self.chunked = False
         self.holding = False
+        self.whole = False
 
     cdef void _resend(self, Deployment d, bint same_attempt=False) except *:
         try:
@@ -842,6 +876,12 @@ cdef class Relay(UpstreamListener):
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.resume_reading()
+
+
+cdef bint _has_type(ResponseParser r, bytes media_type) except -1:
+    """Is the response's content-type `media_type` (parameters aside, case-insensitive)?"""
+    ct = r.header(b"content-type")
+    return ct is not None and ct.split(b";", 1)[0].strip().lower() == media_type
 
 
 cdef inline void _wait_upstream(Relay r) except *:
