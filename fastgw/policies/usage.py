@@ -62,7 +62,8 @@ def fill_counted_usage(ex) -> bool:
         return False
     # The tokenizer follows the model the upstream runs (a deployment may rename it), else the client's name.
     d = ex.deployment
-    model = (getattr(d, "model", "") if d is not None else "") or ex.model or DEFAULT_MODERATION_MODEL
+    model = ((getattr(d, "model", "") if d is not None else "") or (ex.model if ex.model != "*" else "")
+             or DEFAULT_MODERATION_MODEL)
     n = count_input(ex.body, model)
     if n < 0:
         return False

@@ -533,3 +533,25 @@ def test_chat_pricing_is_unchanged(policy_ctx, make_exchange):
     ex.status, ex.prompt_tokens, ex.completion_tokens = 200, 1000, 10
     b.complete(ex)
     assert ex.cost == pytest.approx((1000 * 2.5 + 10 * 10) / 1e6)
+
+
+def test_a_per_image_model_stays_per_image_even_with_usage(make_exchange):
+    answer = {"created": 1, "data": [{"url": "u"}], "usage": {"input_tokens": 10, "output_tokens": 4000,
+                                                              "total_tokens": 4010}}
+    ex = exchange(make_exchange, "/v1/images/generations", model="dall-e-3", body={"prompt": "p"}, answer=answer)
+    assert charge(ex) == Charge("images", 1, pytest.approx(0.04), True)
+    ex = exchange(make_exchange, "/v1/audio/transcriptions", model="whisper-1", form={},
+                  answer={"text": "", "usage": {"type": "tokens", "input_tokens": 5, "output_tokens": 5}},
+                  bytes_in=AUDIO_BYTES_PER_SECOND * 60)
+    assert charge(ex) == Charge("seconds", 60.0, pytest.approx(0.006), False)   # tokens it has no price for
+
+
+def test_the_wildcard_route_names_no_model(make_exchange):
+    # A request naming no model on a "*" route: the API's default model of the endpoint is what gets priced.
+    ex = exchange(make_exchange, "/v1/images/generations", model="*", body={"prompt": "p"},
+                  answer={"created": 1, "data": [{"url": "u"}]})
+    assert media.estimate(ex, T) == pytest.approx(0.020) and charge(ex).usd == pytest.approx(0.020)   # dall-e-2
+    ex = exchange(make_exchange, "/v1/moderations", model="*", body={"input": "hello there"},
+                  answer=MODERATION_ANSWER)
+    with_default = PriceTable(default=(50.0, 50.0))
+    assert charge(ex, with_default) == Charge("tokens", count_text("hello there", "o200k_base"), 0.0, True)

@@ -98,7 +98,9 @@ def _num(v) -> float:
 
 
 def _model(ex, req: dict, default: str) -> str:
-    return ex.model or _str(req.get("model")) or default
+    """The model as the gateway routed it (the client's name; for a request naming none, the route's), else the
+    request's field, else the API's default for the endpoint ("*", the wildcard route, names no model)."""
+    return (ex.model if ex.model != "*" else "") or _str(req.get("model")) or default
 
 
 def _n(req: dict) -> int:
@@ -174,7 +176,8 @@ def _images(ex, prices: PriceTable, req: dict, ans: Optional[dict]) -> Charge:
     model = _model(ex, req, "dall-e-2")          # the API's default image model
     mp = prices.media(model)
     usage = ans.get("usage") if ans is not None else None
-    split = _usage_split(usage, "image_tokens") if isinstance(usage, dict) else None
+    # Usage tokens are the price of a token-priced model (GPT Image); a model priced per image stays so.
+    split = _usage_split(usage, "image_tokens") if isinstance(usage, dict) and prices.lookup(model) else None
     if split is not None:
         return Charge("tokens", sum(split), _token_cost(prices, mp, model, *split), True)
     data = ans.get("data") if ans is not None else None
@@ -212,7 +215,7 @@ def _transcription(ex, prices: PriceTable, req: dict, ans: Optional[dict]) -> Ch
     mp = prices.media(model)
     usage = ans.get("usage") if ans is not None else None
     if isinstance(usage, dict):
-        if usage.get("type") == "tokens":
+        if usage.get("type") == "tokens" and prices.lookup(model) is not None:
             split = _usage_split(usage, "audio_tokens")
             if split is not None:
                 return Charge("tokens", sum(split), _token_cost(prices, mp, model, *split), True)
@@ -231,7 +234,9 @@ def _tokens(ex, prices: PriceTable, req: dict, ans: Optional[dict]) -> Optional[
     fill_counted_usage(ex)
     if ex.prompt_tokens < 0:
         return None                  # not countable: the budget policy charges its token estimate
-    return Charge("tokens", ex.prompt_tokens, prices.cost(ex.model, ex.prompt_tokens, ex.completion_tokens), True)
+    default = "omni-moderation-latest" if ex.endpoint == "/v1/moderations" else ""
+    model = _model(ex, req, default)
+    return Charge("tokens", ex.prompt_tokens, prices.cost(model, ex.prompt_tokens, ex.completion_tokens), True)
 
 
 MEDIA_ENDPOINTS = {
