@@ -465,6 +465,8 @@ def test_budget_counts_the_estimated_charges(policy_ctx, make_exchange):
     # Counted per model label (an unknown model is "other" and, unpriced, cost nothing: not counted).
     assert policy_ctx.stats.snapshot()["counters"]["estimated_costs"] == [
         [["whisper-1", "/v1/audio/transcriptions"], 2]]
+    assert ('fastgw_estimated_costs_total{model="whisper-1",endpoint="/v1/audio/transcriptions"} 2\n'
+            in policy_ctx.stats.render().decode())
     assert b.spent("alice") == pytest.approx(0.024)
 
 
