@@ -18,6 +18,7 @@ cdef class Gateway:
     cdef readonly double keepalive_interval, stream_gap_timeout, total_timeout
     cdef readonly int tcp_keepalive_idle
     cdef readonly Py_ssize_t max_head, max_headers, max_body
+    cdef readonly long long max_upload
     # Indexed by what a connection waits for (deadlines.Wait).
     cdef double timeouts[WAIT_KINDS]
     cdef bytes _id_prefix

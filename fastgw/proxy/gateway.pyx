@@ -65,6 +65,8 @@ cdef class Gateway:
         self.log_hooks = pipeline.log
         self.needs_usage = pipeline.needs_usage
         self.max_head, self.max_headers, self.max_body = s.max_header_bytes, s.max_headers, s.max_body_bytes
+        # The largest body a head may announce to be streamed (an upload); 0: none is.
+        self.max_upload = max([passthrough.max_upload] + [r[2] for r in passthrough.rules]) if passthrough.enabled else 0
         self.timeouts[IDLE] = s.idle_timeout
         self.timeouts[HEAD_WAIT] = s.header_timeout
         self.timeouts[BODY_WAIT] = s.body_timeout

@@ -78,7 +78,7 @@ class Passthrough:
                 pinned = self.by_seed.get(seed)
         if pinned is not None:
             route, d = pinned
-            ex.model = model or route.name
+            ex.model = model or ""
             return route, d
         if model:
             route = self.router.resolve(model)
@@ -94,7 +94,6 @@ class Passthrough:
                 break
         if route is None:
             raise GatewayError(404, f"No deployment serves {ex.path}.", code="unknown_url")
-        ex.model = route.name
         return route, None
 
     def route_json(self, ex):

@@ -40,6 +40,7 @@ from fastgw.routing.retry cimport RetryPolicy
 from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.jsonpeek import peek_request, peek_response
+from fastgw.protocol.multipart import FormPrefix, MultipartError
 from fastgw.routing.retry import fallback_reason, retry_after_seconds
 
 _frame = H.frame_chunk
@@ -57,6 +58,8 @@ cdef bytes _KEEPALIVE_EVENT = _frame(b": keep-alive\n\n")
 # A non-streamed response body is kept (to read its usage, or to translate it) up to this size.
 cdef Py_ssize_t _MAX_KEPT = 16 * 1024 * 1024
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# An upload's bytes held while its request waits for a connection; past this its client is paused.
+cdef Py_ssize_t _UPLOAD_QUEUE = 1024 * 1024
 # Endpoints whose streams end with `data: [DONE]`: one that stops before it was cut short upstream.
 cdef tuple _ENDS_WITH_DONE = ("/v1/chat/completions", "/v1/completions")
 
@@ -71,6 +74,10 @@ cdef class ClientSide:
         raise NotImplementedError
 
     cdef void reply(self, object answer) except *:
+        raise NotImplementedError
+
+    cdef void pause_body(self, bint pause) except *:
+        """Stop (True) or resume (False) reading the request's body: an upload waits for its upstream."""
         raise NotImplementedError
 
     cdef void break_off(self) except *:
@@ -118,6 +125,12 @@ cdef class Relay(UpstreamListener):
             ex.stream = f.stream
             ex.client_wants_usage = f.include_usage
             ex.route = route
+        self._admit()
+
+    cdef void _admit(self) except *:
+        """The request phase, then the send (routed: ex.route is set). Raises as start() does."""
+        cdef Exchange ex = self.ex
+        cdef Gateway gw = self.gw
         if gw.request_hooks:
             wait_for(self.client, UPSTREAM_WAIT)     # policies waiting on I/O count against the first byte
             try:
@@ -129,6 +142,124 @@ cdef class Relay(UpstreamListener):
                 gw.loop.create_task(self._admit_later(pending))
                 return
         self._admitted()
+
+    # -- a streamed upload: its bytes go upstream as they come, never held whole --------------------------------
+
+    cdef void upload_begin(self, object boundary, long long limit) except *:
+        """The request's body comes in pieces (upload_data, then upload_end), at most `limit` bytes. A multipart
+        body's fields before its first file are read first (FormPrefix): its `model` routes it."""
+        self.up_q = []
+        self.up_limit = limit
+        self.up_chunked = (<RequestParser>self.ex._parser).chunked
+        if boundary is not None:
+            self.form = FormPrefix(boundary)
+        else:
+            self._upload_route()
+
+    cdef void upload_data(self, bytes data) except *:
+        self.up_total += len(data)
+        self.ex.bytes_in += len(data)
+        if self.state == DONE:
+            return                          # answered already (the connection closes after the answer)
+        if self.up_total > self.up_limit:
+            self._give_up(GatewayError(413, f"The request body is larger than {self.up_limit} bytes, the limit "
+                                            f"of {self.ex.path}.", code="request_too_large"))
+            return
+        if self.state == ADMITTING or self.state == AWAITING_HEAD:
+            wait_for(self.client, BODY_WAIT)   # the next piece is due within body_timeout
+        if self.form is not None:
+            try:
+                ready = self.form.feed(data)
+            except MultipartError as exc:
+                self._give_up(_invalid_multipart(exc))
+                return
+            if ready:
+                self._upload_route()
+            return
+        if self.up_live:
+            if self.upstream is not None:
+                self.upstream.transport.write(_frame(data) if self.up_chunked else data)
+            return
+        self.up_q.append(data)
+        self.up_q_bytes += len(data)
+        if self.up_q_bytes > _UPLOAD_QUEUE:   # the upstream request is not on a connection yet: wait for it
+            self.client.pause_body(True)
+
+    cdef void upload_end(self) except *:
+        """The client's body is complete."""
+        if self.state == DONE:
+            return
+        if self.form is not None:
+            try:
+                self.form.feed(b"", True)
+            except MultipartError as exc:
+                self._give_up(_invalid_multipart(exc))
+                return
+            self._upload_route()
+            if self.state == DONE:
+                return
+        if self.up_live and self.upstream is not None:
+            if self.up_chunked:
+                self.upstream.transport.write(_LAST_CHUNK)
+            self.upstream.body_open = False
+        if self.state == AWAITING_HEAD:
+            _wait_upstream(self)            # the upstream's answer is due from now
+
+    cdef void _upload_route(self) except *:
+        """The upload's first fields are known (or it has none): route it and admit it."""
+        cdef Exchange ex = self.ex
+        form = self.form
+        self.form = None
+        model = None
+        if form is not None:
+            ex.form = form.fields
+            model = form.fields.get("model") or None
+            self.up_q.append(form.data)
+            self.up_q_bytes += len(form.data)
+            self.up_model_span = form.model_span
+        try:
+            ex.route, self.pinned = self.gw.passthrough.route(ex, model, None)
+            self._admit()
+        except GatewayError as err:
+            if self.state == ADMITTING:
+                refused(self.gw, ex, err)
+            self._give_up(err)
+        except Reply as answer:
+            if self.state == ADMITTING:
+                self.state = DONE
+                self.client.reply(answer)
+
+    cdef bytes _upload_first(self, Deployment d):
+        """What the upload's request starts with: the bytes read so far (the deployment's model id in a multipart
+        `model` field), framed; the queue is empty after."""
+        q = self.up_q
+        span = self.up_model_span
+        if span is not None and d.model and q:
+            first = <bytes>q[0]
+            q[0] = first[:span[0]] + d.model.encode() + first[span[1]:]
+        self.up_model_span = None
+        data = b"".join(q)
+        self.up_q = []
+        self.up_q_bytes = 0
+        return _frame(data) if self.up_chunked and data else data
+
+    cdef void _upload_live(self, UpstreamConnection conn) except *:
+        """The upload's request is on `conn`: what came meanwhile goes out, then every piece as it comes."""
+        self.up_live = True
+        conn.body_open = self.client.uploading
+        if self.up_q:
+            data = b"".join(self.up_q)
+            self.up_q = []
+            self.up_q_bytes = 0
+            conn.transport.write(_frame(data) if self.up_chunked else data)
+        if not self.client.uploading:
+            if self.up_chunked:
+                conn.transport.write(_LAST_CHUNK)
+        self.client.pause_body(False)
+
+    cdef void upstream_paused(self, bint paused) except *:
+        if self.client.uploading:
+            self.client.pause_body(paused)
 
     async def _admit_later(self, pending):
         try:
@@ -219,9 +350,19 @@ cdef class Relay(UpstreamListener):
         self.deployment = d
         self.provider = provider
         ex.deployment = d                    # before request_body: a translating provider reads its config
+        cdef long long length = -1
+        extra = b""
         if ex.passthrough:
             line = provider.passthrough_line(ex, d)
-            body = provider.passthrough_body(ex, d.model_json)
+            if self.up_q is not None:        # an upload: its first bytes now, the rest as they come
+                before = self.up_q_bytes
+                body = self._upload_first(d)
+                if self.up_chunked:
+                    extra = b"transfer-encoding: chunked\r\n"
+                else:                        # the model id may have changed the length
+                    length = (<RequestParser>ex._parser).content_length + len(body) - before
+            else:
+                body = provider.passthrough_body(ex, d.model_json)
         else:
             line = provider.request_line(ex, d.request_lines)   # first: it refuses an endpoint the provider lacks
             body = provider.request_body(ex, d.model_json, add_usage)
@@ -231,12 +372,13 @@ cdef class Relay(UpstreamListener):
             drop = drop + d.own_header_names
         head = (<RequestParser>ex._parser).forward_head(
             line,
-            d.header_lines + b"x-request-id: " + ex.request_id.encode() + b"\r\n",
-            len(body), drop)
+            d.header_lines + b"x-request-id: " + ex.request_id.encode() + b"\r\n" + extra,
+            len(body) if self.up_q is None else length, drop)
         pool = d.pool                        # cached on the deployment: no Pools lookup per request
         if pool is None:
             pool = d.pool = gw.pools.get(d)
-        cdef UpstreamConnection conn = (<Pool>pool).acquire()
+        # An upload cannot be sent again: never on an idle kept-alive connection, which may turn out stale.
+        cdef UpstreamConnection conn = (<Pool>pool).acquire() if self.up_q is None else None
         self.state = AWAITING_HEAD
         d.started()                          # sent, or queued for one of its connections
         self.attempt_open = True
@@ -275,6 +417,8 @@ cdef class Relay(UpstreamListener):
         self.ex.t_sent = t
         _wait_upstream(self)
         conn.send(self, head, body)
+        if self.up_q is not None:
+            self._upload_live(conn)
 
     cdef void slot_ready(self) except *:
         """Our turn in the queue: a slot to open a connection in (another one closed)."""
@@ -300,6 +444,8 @@ cdef class Relay(UpstreamListener):
         self.upstream = conn
         self.ex.t_sent = now()
         conn.send(self, head, body)
+        if self.up_q is not None:
+            self._upload_live(conn)
 
     # -- the response (UpstreamListener) ---------------------------------------------------------------------
 
@@ -547,7 +693,7 @@ cdef class Relay(UpstreamListener):
         answer the failure."""
         cdef Exchange ex = self.ex
         self._clear_response()
-        if kind == "stale" and self.stale_resends < 2:
+        if kind == "stale" and self.stale_resends < 2 and self.up_q is None:
             self.stale_resends += 1
             self._resend(self.deployment, True)
             return
@@ -632,6 +778,8 @@ cdef class Relay(UpstreamListener):
         if self.deadline_at != 0.0 and t >= self.deadline_at:
             return False
         if self.pinned is not None:         # a resource exists only where it was made
+            return False
+        if self.up_q is not None:           # an upload's bytes are gone once sent: it cannot be tried again
             return False
         if self.tried is None:
             self.tried = [failed]
@@ -876,6 +1024,10 @@ cdef class Relay(UpstreamListener):
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.resume_reading()
+
+
+cdef object _invalid_multipart(exc):
+    return GatewayError(400, f"Invalid multipart/form-data body: {exc}.", code="invalid_multipart")
 
 
 cdef bint _has_type(ResponseParser r, bytes media_type) except -1:
