@@ -1,6 +1,8 @@
-"""Pricing of the pass-through endpoints through the running gateway: the openai SDK generating images and
-speech and moderating text, against the built-in mock, with a budget policy on; the access log's cost_usd and
-tokens, the metrics, and a budget refusing an image it cannot afford."""
+"""Pricing of the pass-through endpoints through the running gateway, with a budget policy on, the openai SDK as
+the client and the built-in mock as the upstream: images generated (DALL-E per image, GPT Image by its usage),
+image uploads (edits, variations), speech, moderations, transcriptions and translations (multipart uploads
+priced by the answer's duration or tokens, or estimated from the upload's size for a text answer); the access
+log's cost_usd and tokens, the metrics, and a budget refusing an image it cannot afford."""
 from __future__ import annotations
 
 import openai
@@ -87,3 +89,52 @@ def test_a_budget_refuses_an_image_it_cannot_afford(gw):
     costs = [(line["status"], line["cost_usd"]) for line in gw.access_lines()]
     assert costs == [(200, pytest.approx(0.032)), (429, 0.0), (429, 0.0), (200, pytest.approx(0.06))]
     assert KEYS["bob"] not in gw.out_path.read_text()
+
+
+def test_transcriptions_by_their_duration_tokens_or_upload_size(gw):
+    # Multipart uploads streamed through the gateway: priced by the answer's duration (whisper-1, json and
+    # verbose_json) or tokens (gpt-4o-transcribe); a text answer carries no duration, so it is charged an
+    # estimate from the upload's size and counted in fastgw_estimated_costs_total.
+    from fastgw.policies.budget.media import AUDIO_BYTES_PER_SECOND
+
+    c = sdk(gw)
+    audio = bytes(range(256)) * 1280                                     # 320 KiB: the mock hears 10 seconds
+    j = c.audio.transcriptions.create(model="whisper-1", file=("a.mp3", audio), response_format="json")
+    assert j.usage.seconds == 10
+    v = c.audio.translations.create(model="whisper-1", file=("a.mp3", audio), response_format="verbose_json")
+    assert v.duration == 10.0
+    t = c.audio.transcriptions.create(model="gpt-4o-transcribe", file=("a.mp3", audio), response_format="json")
+    u = t.usage
+    text = c.audio.transcriptions.create(model="whisper-1", file=("a.mp3", audio), response_format="text")
+    assert isinstance(text, str) and text.startswith("Mock transcription")
+
+    wait_for(lambda: len(gw.access_lines()) == 4, what="the four uploads in the access log")
+    js, vj, tok, txt = gw.access_lines()
+    assert all(line["status"] == 200 and line["bytes_in"] > len(audio) for line in (js, vj, tok, txt))
+    assert js["cost_usd"] == pytest.approx(10 / 60 * 0.006, abs=1e-9)
+    assert vj["path"] == "/v1/audio/translations" and vj["cost_usd"] == pytest.approx(10 / 60 * 0.006, abs=1e-9)
+    d = u.input_token_details
+    assert tok["cost_usd"] == pytest.approx((d.audio_tokens * 6.0 + d.text_tokens * 2.5 + u.output_tokens * 10.0)
+                                            / 1e6, abs=1e-9)
+    assert txt["cost_usd"] == pytest.approx(txt["bytes_in"] / AUDIO_BYTES_PER_SECOND / 60 * 0.006, abs=1e-9)
+    wait_for(lambda: metric(gw, "fastgw_estimated_costs_total", model="whisper-1",
+                            endpoint="/v1/audio/transcriptions") == 1, what="the estimated charge counted")
+
+
+def test_image_uploads_priced_from_their_form_fields_and_usage(gw):
+    from fastgw.devtools.mock.openai_media import png
+
+    c = sdk(gw)
+    picture = png(8, 8)
+    edit = c.images.edit(model="gpt-image-1", image=("in.png", picture), prompt="add a hat", quality="medium",
+                         size="1024x1024")
+    u = edit.usage
+    assert u.input_tokens_details.image_tokens > 0
+    var = c.images.create_variation(model="dall-e-2", image=("in.png", picture), n=2, size="256x256")
+    assert len(var.data) == 2
+    wait_for(lambda: len(gw.access_lines()) == 2, what="the two uploads in the access log")
+    ed, va = gw.access_lines()
+    assert ed["path"] == "/v1/images/edits" and ed["cost_usd"] == pytest.approx(
+        (u.input_tokens_details.text_tokens * 5.0 + u.input_tokens_details.image_tokens * 10.0
+         + u.output_tokens * 40.0) / 1e6, abs=1e-9)
+    assert va["path"] == "/v1/images/variations" and va["cost_usd"] == pytest.approx(2 * 0.016)
