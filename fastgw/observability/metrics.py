@@ -43,6 +43,9 @@ _COUNTERS = {
     "upstream_queue_wait_seconds": ("Seconds requests waited for a free upstream connection.", ("upstream",)),
     "fallbacks": ("Requests that moved on to a fallback model.", ("model", "fallback")),
     "breaker_opens": ("Circuit breakers opened (by failed attempts or health checks).", ("model", "upstream")),
+    "estimated_costs": ("Requests a budget charged an estimated cost: the answer carried no measure of what it "
+                        "used (a transcription answered as text, speech of a token-priced model).",
+                        ("model", "endpoint")),
 }
 # Gauges with labels, summed over live workers.
 _LABELLED_GAUGES = {
@@ -93,6 +96,7 @@ class Stats(RequestStats):
         self._labelled_gauges: dict[str, dict] = {name: {} for name in _LABELLED_GAUGES}
         self._fallbacks: dict[tuple, int] = {}
         self._breaker_opens: dict[tuple, int] = {}
+        self._estimated_costs: dict[tuple, int] = {}
         self._shared_gauges: dict[str, dict] = {name: {} for name in _SHARED_GAUGES}
 
     # -- per event ---------------------------------------------------------------------------------------
@@ -126,6 +130,14 @@ class Stats(RequestStats):
             self._breaker_opens[key] += 1
         except KeyError:
             self._counter_new(self._breaker_opens, key)
+
+    def cost_estimated(self, model: str, endpoint: str) -> None:
+        """A budget charged `model`'s request to `endpoint` an estimate (model: a bounded label, model_label)."""
+        key = (model, endpoint)
+        try:
+            self._estimated_costs[key] += 1
+        except KeyError:
+            self._counter_new(self._estimated_costs, key)
 
     def set_deployments(self, rows) -> None:
         """The breakers' states now: (model, upstream, state) rows, state 0 closed, 1 half-open, 2 open."""
@@ -183,6 +195,7 @@ class Stats(RequestStats):
         counters["upstream_errors"] = self._upstream_errors
         counters["fallbacks"] = self._fallbacks
         counters["breaker_opens"] = self._breaker_opens
+        counters["estimated_costs"] = self._estimated_costs
         counters.update(self._pool_counters)
         hists["overhead_microseconds"][()] = self.overhead_histogram()
         return {

@@ -143,8 +143,8 @@ def model_label(ctx: PolicyContext, model: str) -> str:
     names = _config_models(ctx)
     if model in names:
         return model
-    from fastgw.policies.budget.prices import DEFAULT_PRICES
-    return model if model in DEFAULT_PRICES else "other"
+    from fastgw.policies.budget.prices import KNOWN_MODELS
+    return model if model in KNOWN_MODELS else "other"
 
 
 def _config_models(ctx: PolicyContext) -> frozenset:

@@ -146,6 +146,7 @@ _MODEL_PREFIXES = (
     ("o1", "o200k_base"),
     ("o3", "o200k_base"),
     ("o4", "o200k_base"),
+    ("omni-moderation", "o200k_base"),   # the omni moderation models are GPT-4o based
     ("gpt-4", "cl100k_base"),
     ("gpt-3.5", "cl100k_base"),
     ("text-embedding-", "cl100k_base"),

@@ -393,3 +393,52 @@ def test_a_cancelled_first_caller_does_not_wedge_the_redis_connect(redis_server_
         assert await asyncio.wait_for(asyncio.gather(*others), 5) == [b"PONG", b"PONG"]
         c.close()
     asyncio.run(main())
+
+
+def test_redis_budget_reserves_and_settles_media_prices(redis_server, tmp_path, make_exchange):
+    # Images reserve n x the price per image and settle on the images the answer holds; a transcription
+    # answered as text is charged its estimate from the upload's size: both in Redis, seen by another instance.
+    import orjson
+
+    def budget(name):
+        cfg = BudgetConfig(budgets=[BudgetRule(usd=0.1, consumer="*", period="day")], id="media", backend="redis",
+                           redis=RedisConfig(url=redis_server.url, key_prefix="fastgw:budget:"))
+        return Budget(cfg, ctx_for(str(tmp_path), name))
+
+    def image_request(n):
+        ex = make_exchange(path="/v1/images/generations", model="dall-e-2", consumer="alice")
+        ex.body = orjson.dumps({"model": "dall-e-2", "prompt": "a cat", "n": n, "size": "1024x1024"})
+        return ex
+
+    async def settle(b, ex, status, answer=None):
+        ex.status, ex.response_body = status, orjson.dumps(answer) if answer is not None else None
+        r = b.complete(ex)
+        if r is not None:
+            await r
+
+    async def main():
+        a, b = budget("a"), budget("b")
+        ex = image_request(4)
+        await a.request(ex)                                              # $0.08 reserved
+        with pytest.raises(GatewayError) as e:
+            await b.request(image_request(2))                            # $0.04 more would pass $0.10
+        assert e.value.code == "insufficient_quota"
+        await settle(a, ex, 200, {"created": 1, "data": [{"url": "u"}] * 3})    # three came: $0.06
+        assert ex.cost == pytest.approx(0.06)
+        ex2 = image_request(2)
+        await b.request(ex2)                                             # now $0.04 fits: $0.10
+        await settle(b, ex2, 500)                                        # failed: given back
+        ex3 = make_exchange(path="/v1/audio/transcriptions", model="whisper-1", consumer="alice")
+        ex3.form, ex3.bytes_in = {"model": "whisper-1", "response_format": "text"}, 16_000 * 300
+        await b.request(ex3)                                             # 5 min at 128 kbit/s: $0.03
+        await settle(b, ex3, 200)
+        assert ex3.cost == pytest.approx(0.03)
+        c = budget("c")                                                  # another instance, later
+        with pytest.raises(GatewayError) as e:
+            await c.request(image_request(1))                            # $0.09 spent: $0.02 does not fit
+        for x in (a, b, c):
+            x.close()
+        return e.value.message
+
+    message = asyncio.run(main())
+    assert "($0.0900 used, this request is estimated at $0.0200)" in message

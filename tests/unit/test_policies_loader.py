@@ -27,6 +27,9 @@ def test_shipped_examples_load(policy_ctx):
     assert rl.config.id == "20-rate-limit"                 # counters are named after the file
     assert [r.id for r in rl.rules] == ["automation-rps", "per-consumer-model", "o3-daily", "batch"]
     assert policies[2].prices.lookup("my-finetune") == (3.0, 12.0)
+    img = policies[2].prices.media("my-image-model")
+    assert img.per_image == {"standard/1024x1024": 0.03, "hd/1024x1024": 0.06} and img.default_quality == "standard"
+    assert policies[2].prices.lookup("my-image-model") is None       # no token price given: none made up
 
 
 def test_config_table_and_builtin_names(tmp_path, policy_ctx):

@@ -10,6 +10,11 @@ exceeds a whole budget can never fit: its 429 says so, has no Retry-After and ca
 set in ex.cost for metrics and the access log. A request must fit every budget that applies to it (its
 consumer's and its group's).
 
+The non-chat endpoints (images, speech, transcriptions, translations, moderations, embeddings) are priced by
+their own units (per image, character, minute of audio or token: media.py), both the reservation and the
+charge; a charge the answer could not measure (a transcription answered as text) is an estimate, counted in
+fastgw_estimated_costs_total.
+
 Storage: "local" keeps the counters in the gateway's shared memory (exact across workers, lost on restart);
 "redis" keeps them in Redis (shared by every instance, survives restarts; a key per period that expires after
 it). Redis down, slow or answering an error (a failed AUTH...): `fail_open` decides (admit, or 503 "budget_unavailable"), logged and counted.
@@ -23,9 +28,10 @@ from typing import Literal, Optional
 import msgspec
 import xxhash
 
-from fastgw.policies import FieldError, completion_estimate
+from fastgw.policies import FieldError, completion_estimate, model_label
 from fastgw.policies.ratelimit.local import arena_for
-from fastgw.policies.budget.prices import PriceTable
+from fastgw.policies.budget import media
+from fastgw.policies.budget.prices import MediaPrice, PriceTable
 from fastgw.policies.ratelimit.policy import RedisConfig
 from fastgw.policies.api import Policy, Reject
 
@@ -33,8 +39,30 @@ __all__ = ["Budget", "period_id"]
 
 
 class Price(msgspec.Struct, forbid_unknown_fields=True):
-    input: float                  # USD per million prompt tokens
-    output: float = 0.0           # USD per million completion tokens
+    """A model's prices. Given input/output replace its token prices (one left out is 0); any given media field
+    replaces its whole media entry (per_image, per_minute, per_million_characters, media_input)."""
+    input: Optional[float] = None           # USD per million prompt (text input) tokens
+    output: Optional[float] = None          # USD per million completion (output) tokens
+    media_input: Optional[float] = None     # USD per million image or audio input tokens (default: input)
+    per_image: dict[str, float] = {}        # USD per image by "quality/size" ("hd/1024x1792") or "size"
+    default_quality: str = ""               # quality of a request naming none ("" or "auto": the dearest)
+    default_size: str = "1024x1024"         # size of a request naming none
+    per_minute: float = 0.0                 # USD per minute of input audio (transcriptions)
+    per_million_characters: float = 0.0     # USD per million characters of speech input
+
+    def has_tokens(self) -> bool:
+        return self.input is not None or self.output is not None
+
+    def has_media(self) -> bool:
+        return bool(self.media_input is not None or self.per_image or self.per_minute or self.per_million_characters)
+
+    def tokens(self) -> tuple[float, float]:
+        return (self.input or 0.0, self.output or 0.0)
+
+    def media(self) -> MediaPrice:
+        return MediaPrice(media_input=self.media_input, per_image=dict(self.per_image),
+                          default_quality=self.default_quality, default_size=self.default_size,
+                          per_minute=self.per_minute, per_million_characters=self.per_million_characters)
 
 
 class BudgetRule(msgspec.Struct, forbid_unknown_fields=True):
@@ -106,13 +134,24 @@ class Budget(Policy):
             if b.usd < 0:
                 raise FieldError(f"budgets[{i}].usd", "must be >= 0")
         for name, p in config.prices.items():
-            if p.input < 0 or p.output < 0:
+            if not p.has_tokens() and not p.has_media():
+                raise FieldError(f"prices.{name}", "give a price: input/output per million tokens, media_input, "
+                                 "per_image, per_minute or per_million_characters")
+            if min((p.input or 0.0), (p.output or 0.0), (p.media_input or 0.0), p.per_minute,
+                   p.per_million_characters, *p.per_image.values()) < 0:
                 raise FieldError(f"prices.{name}", "prices must be >= 0")
+            for key in p.per_image:
+                size = key.rpartition("/")[2]
+                w, x, h = size.partition("x")
+                if not (x and w.isdigit() and h.isdigit()):
+                    raise FieldError(f"prices.{name}.per_image", f"{key!r}: expected \"WxH\" or \"quality/WxH\"")
+        if config.default_price is not None and not config.default_price.has_tokens():
+            raise FieldError("default_price", "give input and/or output (USD per million tokens)")
         if config.slots < 8 or config.slots & (config.slots - 1):
             raise FieldError("slots", "must be a power of two >= 8")
-        self.prices = PriceTable({k: (v.input, v.output) for k, v in config.prices.items()},
-                                 (config.default_price.input, config.default_price.output)
-                                 if config.default_price else None)
+        self.prices = PriceTable({k: v.tokens() for k, v in config.prices.items() if v.has_tokens()},
+                                 config.default_price.tokens() if config.default_price else None,
+                                 {k: v.media() for k, v in config.prices.items() if v.has_media()})
         self.rules = config.budgets
         self._keys: dict[tuple[int, str], int] = {}
         self._last_warn = 0.0
@@ -151,6 +190,9 @@ class Budget(Policy):
         return k
 
     def _estimate(self, ex) -> float:
+        usd = media.estimate(ex, self.prices)
+        if usd is not None:       # images, audio: by their units
+            return usd
         price = self.prices.lookup(ex.model)
         if price is None:
             return 0.0
@@ -221,13 +263,18 @@ class Budget(Policy):
     # -- accounting --------------------------------------------------------------------------------------
 
     def complete(self, ex):
-        if ex.prompt_tokens >= 0:
+        charge = media.units_and_cost(ex, self.prices) if ex.endpoint in media.MEDIA_ENDPOINTS else None
+        if charge is not None:
+            ex.cost = charge.usd
+            if not charge.measured and charge.usd > 0:
+                self.ctx.stats.cost_estimated(model_label(self.ctx, ex.model), ex.endpoint)
+        elif ex.prompt_tokens >= 0:
             ex.cost = self.prices.cost(ex.model, ex.prompt_tokens, ex.completion_tokens)
         st = ex.scratch.pop(self, None) if ex.scratch else None
         if st is None:
             return None
         plan, est = st
-        if ex.prompt_tokens >= 0:
+        if charge is not None or ex.prompt_tokens >= 0:
             actual = _nano(ex.cost)
         elif 200 <= ex.status < 300:
             ex.cost = est / NANO   # answered but usage unknown: charge the estimate

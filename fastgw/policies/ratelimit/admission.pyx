@@ -14,6 +14,7 @@ from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
 from fastgw.policies.ratelimit.bucket cimport BucketArena, BucketPlan
 from fastgw.proxy.exchange cimport Exchange
+from fastgw.policies.usage import fill_counted_usage
 
 # The request attributes a plan key can be made of (those the rules look at), as codes for a C switch.
 cdef enum:
@@ -132,7 +133,9 @@ cdef class LocalAdmission:
             actual = <double>(ex.prompt_tokens + ex.completion_tokens if ex.completion_tokens > 0
                               else ex.prompt_tokens)
         elif 200 <= ex.status < 300:
-            return None          # answered but usage unknown: keep the estimate
+            if not fill_counted_usage(ex):   # moderations, embeddings without usage: their input tokens
+                return None      # answered but usage unknown: keep the estimate
+            actual = <double>ex.prompt_tokens
         else:
             actual = 0.0         # refused later or failed upstream: nothing was used
         if tokens != actual:

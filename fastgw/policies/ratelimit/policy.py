@@ -44,6 +44,7 @@ from fastgw.policies import FieldError, completion_estimate
 from fastgw.policies.ratelimit.local import LocalLimiter, arena_for
 from fastgw.policies.ratelimit.admission import LocalAdmission
 from fastgw.policies.api import Policy, Reject
+from fastgw.policies.usage import fill_counted_usage
 
 __all__ = ["RateLimit", "format_duration", "Matcher"]
 
@@ -425,7 +426,9 @@ class RateLimit(Policy):
             completion = ex.completion_tokens
             actual = float(prompt + completion if completion > 0 else prompt)
         elif 200 <= ex.status < 300:
-            return None          # answered but usage unknown: keep the estimate
+            if not fill_counted_usage(ex):   # moderations, embeddings without usage: their input tokens
+                return None      # answered but usage unknown: keep the estimate
+            actual = float(ex.prompt_tokens)
         else:
             actual = 0.0         # refused later or failed upstream: nothing was used
         if tokens == actual:
