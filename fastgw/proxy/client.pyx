@@ -35,6 +35,7 @@ from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.proxyproto import ProxyProtocolError, is_trusted
 from fastgw.protocol.proxyproto import parse as parse_proxy_header
+from fastgw.proxy.realtime import start_realtime
 from fastgw.routing.router import MESSAGES, PROXIED
 
 cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _END = H.END
@@ -235,6 +236,9 @@ cdef class ClientConnection(ClientSide):
         path = ex.path
         method = p.method
         try:
+            if path == "/v1/realtime":       # a WebSocket session (realtime.pyx) takes the connection over
+                start_realtime(self, ex, p)
+                return
             messages_api = _PROXIED.get(path)
             if messages_api is not None:
                 ex.messages_api = messages_api is True

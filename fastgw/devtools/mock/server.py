@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from fastgw.devtools.mock.realtime import Upgrade
 from fastgw.devtools.mock.wire import JsonReply, MockRequest, Refusal, openai_error_body
 from fastgw.errors import reason
 from fastgw.observability.logs import Logger
@@ -295,6 +296,8 @@ class _MockConnection(asyncio.Protocol):
             return self._respond_error(error, r.status, r.message, r.code, close, delay)
         if reply.__class__ is JsonReply:
             return self._respond_json(reply.status, reply.body, close, delay, reply.headers)
+        if reply.__class__ is Upgrade:          # a WebSocket (realtime.py) takes the connection over
+            return reply.take_over(self, p)
 
         events = reply.events
         reset_after = f.reset_after
