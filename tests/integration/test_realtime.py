@@ -198,7 +198,7 @@ key_env = "REALTIME_TEST_ANTHROPIC_KEY"
         assert body["error"]["message"] and headers.get("x-request-id")
     status, headers, _ = refused(port, upgrade_request(version=b"8"))
     assert headers["sec-websocket-version"] == "13"
-    assert mock.stats.open_connections == 0 or wait_for(lambda: mock.stats.open_connections == 0)
+    wait_for(lambda: mock.stats.open_connections == 0, what="the refused upgrades' upstream connections closed")
 
 
 # -- the session's end ----------------------------------------------------------------------------------------
@@ -261,3 +261,99 @@ def test_drain_closes_sessions_with_1001(tmp_path, mock, start_gateway):
     assert e.value.rcvd is not None and e.value.rcvd.code == 1001
     assert gw.stop() == 0
     assert [x for x in gw.access_lines() if x["path"] == "/v1/realtime"][0]["error"] == "going_away"
+
+
+# -- limits, budgets, providers, TLS ----------------------------------------------------------------------------
+
+
+def test_sessions_count_as_requests_and_their_usage_is_charged_to_budgets(tmp_path, mock, start_gateway):
+    """A session is one request to the request limits; its summed usage is charged when it ends: after a session
+    that spent past the budget, the next one is refused at the upgrade (429 insufficient_quota), and the one after
+    by the request limit (429 rate_limit_exceeded)."""
+    cfg = auth_config(mock.url, tmp_path)
+    pdir = tmp_path / "policies"
+    (pdir / "20-rate.toml").write_text(
+        'policy = "rate-limit"\n[[rules]]\nper = ["consumer"]\nwindow = "hour"\nrequests = 2\n')
+    # $1 a token: the cost in USD is the token count. No completion estimate: admission reserves nothing.
+    (pdir / "30-budget.toml").write_text(
+        'policy = "budget"\ndefault_completion_tokens = 0\n[[budgets]]\nconsumer = "alice"\nusd = 30\nperiod = "day"\n'
+        '[prices.gpt-realtime]\ninput = 1000000.0\noutput = 1000000.0\n')
+    gw = start_gateway(cfg)
+    client = openai.OpenAI(base_url=gw.base + "/v1", api_key=KEY, max_retries=0)
+    with client.realtime.connect(model="gpt-realtime") as conn:
+        conn.recv()
+        _, u1 = run_turn(conn, "one")
+        _, u2 = run_turn(conn, "two")
+    spent = u1.input_tokens + u1.output_tokens + u2.input_tokens + u2.output_tokens
+    assert spent > 30
+    line = access_line(gw)
+    assert line["cost_usd"] == pytest.approx(spent)
+    with pytest.raises(InvalidStatus) as e:
+        with client.realtime.connect(model="gpt-realtime"):
+            pass
+    assert e.value.response.status_code == 429
+    assert orjson.loads(e.value.response.body)["error"]["code"] == "insufficient_quota"
+    with pytest.raises(InvalidStatus) as e:
+        with client.realtime.connect(model="gpt-realtime"):
+            pass
+    assert e.value.response.status_code == 429
+    assert orjson.loads(e.value.response.body)["error"]["code"] == "rate_limit_exceeded"
+    assert e.value.response.headers["retry-after"]
+
+
+def test_deployment_model_id_and_key_and_azure(tmp_path, mock, start_gateway):
+    """The deployment's model id and key go upstream, not the client's; an Azure deployment gets Azure's
+    realtime URL (deployment and api-version) and its api-key header."""
+    cfg = f"""
+[[models]]
+name = "voice"
+[[models.deployments]]
+url = "{mock.url}"
+model = "gpt-realtime-2025"
+key_env = "RT_OPENAI_KEY"
+
+[[models]]
+name = "voice-azure"
+[[models.deployments]]
+url = "{mock.url.removesuffix('/v1')}"
+provider = "azure"
+model = "my-realtime-deployment"
+key_env = "RT_AZURE_KEY"
+"""
+    gw = start_gateway(cfg, env={"RT_OPENAI_KEY": "sk-upstream-openai", "RT_AZURE_KEY": "azure-upstream-key"})
+    for model, want_model, header, want in (("voice", "gpt-realtime-2025", "authorization", "Bearer sk-upstream-openai"),
+                                            ("voice-azure", "my-realtime-deployment", "api-key", "azure-upstream-key")):
+        with ws_connect(ws_url(gw, model), additional_headers={"x-mock-echo-headers": "1",
+                                                               "authorization": "Bearer sk-client"},
+                        compression=None) as ws:
+            created = orjson.loads(ws.recv())
+        assert created["session"]["model"] == want_model
+        upstream_headers = orjson.loads(created["session"]["instructions"])
+        assert upstream_headers[header] == want and "sk-client" not in created["session"]["instructions"]
+        assert upstream_headers["sec-websocket-key"] != "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def test_https_upstream(tmp_path, start_gateway):
+    import ssl
+
+    import trustme
+
+    from tests.integration.conftest import MockThread
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    m = MockThread(ssl=server_ctx)
+    try:
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        url = f"https://127.0.0.1:{m.port}/v1"
+        gw = start_gateway(model_config(url, name="*").replace("url = ", f'ca_file = "{ca_file}"\nurl = '))
+        client = openai.OpenAI(base_url=gw.base + "/v1", api_key="x", max_retries=0)
+        with client.realtime.connect(model="gpt-realtime") as conn:
+            assert conn.recv().type == "session.created"
+            text, usage = run_turn(conn, "over TLS")
+        assert text and usage.output_tokens == 14
+        assert access_line(gw)["completion_tokens"] == 14
+    finally:
+        m.stop()
