@@ -524,7 +524,12 @@ cdef class RealtimeSession:
             return
         said_bye = self.from_upstream is not None and self.from_upstream.close_code >= 0
         if not said_bye:
+            # Gone without a close frame: the client gets one from us (1014, bad gateway) where a frame may go.
             _note(self.ex, self.d, "reset")
+            if _between_frames(self.from_upstream) and not self.transport.is_closing():
+                frame = close_frame(1014, "the upstream went away")
+                self.ex.bytes_out += len(frame)
+                self.transport.write(frame)
         self._end("" if said_bye else "upstream_disconnected", False)
 
     # -- the end --------------------------------------------------------------------------------------------
@@ -578,11 +583,11 @@ cdef class RealtimeSession:
     cdef void _close_both(self, str error, bint protocol_error) except *:
         """Our side ends an open session: a close frame each way where a frame may go, then close."""
         code = 1002 if protocol_error else 1001
-        if self.from_upstream is not None and self.from_upstream.at_boundary and not protocol_error:
+        if _between_frames(self.from_upstream) and not protocol_error:
             frame = close_frame(code, "going away")
             self.ex.bytes_out += len(frame)
             self.transport.write(frame)
-        if self.from_client is not None and self.from_client.at_boundary and self.upstream is not None:
+        if _between_frames(self.from_client) and self.upstream is not None:
             self.upstream.write(close_frame(code, "going away", True))
         self._end(error, False)
 
@@ -607,7 +612,13 @@ cdef class RealtimeSession:
     def check_deadline(self, double t):
         if self.state == OPEN:
             if t - self.last_active >= SESSION_IDLE_TIMEOUT:
-                self._close_both("idle_timeout", False)
+                if self.transport.get_write_buffer_size() or self.upstream.get_write_buffer_size():
+                    # Nothing moved because a side stopped reading: a close would wait on it forever.
+                    self.upstream.abort()
+                    self.transport.abort()
+                    self._end("idle_timeout", True)
+                else:
+                    self._close_both("idle_timeout", False)
         elif self.state == OPENING and t >= self.deadline:
             if self.upstream is not None:
                 self.upstream.abort()
@@ -629,6 +640,11 @@ cdef class RealtimeSession:
             self._close_both("going_away", False)
         elif self.state == OPENING:
             self._refuse(GatewayError(503, "The gateway is shutting down.", type="api_error", code="draining"))
+
+
+cdef bint _between_frames(reader):
+    """A frame of our own may be written to the side `reader` follows (None: nothing relayed yet)."""
+    return reader is None or (reader.error is None and reader.at_boundary)
 
 
 cdef void _note(Exchange ex, Deployment d, str kind) except *:

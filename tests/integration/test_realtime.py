@@ -357,3 +357,14 @@ def test_https_upstream(tmp_path, start_gateway):
         assert access_line(gw)["completion_tokens"] == 14
     finally:
         m.stop()
+
+
+def test_upstream_that_vanishes_gets_the_client_a_1014(tmp_path, mock, start_gateway):
+    gw = start_gateway(model_config(mock.url, name="*"))
+    with ws_connect(ws_url(gw), additional_headers={"x-mock-reset-after": "1"}, compression=None) as ws:
+        assert orjson.loads(ws.recv())["type"] == "session.created"
+        with pytest.raises(ConnectionClosed) as e:
+            ws.recv()
+    assert e.value.rcvd is not None and e.value.rcvd.code == 1014
+    line = access_line(gw)
+    assert line["status"] == 101 and line["error"] == "upstream_disconnected"

@@ -15,7 +15,7 @@ On open: `session.created`. Client events:
 Usage is deterministic: input_tokens = 4 + the conversation's text bytes / 4 (rounded up) + appended audio bytes /
 800 (rounded down); output_tokens = the number of deltas. The answer joins the conversation, so each response's
 input grows. x-mock-echo-headers: 1 on the upgrade puts its headers, as JSON, in session.created's
-`session.instructions`.
+`session.instructions`; x-mock-reset-after: N aborts the connection (no close frame) after N events.
 
 The frames are read by a small plain-Python parser here (the mock must not need the websockets package): masked
 client frames, fragments, ping (answered with pong) and close (answered with close, then the connection closes).
@@ -135,6 +135,8 @@ class RealtimeSession(asyncio.Protocol):
         self.conversation: list[str] = []
         self.audio_bytes = 0
         self.n = 0                       # ids
+        reset = req.header(b"x-mock-reset-after")
+        self.reset_after = int(reset) if reset is not None and reset.strip().isdigit() else -1
 
     def start(self, early: bytes) -> None:
         self._send({"type": "session.created", "session": self.session})
@@ -149,6 +151,11 @@ class RealtimeSession(asyncio.Protocol):
         if not self.closed:
             event.setdefault("event_id", self._id("event"))
             self.transport.write(_frame(0x1, orjson.dumps(event)))
+            self.reset_after -= 1
+            if self.reset_after == 0:
+                self.closed = True
+                self.stats.resets += 1
+                self.transport.abort()
 
     # -- transport ----------------------------------------------------------------------------------
 
