@@ -496,7 +496,7 @@ cdef class RealtimeSession:
         if self.state == OPENING:
             # Left before the session opened: whatever is under way stops; nginx's 499.
             ex.status = 499
-            self._end("client_disconnected", False)
+            self._end("client_disconnected", True)
             return
         said_bye = self.from_client is not None and self.from_client.close_code >= 0
         self._end("" if said_bye else "client_disconnected", not said_bye)
