@@ -66,6 +66,10 @@ cdef class _Message:
 
 cdef class RequestParser(_Message):
     cdef Py_ssize_t max_body
+    # A streamed body (stream_body()): handed out in BODY events, at most max_stream bytes in all.
+    cdef long long max_stream, streamed, body_left
+    cdef readonly bint streaming
+    cdef bint announced
     cdef Py_ssize_t method_len, target_off, target_len
     cdef readonly bint expect_continue
     cdef readonly object body
@@ -74,6 +78,9 @@ cdef class RequestParser(_Message):
     cpdef void feed(self, data)
     cpdef int next_event(self)
     cpdef void start_next(self)
+    cpdef void stream_body(self) except *
+    cdef int _next_piece(self)
+    cpdef bytes take_body(self)
 
 
 cdef class ResponseParser(_Message):

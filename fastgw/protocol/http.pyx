@@ -828,14 +828,20 @@ cdef class RequestParser(_Message):
 
     feed(data) buffers; next_event() returns HEAD, then END with `body` set; ERROR with
     error_status/error_message. After END, call start_next() to parse the next request.
+
+    Streamed bodies (uploads): with max_stream_bytes > 0, a head may announce a body up to that size; right after
+    HEAD the caller either calls stream_body(), and then gets the body in BODY events (take_body() each time,
+    at most max_stream_bytes in all) before END, or does not, and the body is read whole up to max_body_bytes
+    (413 beyond, now). Without max_stream_bytes every body is read whole.
     """
 
     def __cinit__(self, Py_ssize_t max_head_bytes=16384, Py_ssize_t max_headers=100,
-                  Py_ssize_t max_body_bytes=16 * 1024 * 1024):
+                  Py_ssize_t max_body_bytes=16 * 1024 * 1024, long long max_stream_bytes=0):
         self._alloc_headers(max_head_bytes, max_headers)
-        if max_body_bytes < 0:
-            raise ValueError("max_body_bytes must be >= 0")
+        if max_body_bytes < 0 or max_stream_bytes < 0:
+            raise ValueError("max_body_bytes and max_stream_bytes must be >= 0")
         self.max_body = max_body_bytes
+        self.max_stream = max_stream_bytes
         self.lenient = False
         self.body = b""
 
@@ -843,6 +849,8 @@ cdef class RequestParser(_Message):
         _Message._reset_head(self)
         self.method_len = self.target_off = self.target_len = 0
         self.expect_continue = False
+        self.streaming = self.announced = False
+        self.streamed = self.body_left = 0
 
     cpdef void feed(self, data):
         """Buffer bytes from the client. Never raises on bad input (errors come from next_event)."""
@@ -910,7 +918,7 @@ cdef class RequestParser(_Message):
             if self.flags & 1:
                 self._fail(417, "only Expect: 100-continue is supported")
                 return EV_ERROR
-            if self.content_length > self.max_body:
+            if self.content_length > self.max_body and self.content_length > self.max_stream:
                 self._fail(413, "request body too large")
                 return EV_ERROR
             self.expect_continue = self.expect_100 and self.http_version == 11
@@ -922,7 +930,12 @@ cdef class RequestParser(_Message):
                 self.keep_alive = self.conn_keepalive and not self.conn_close and not self.chunked
             self.state = S_BODY
             return EV_HEAD
+        if self.state == S_BODY and self.streaming:
+            return self._next_piece()
         if self.state == S_BODY:
+            if self.content_length > self.max_body:      # allowed at the head only to be streamed
+                self._fail(413, "request body too large")
+                return EV_ERROR
             if self.chunked:
                 r = self._dechunk(self.max_body, 0)
                 if r <= 0:
@@ -944,6 +957,62 @@ cdef class RequestParser(_Message):
         if self.state == S_DONE:
             return EV_NEED_DATA
         return EV_ERROR
+
+    cpdef void stream_body(self) except *:
+        """Hand this request's body out in BODY events (take_body()) instead of reading it whole. Only valid
+        right after HEAD, on a parser made with max_stream_bytes > 0."""
+        if self.state != S_BODY or self.max_stream == 0 or self.streaming:
+            raise RuntimeError("stream_body() is only valid right after HEAD, with max_stream_bytes")
+        self.streaming = True
+        self.body_left = self.content_length if self.content_length > 0 else 0
+
+    cdef int _next_piece(self):
+        """next_event() in a streamed body: BODY when bytes are there (once until take_body()), END after."""
+        cdef int r
+        cdef Py_ssize_t avail
+        if self.chunked:
+            r = self._dechunk(self.max_stream, self.streamed)
+            if r < 0:
+                return EV_ERROR
+            if self.blen:
+                if self.announced:
+                    return EV_NEED_DATA
+                self.announced = True
+                return EV_BODY
+            if r == 0:
+                return EV_NEED_DATA
+        else:
+            avail = self.end - self.pos
+            if avail and self.body_left:
+                if self.announced:
+                    return EV_NEED_DATA
+                self.announced = True
+                return EV_BODY
+            if self.body_left:
+                return EV_NEED_DATA
+        self.state = S_DONE
+        _message_over(self)
+        return EV_END
+
+    cpdef bytes take_body(self):
+        """The body bytes of a streamed body available now (after a BODY event)."""
+        cdef bytes out
+        cdef Py_ssize_t n
+        self.announced = False
+        if not self.streaming:
+            return b""
+        if self.chunked:
+            out = PyBytes_FromStringAndSize(self.bbuf, self.blen)
+            self.blen = 0
+        else:
+            n = self.end - self.pos
+            if n > self.body_left:
+                n = self.body_left
+            out = PyBytes_FromStringAndSize(self.buf + self.pos, n)
+            self.pos += n
+            self.body_left -= n
+        self.streamed += PyBytes_GET_SIZE(out)
+        return out
 
     cpdef void start_next(self):
         """Begin the next (pipelined) request; bytes already fed are kept. Only valid after END."""

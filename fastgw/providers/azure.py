@@ -12,6 +12,8 @@ from fastgw.providers.openai import OpenAI
 from fastgw.providers.base import Provider
 
 API_VERSION = "2024-10-21"   # the latest GA data-plane version
+# Pass-through paths (below /v1) that Azure serves per deployment; the rest are per resource.
+_DEPLOYMENT_SCOPED = ("/audio/", "/images/", "/moderations")
 
 
 class Azure(OpenAI):
@@ -39,6 +41,21 @@ class Azure(OpenAI):
                 path = f"{deployment}{ep[3:]}{query}"
             lines[ep] = b"POST " + path.encode() + b" HTTP/1.1\r\n"
         return lines
+
+    def passthrough_line(self, ex, d):
+        # Endpoints of a model (audio, images) live under the deployment; the others (files, batches, vector
+        # stores, fine-tuning) at the resource. The client's query is kept, with the api-version added.
+        target = ex._parser.target if ex._parser is not None else ex.path.encode("latin-1")
+        path, _, query = target.decode("latin-1").partition("?")
+        base = d.base_path.removesuffix("/openai")
+        rest = path[3:]
+        if rest.startswith(_DEPLOYMENT_SCOPED):
+            path = f"{base}/openai/deployments/{quote(d.model, safe='-._~')}{rest}"
+        else:
+            path = f"{base}/openai{rest}"
+        version = "api-version=" + quote(d.config.api_version or API_VERSION, safe="-._~")
+        query = f"{query}&{version}" if query else version
+        return ex.method + b" " + f"{path}?{query}".encode("latin-1") + b" HTTP/1.1\r\n"
 
     def models_target(self, base_path, cursor, page_size):
         # A deployment is one model (`model` is required), so the resource's model list says nothing about it.

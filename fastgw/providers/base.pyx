@@ -25,6 +25,7 @@ The OpenAI pass-through (openai.pyx) translates nothing: the relay forwards its 
 never calls response_body, so the OpenAI path pays one C method call per request for being a provider.
 """
 from fastgw.errors import GatewayError
+from fastgw.protocol.jsonpeek import splice
 
 
 cdef class Provider:
@@ -59,6 +60,20 @@ cdef class Provider:
     def models_page(self, bytes body):
         """One page of the model list -> (OpenAI model objects, the next page's cursor, "" after the last)."""
         raise NotImplementedError
+
+    def passthrough_line(self, Exchange ex, d):
+        """The request line of a pass-through request (another /v1 endpoint) to deployment `d`; formats that
+        have no such endpoints refuse."""
+        raise GatewayError(400, f"{ex.path} is not available for model `{ex.model}` (provider {self.name}).",
+                           code="unsupported_endpoint")
+
+    def passthrough_body(self, Exchange ex, bytes model_json):
+        """The body of a pass-through request: the client's, with the deployment's model id spliced into a JSON
+        body's `model` (model_json, "" = keep the client's)."""
+        f = ex.fields
+        if model_json and f is not None and f.model_start >= 0:
+            return splice(ex.body, [(f.model_start, f.model_end, model_json)])
+        return ex.body
 
     cpdef bytes request_line(self, Exchange ex, dict request_lines):
         line = request_lines.get(ex.endpoint)

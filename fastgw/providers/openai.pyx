@@ -31,6 +31,11 @@ cdef class OpenAI(Provider):
             lines.append(b"authorization: Bearer " + key.encode() + b"\r\n")
         return b"".join(lines)
 
+    def passthrough_line(self, Exchange ex, d):
+        # The client's target below /v1, under the deployment's base path (query string kept).
+        target = (<bytes>ex._parser.target) if ex._parser is not None else ex.path.encode("latin-1")
+        return ex.method + b" " + d.base_path.encode() + target[3:] + b" HTTP/1.1\r\n"
+
     def messages_front(self):
         from fastgw.providers.messages import MessagesFront
         return MessagesFront(self)

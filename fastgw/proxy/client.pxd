@@ -16,6 +16,7 @@ cdef class ClientConnection(ClientSide):
     cdef void _advance(self) except *
     cdef void _on_head(self) except *
     cdef void _on_request(self) except *
+    cdef void _begin_upload(self, Exchange ex, str path) except *
     cdef void _local(self, Exchange ex, str path) except *
     cdef void _models(self, Exchange ex, str path) except *
     cdef void _respond(self, int status, bytes body, bytes content_type, bytes extra) except *

@@ -35,13 +35,16 @@ from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.proxyproto import ProxyProtocolError, is_trusted
 from fastgw.protocol.proxyproto import parse as parse_proxy_header
+from fastgw.protocol.multipart import boundary_of
+from fastgw.proxy.passthrough import METHODS
 from fastgw.proxy.realtime import start_realtime
 from fastgw.routing.router import MESSAGES, PROXIED
 
-cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _END = H.END
+cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _BODY = H.BODY, _END = H.END
 # Proxied path -> whether it is Anthropic's Messages API (one dict lookup answers both questions).
 cdef dict _PROXIED = {**{p: False for p in PROXIED}, **{p: True for p in MESSAGES}}
 cdef frozenset _MESSAGES = frozenset(MESSAGES)
+cdef frozenset _PASSTHROUGH_METHODS = METHODS
 cdef frozenset _LOCAL = frozenset(("/healthz", "/readyz", "/metrics", "/v1/models"))
 cdef bytes _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes _JSON = b"content-type: application/json\r\n"
@@ -49,6 +52,14 @@ cdef bytes _METRICS_TYPE = b"content-type: text/plain; version=0.0.4; charset=ut
 # A client's x-request-id is kept when it is short and plain; anything else is replaced by ours.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}").fullmatch
 _INTERNAL = "The gateway failed to process the request."
+
+
+cdef bint _is_upload(RequestParser p, str path) except -1:
+    """A body to stream: one that is not JSON, on a pass-through endpoint (below /v1/, not a proxied or local one)."""
+    if not (p.chunked or p.content_length > 0) or not path.startswith("/v1/") or path in _PROXIED or path in _LOCAL:
+        return False
+    ct = p.header(b"content-type")
+    return ct is None or not ct.lower().lstrip().startswith(b"application/json")
 
 
 def monotonic():
@@ -59,7 +70,7 @@ def monotonic():
 cdef class ClientConnection(ClientSide):
     def __init__(self, Gateway gw):
         self.gw = gw
-        self.parser = RequestParser(gw.max_head, gw.max_headers, gw.max_body)
+        self.parser = RequestParser(gw.max_head, gw.max_headers, gw.max_body, gw.max_upload)
         self.client_addr = self.peer_addr = ""
         self.keep_alive = True
 
@@ -109,7 +120,7 @@ cdef class ClientConnection(ClientSide):
                 return
         cdef RequestParser p = self.parser
         p.feed(data)
-        if self.ex is not None and self.wait != BODY_WAIT:
+        if self.ex is not None and self.wait != BODY_WAIT and not self.uploading:
             # A pipelined request while one is in flight: keep it, but do not let a client pile up bytes.
             if p.buffered > self.gw.max_head + self.gw.max_body and not self.read_paused:
                 self.read_paused = True
@@ -189,12 +200,22 @@ cdef class ClientConnection(ClientSide):
                     return
                 if ev == _HEAD:
                     self._on_head()
+                elif ev == _BODY:                # a piece of a streamed upload
+                    data = p.take_body()
+                    if self.relay is not None:
+                        self.relay.upload_data(data)
                 elif ev == _END:
+                    if self.uploading:           # the upload is complete; its exchange goes on upstream
+                        self.uploading = False
+                        if self.relay is not None:
+                            self.relay.upload_end()
+                        return
                     self._on_request()
                     if self.ex is not None:      # in flight upstream: exchange_over resumes parsing
                         return
                 else:
-                    self.refuse(GatewayError(p.error_status, p.error_message), True)
+                    self.refuse(GatewayError(p.error_status, p.error_message,
+                                             code="request_too_large" if p.error_status == 413 else None), True)
                     return
         finally:
             self.advancing = False
@@ -225,8 +246,50 @@ cdef class ClientConnection(ClientSide):
             except Reply as answer:
                 self._answer(answer, True)
                 return
+        if _is_upload(p, path) and gw.passthrough.enabled:
+            self._begin_upload(ex, path)
+            if self.ex is not ex:            # refused at once
+                return
+        elif p.content_length > gw.max_body:
+            self.refuse(GatewayError(413, f"The request body is larger than {gw.max_body} bytes.",
+                                     code="request_too_large"), True)
+            return
         if p.expect_continue:
             self.transport.write(_CONTINUE)
+
+    cdef void _begin_upload(self, Exchange ex, str path) except *:
+        """A body that is not JSON on a pass-through endpoint (a multipart file upload...): streamed upstream as it
+        comes (Relay.upload_*), never held whole."""
+        cdef RequestParser p = self.parser
+        cdef Gateway gw = self.gw
+        ct = p.header(b"content-type")
+        boundary = boundary_of(ct)
+        if boundary is None and ct is not None and ct.lower().lstrip().startswith(b"multipart/"):
+            self.refuse(GatewayError(400, "A multipart/form-data body needs a boundary in its Content-Type.",
+                                     code="invalid_multipart"), True)
+            return
+        limit = gw.passthrough.max_body(path)
+        if p.content_length > limit:
+            self.refuse(GatewayError(413, f"The request body is larger than {limit} bytes, the limit of {path}.",
+                                     code="request_too_large"), True)
+            return
+        p.stream_body()
+        ex.passthrough = True
+        self.uploading = True
+        self.relay = new_relay(self, ex)
+        self.relay.upload_begin(boundary, limit)
+
+    cdef void pause_body(self, bint pause) except *:
+        if self.closing:
+            return
+        if pause and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+        elif not pause and self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+            if self.wait == BODY_WAIT:       # paused by us: the client's time starts again
+                wait_for(self, BODY_WAIT)
 
     cdef void _on_request(self) except *:
         cdef Exchange ex = self.ex
@@ -247,11 +310,23 @@ cdef class ClientConnection(ClientSide):
                                        code="method_not_allowed")
                 self.relay = new_relay(self, ex)
                 self.relay.start()
-            elif method == b"GET" or (method == b"HEAD" and path in _LOCAL):
-                self._local(ex, path)
-            elif path in _LOCAL:
-                raise GatewayError(405, f"Method {method.decode('latin-1')} is not allowed on {path}; use GET.",
-                                   code="method_not_allowed")
+            elif path in _LOCAL or not path.startswith("/v1/") or (
+                    path.startswith("/v1/models/") and (method == b"GET" or method == b"HEAD")):
+                if method == b"GET" or (method == b"HEAD" and (path in _LOCAL or path.startswith("/v1/models/"))):
+                    self._local(ex, path)
+                elif path in _LOCAL:
+                    raise GatewayError(405, f"Method {method.decode('latin-1')} is not allowed on {path}; use "
+                                            "GET.", code="method_not_allowed")
+                else:
+                    raise GatewayError(404, f"Unknown request URL: {method.decode('latin-1')} {path}.",
+                                       code="unknown_url")
+            elif (<Gateway>self.gw).passthrough.enabled:
+                if method not in _PASSTHROUGH_METHODS:
+                    raise GatewayError(405, f"Method {method.decode('latin-1')} is not allowed on {path}.",
+                                       code="method_not_allowed")
+                ex.passthrough = True        # another /v1 endpoint: files, images, audio... (proxy/passthrough.py)
+                self.relay = new_relay(self, ex)
+                self.relay.start()
             else:
                 raise GatewayError(404, f"Unknown request URL: {method.decode('latin-1')} {path}.",
                                    code="unknown_url")
@@ -366,6 +441,9 @@ cdef class ClientConnection(ClientSide):
         ex._parser = None
         self.ex = None
         self.relay = None
+        if self.uploading:                   # answered before its upload was complete: the rest is not read
+            self.uploading = False
+            self.keep_alive = False
         if self.closing:
             return
         if not self.keep_alive or gw.draining:

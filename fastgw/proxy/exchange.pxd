@@ -12,6 +12,7 @@ cdef class Exchange:
     cdef public object form, response_body
     cdef public bint stream, client_wants_usage
     cdef public bint messages_api    # the client speaks Anthropic's Messages API (POST /v1/messages...)
+    cdef public bint passthrough     # another /v1 endpoint, passed through (fastgw.proxy.passthrough)
     cdef public long long _prompt_estimate
     cdef public int status, events
     cdef public int attempts         # requests sent upstream for it (retries and fallbacks included)

@@ -7,6 +7,7 @@ cdef class Gateway:
     cdef readonly object loop, log, stats, access_log, pools, router, pipeline, policy_ctx, cfg, trusted_proxies
     cdef readonly object mock_url, proxy_warnings
     cdef readonly object health            # fastgw.routing.health.HealthChecks (run by worker "0" only)
+    cdef readonly object passthrough       # the other /v1 endpoints' routing (fastgw.proxy.passthrough.Passthrough)
     cdef readonly object catalog           # what GET /v1/models answers (fastgw.routing.catalog.ModelCatalog)
     cdef readonly str run_dir, worker_id
     cdef readonly set connections
@@ -17,6 +18,7 @@ cdef class Gateway:
     cdef readonly double keepalive_interval, stream_gap_timeout, total_timeout
     cdef readonly int tcp_keepalive_idle
     cdef readonly Py_ssize_t max_head, max_headers, max_body
+    cdef readonly long long max_upload
     # Indexed by what a connection waits for (deadlines.Wait).
     cdef double timeouts[WAIT_KINDS]
     cdef bytes _id_prefix

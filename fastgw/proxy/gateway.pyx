@@ -17,6 +17,7 @@ from fastgw.protocol.proxyproto import parse_networks
 from fastgw.observability.logs import LogThrottle
 from fastgw.routing.catalog import ModelCatalog
 from fastgw.routing.health import HealthChecks
+from fastgw.proxy.passthrough import Passthrough
 from fastgw.routing.resilience import attach
 from fastgw.routing.router import Router
 
@@ -47,11 +48,13 @@ cdef class Gateway:
         ctx = PolicyContext(self.log, self.stats, self.run_dir, self.worker_id, cfg)
         router, pipeline = build(cfg, ctx, self.mock_url)
         trusted = parse_networks(s.trusted_proxies)
+        passthrough = Passthrough(cfg, router, self.run_dir)
         catalog = ModelCatalog(self.loop, router, u.models_cache_s, self.log, pipeline.model_visible)
         old, old_catalog = self.pipeline, self.catalog
         self.cfg = cfg
         self.router = router
         self.catalog = catalog
+        self.passthrough = passthrough
         self.pipeline = pipeline
         self.policy_ctx = ctx
         self.access_hooks = pipeline.access
@@ -62,6 +65,8 @@ cdef class Gateway:
         self.log_hooks = pipeline.log
         self.needs_usage = pipeline.needs_usage
         self.max_head, self.max_headers, self.max_body = s.max_header_bytes, s.max_headers, s.max_body_bytes
+        # The largest body a head may announce to be streamed (an upload); 0: none is.
+        self.max_upload = max([passthrough.max_upload] + [r[2] for r in passthrough.rules]) if passthrough.enabled else 0
         self.timeouts[IDLE] = s.idle_timeout
         self.timeouts[HEAD_WAIT] = s.header_timeout
         self.timeouts[BODY_WAIT] = s.body_timeout

@@ -6,7 +6,7 @@ from fastgw.proxy.exchange cimport Exchange
 from fastgw.proxy.gateway cimport Gateway
 from fastgw.proxy.upstream cimport UpstreamConnection, UpstreamListener
 from fastgw.routing.router cimport Deployment, Route, Router
-from fastgw.proxy.deadlines cimport STREAMING, UPSTREAM_WAIT, now
+from fastgw.proxy.deadlines cimport BODY_WAIT, STREAMING, UPSTREAM_WAIT, now
 
 
 # A relay's progress: one state at a time, moving only forward (ADMITTING -> ... -> DONE).
@@ -31,6 +31,9 @@ cdef class ClientSide:
     cdef int wait
     cdef double deadline
     cdef Deployment limits            # the exchange's deployment when it has timeouts of its own, else None
+    cdef public bint uploading        # the request's body is still coming (a streamed upload, relay.upload_*)
+
+    cdef void pause_body(self, bint pause) except *
 
     cdef void exchange_over(self, Exchange ex) except *
     cdef void refuse(self, object err, bint close) except *
@@ -72,8 +75,25 @@ cdef class Relay(UpstreamListener):
     cdef double deadline_at           # no attempt starts after this (the model's retry.deadline_ms); 0: none
     cdef Py_ssize_t hook_lines        # ex.response_headers before this attempt's response_headers hooks
     cdef object backoff               # the timer of the next attempt while it waits out a backoff, or None
+    cdef Deployment pinned            # pass-through: the deployment that made the resource asked for, or None
+    cdef bint whole                   # pass-through: a 2xx JSON list read whole to be filtered for its consumer
+    # A streamed upload (upload_begin): its first fields read (FormPrefix) until routed, then its bytes queued
+    # (up_q) until the upstream request is on a connection (up_live), then written as they come.
+    cdef object form
+    cdef object up_model_span         # (start, end) of the multipart `model` value in up_q[0], or None
+    cdef list up_q                    # None: not an upload
+    cdef Py_ssize_t up_q_bytes
+    cdef long long up_total, up_limit
+    cdef bint up_chunked, up_live
 
     cdef void start(self) except *
+    cdef void _admit(self) except *
+    cdef void upload_begin(self, object boundary, long long limit) except *
+    cdef void upload_data(self, bytes data) except *
+    cdef void upload_end(self) except *
+    cdef void _upload_route(self) except *
+    cdef bytes _upload_first(self, Deployment d)
+    cdef void _upload_live(self, UpstreamConnection conn) except *
     cdef void _admitted(self) except *
     cdef void _queue_for_deployment(self) except *
     cdef void _end_attempt(self) except *

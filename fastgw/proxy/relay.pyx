@@ -40,6 +40,7 @@ from fastgw.routing.retry cimport RetryPolicy
 from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.jsonpeek import peek_request, peek_response
+from fastgw.protocol.multipart import FormPrefix, MultipartError
 from fastgw.routing.retry import fallback_reason, retry_after_seconds
 
 _frame = H.frame_chunk
@@ -57,6 +58,8 @@ cdef bytes _KEEPALIVE_EVENT = _frame(b": keep-alive\n\n")
 # A non-streamed response body is kept (to read its usage, or to translate it) up to this size.
 cdef Py_ssize_t _MAX_KEPT = 16 * 1024 * 1024
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# An upload's bytes held while its request waits for a connection; past this its client is paused.
+cdef Py_ssize_t _UPLOAD_QUEUE = 1024 * 1024
 # Endpoints whose streams end with `data: [DONE]`: one that stops before it was cut short upstream.
 cdef tuple _ENDS_WITH_DONE = ("/v1/chat/completions", "/v1/completions")
 
@@ -71,6 +74,10 @@ cdef class ClientSide:
         raise NotImplementedError
 
     cdef void reply(self, object answer) except *:
+        raise NotImplementedError
+
+    cdef void pause_body(self, bint pause) except *:
+        """Stop (True) or resume (False) reading the request's body: an upload waits for its upstream."""
         raise NotImplementedError
 
     cdef void break_off(self) except *:
@@ -98,22 +105,32 @@ cdef class Relay(UpstreamListener):
         or Reply (a policy answered) when the request ends here."""
         cdef Exchange ex = self.ex
         cdef Gateway gw = self.gw
-        f = peek_request(ex.body)
-        if f is None:
-            raise GatewayError(400, "We could not parse the JSON body of your request. The body must be a JSON "
-                                    "object.", code="invalid_json")
-        model = f.model
-        if not model:
-            raise GatewayError(400, "You must provide a model parameter.", param="model", code="missing_model")
-        route = (<Router>gw.router).resolve(model)
-        if route is None:
-            raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
-        ex.fields = f
-        ex.model = model
-        ex.stream = f.stream
-        ex.client_wants_usage = f.include_usage
-        ex.route = route
+        if ex.passthrough:                  # another /v1 endpoint: its own routing rules
+            ex.route, self.pinned = gw.passthrough.route_json(ex)
+        else:
+            f = peek_request(ex.body)
+            if f is None:
+                raise GatewayError(400, "We could not parse the JSON body of your request. The body must be a "
+                                        "JSON object.", code="invalid_json")
+            model = f.model
+            if not model:
+                raise GatewayError(400, "You must provide a model parameter.", param="model",
+                                   code="missing_model")
+            route = (<Router>gw.router).resolve(model)
+            if route is None:
+                raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                                   param="model", code="model_not_found")
+            ex.fields = f
+            ex.model = model
+            ex.stream = f.stream
+            ex.client_wants_usage = f.include_usage
+            ex.route = route
+        self._admit()
+
+    cdef void _admit(self) except *:
+        """The request phase, then the send (routed: ex.route is set). Raises as start() does."""
+        cdef Exchange ex = self.ex
+        cdef Gateway gw = self.gw
         if gw.request_hooks:
             wait_for(self.client, UPSTREAM_WAIT)     # policies waiting on I/O count against the first byte
             try:
@@ -125,6 +142,124 @@ cdef class Relay(UpstreamListener):
                 gw.loop.create_task(self._admit_later(pending))
                 return
         self._admitted()
+
+    # -- a streamed upload: its bytes go upstream as they come, never held whole --------------------------------
+
+    cdef void upload_begin(self, object boundary, long long limit) except *:
+        """The request's body comes in pieces (upload_data, then upload_end), at most `limit` bytes. A multipart
+        body's fields before its first file are read first (FormPrefix): its `model` routes it."""
+        self.up_q = []
+        self.up_limit = limit
+        self.up_chunked = (<RequestParser>self.ex._parser).chunked
+        if boundary is not None:
+            self.form = FormPrefix(boundary)
+        else:
+            self._upload_route()
+
+    cdef void upload_data(self, bytes data) except *:
+        self.up_total += len(data)
+        self.ex.bytes_in += len(data)
+        if self.state == DONE:
+            return                          # answered already (the connection closes after the answer)
+        if self.up_total > self.up_limit:
+            self._give_up(GatewayError(413, f"The request body is larger than {self.up_limit} bytes, the limit "
+                                            f"of {self.ex.path}.", code="request_too_large"))
+            return
+        if self.state == ADMITTING or self.state == AWAITING_HEAD:
+            wait_for(self.client, BODY_WAIT)   # the next piece is due within body_timeout
+        if self.form is not None:
+            try:
+                ready = self.form.feed(data)
+            except MultipartError as exc:
+                self._give_up(_invalid_multipart(exc))
+                return
+            if ready:
+                self._upload_route()
+            return
+        if self.up_live:
+            if self.upstream is not None:
+                self.upstream.transport.write(_frame(data) if self.up_chunked else data)
+            return
+        self.up_q.append(data)
+        self.up_q_bytes += len(data)
+        if self.up_q_bytes > _UPLOAD_QUEUE:   # the upstream request is not on a connection yet: wait for it
+            self.client.pause_body(True)
+
+    cdef void upload_end(self) except *:
+        """The client's body is complete."""
+        if self.state == DONE:
+            return
+        if self.form is not None:
+            try:
+                self.form.feed(b"", True)
+            except MultipartError as exc:
+                self._give_up(_invalid_multipart(exc))
+                return
+            self._upload_route()
+            if self.state == DONE:
+                return
+        if self.up_live and self.upstream is not None:
+            if self.up_chunked:
+                self.upstream.transport.write(_LAST_CHUNK)
+            self.upstream.body_open = False
+        if self.state == AWAITING_HEAD:
+            _wait_upstream(self)            # the upstream's answer is due from now
+
+    cdef void _upload_route(self) except *:
+        """The upload's first fields are known (or it has none): route it and admit it."""
+        cdef Exchange ex = self.ex
+        form = self.form
+        self.form = None
+        model = None
+        if form is not None:
+            ex.form = form.fields
+            model = form.fields.get("model") or None
+            self.up_q.append(form.data)
+            self.up_q_bytes += len(form.data)
+            self.up_model_span = form.model_span
+        try:
+            ex.route, self.pinned = self.gw.passthrough.route(ex, model, None)
+            self._admit()
+        except GatewayError as err:
+            if self.state == ADMITTING:
+                refused(self.gw, ex, err)
+            self._give_up(err)
+        except Reply as answer:
+            if self.state == ADMITTING:
+                self.state = DONE
+                self.client.reply(answer)
+
+    cdef bytes _upload_first(self, Deployment d):
+        """What the upload's request starts with: the bytes read so far (the deployment's model id in a multipart
+        `model` field), framed; the queue is empty after."""
+        q = self.up_q
+        span = self.up_model_span
+        if span is not None and d.model and q:
+            first = <bytes>q[0]
+            q[0] = first[:span[0]] + d.model.encode() + first[span[1]:]
+        self.up_model_span = None
+        data = b"".join(q)
+        self.up_q = []
+        self.up_q_bytes = 0
+        return _frame(data) if self.up_chunked and data else data
+
+    cdef void _upload_live(self, UpstreamConnection conn) except *:
+        """The upload's request is on `conn`: what came meanwhile goes out, then every piece as it comes."""
+        self.up_live = True
+        conn.body_open = self.client.uploading
+        if self.up_q:
+            data = b"".join(self.up_q)
+            self.up_q = []
+            self.up_q_bytes = 0
+            conn.transport.write(_frame(data) if self.up_chunked else data)
+        if not self.client.uploading:
+            if self.up_chunked:
+                conn.transport.write(_LAST_CHUNK)
+        self.client.pause_body(False)
+
+    cdef void upstream_paused(self, bint paused) except *:
+        if self.client.uploading:
+            self.client.pause_body(paused)
 
     async def _admit_later(self, pending):
         try:
@@ -148,7 +283,8 @@ cdef class Relay(UpstreamListener):
 
     cdef void _admitted(self) except *:
         cdef Exchange ex = self.ex
-        if ex.body is not (<RequestParser>ex._parser).body:   # a policy rewrote the body: read its fields again
+        if ex.fields is not None and ex.body is not (<RequestParser>ex._parser).body:
+            # a policy rewrote the body: read its fields again
             f = ex.fields = peek_request(ex.body)
             if f is None:
                 raise GatewayError(500, "A policy produced an invalid request body.", code="policy_error")
@@ -156,7 +292,11 @@ cdef class Relay(UpstreamListener):
         cdef double deadline = route.retry.deadline
         if deadline > 0.0:
             self.deadline_at = ex.t_start + deadline
-        cdef Deployment d = route.pick(ex, None)
+        cdef Deployment d = self.pinned
+        if d is not None:                   # a resource's requests go where it was made, whatever its state
+            self._send(d)
+            return
+        d = route.pick(ex, None)
         if d is None or (d.breaker is not None and not d.admit()):
             d = self._next(route, None, False)            # a half-open probe taken meanwhile: another one
             if d is None and not route.any_full(None):   # none available (breakers open): a fallback model
@@ -198,7 +338,7 @@ cdef class Relay(UpstreamListener):
         cdef Exchange ex = self.ex
         cdef Gateway gw = self.gw
         cdef Provider provider = <Provider>d.provider
-        cdef bint add_usage = ex.stream and gw.needs_usage and not ex.fields.include_usage
+        cdef bint add_usage = ex.stream and gw.needs_usage and not ex.passthrough and not ex.fields.include_usage
         self._end_attempt()                  # a retry: the attempt before it is over
         if ex.messages_api:
             if d.messages_provider is None:
@@ -210,20 +350,35 @@ cdef class Relay(UpstreamListener):
         self.deployment = d
         self.provider = provider
         ex.deployment = d                    # before request_body: a translating provider reads its config
-        line = provider.request_line(ex, d.request_lines)   # first: it refuses an endpoint the provider lacks
-        body = provider.request_body(ex, d.model_json, add_usage)
+        cdef long long length = -1
+        extra = b""
+        if ex.passthrough:
+            line = provider.passthrough_line(ex, d)
+            if self.up_q is not None:        # an upload: its first bytes now, the rest as they come
+                before = self.up_q_bytes
+                body = self._upload_first(d)
+                if self.up_chunked:
+                    extra = b"transfer-encoding: chunked\r\n"
+                else:                        # the model id may have changed the length
+                    length = (<RequestParser>ex._parser).content_length + len(body) - before
+            else:
+                body = provider.passthrough_body(ex, d.model_json)
+        else:
+            line = provider.request_line(ex, d.request_lines)   # first: it refuses an endpoint the provider lacks
+            body = provider.request_body(ex, d.model_json, add_usage)
         ex.upstream_name = d.name
         drop = _DROP_MESSAGES if ex.messages_api else _DROP
         if d.own_header_names:               # a deployment's own `headers` replace the client's of those names
             drop = drop + d.own_header_names
         head = (<RequestParser>ex._parser).forward_head(
             line,
-            d.header_lines + b"x-request-id: " + ex.request_id.encode() + b"\r\n",
-            len(body), drop)
+            d.header_lines + b"x-request-id: " + ex.request_id.encode() + b"\r\n" + extra,
+            len(body) if self.up_q is None else length, drop)
         pool = d.pool                        # cached on the deployment: no Pools lookup per request
         if pool is None:
             pool = d.pool = gw.pools.get(d)
-        cdef UpstreamConnection conn = (<Pool>pool).acquire()
+        # An upload cannot be sent again: never on an idle kept-alive connection, which may turn out stale.
+        cdef UpstreamConnection conn = (<Pool>pool).acquire() if self.up_q is None else None
         self.state = AWAITING_HEAD
         d.started()                          # sent, or queued for one of its connections
         self.attempt_open = True
@@ -262,6 +417,8 @@ cdef class Relay(UpstreamListener):
         self.ex.t_sent = t
         _wait_upstream(self)
         conn.send(self, head, body)
+        if self.up_q is not None:
+            self._upload_live(conn)
 
     cdef void slot_ready(self) except *:
         """Our turn in the queue: a slot to open a connection in (another one closed)."""
@@ -287,6 +444,8 @@ cdef class Relay(UpstreamListener):
         self.upstream = conn
         self.ex.t_sent = now()
         conn.send(self, head, body)
+        if self.up_q is not None:
+            self._upload_live(conn)
 
     # -- the response (UpstreamListener) ---------------------------------------------------------------------
 
@@ -309,11 +468,19 @@ cdef class Relay(UpstreamListener):
                 return
         if r.status >= 400 and self.state == AWAITING_HEAD and self._holds(r):
             self.holding = True
+        if ex.passthrough:                  # what the answer is, it says itself: a stream, JSON, or other bytes
+            ex.stream = r.status == 200 and _has_type(r, b"text/event-stream")
         if ex.stream and r.status == 200:
             self.sse = self.provider.open_stream(ex, self.strip_usage, gw.needs_usage)
             wait_for(self.client, STREAMING)
+        elif ex.passthrough and not _has_type(r, b"application/json"):
+            self.parts = None               # audio, files' content, text: relayed as they come, never kept
+            if r.status < 500 and r.status != 429:
+                self.deployment.first_byte(t - ex.t_sent)
         else:
             self.parts = []
+            # A list a consumer asked for is read whole, to show only that consumer's resources.
+            self.whole = ex.passthrough and r.status < 300 and gw.passthrough.filters(ex)
             if r.status < 500 and r.status != 429:   # an answer, not a failure: how fast it came counts
                 self.deployment.first_byte(t - ex.t_sent)
         if self.state == OWN_SSE_HEAD:      # our SSE head is out already (keep-alive comments were sent)
@@ -329,7 +496,7 @@ cdef class Relay(UpstreamListener):
         if not self.client.keep_alive:
             extra += b"connection: close\r\n"
         self.state = HEAD_HELD
-        if self.sse is None and self.provider.translates:
+        if self.sse is None and (self.provider.translates or self.whole):
             retry_after = r.header(b"retry-after")  # the one upstream header a translated error keeps
             if retry_after is not None:
                 extra += b"retry-after: " + retry_after + b"\r\n"
@@ -371,12 +538,12 @@ cdef class Relay(UpstreamListener):
             parts.append(data)
             self.parts_bytes += len(data)
             if self.parts_bytes > _MAX_KEPT and self.state != OWN_SSE_HEAD:
-                if self.provider.translates or self.holding:
+                if self.provider.translates or self.holding or self.whole:
                     self._give_up(GatewayError(502, "The upstream's response is too large to translate.",
                                                type="upstream_error", code="upstream_too_large"))
                     return
                 self.parts = None           # a huge body: relayed, but not kept for its usage
-        if self.state == OWN_SSE_HEAD or self.provider.translates or self.holding:
+        if self.state == OWN_SSE_HEAD or self.provider.translates or self.holding or self.whole:
             return                          # rendered whole at the end (or replaced by another attempt)
         out = _frame(data) if self.chunked else data
         if self.pending_head is not None:
@@ -438,7 +605,7 @@ cdef class Relay(UpstreamListener):
         if sse.usage_seen:
             ex.prompt_tokens = sse.prompt_tokens
             ex.completion_tokens = sse.completion_tokens
-        elif self.gw.needs_usage:
+        elif self.gw.needs_usage and not ex.passthrough:
             _count_streamed(ex, sse)
         if not (sse.done or self.provider.translates or ex.endpoint not in _ENDS_WITH_DONE):
             # The upstream ended the body before `data: [DONE]`: the client's stream is broken off too, never given
@@ -474,6 +641,16 @@ cdef class Relay(UpstreamListener):
                     raise GatewayError(502, "The upstream's response is not valid JSON.", type="upstream_error",
                                        code="upstream_malformed")
                 ex.prompt_tokens, ex.completion_tokens = usage
+                if ex.passthrough:
+                    ex.response_body = body
+                    filtered = self.gw.passthrough.answered(ex, body, self.deployment, self.whole)
+                    if self.whole:
+                        self.whole = False
+                        body = filtered if filtered is not None else body
+                        self._emit(H.response_head(ex.status, reason(ex.status), [_JSON, self.pending_head],
+                                                   len(body)) + body)
+                        self.pending_head = None
+                        return False
             if held:                        # relayed after all: the whole body goes out now
                 out = ((_frame(body) if body else b"") + _LAST_CHUNK) if self.chunked else body
             else:
@@ -516,7 +693,7 @@ cdef class Relay(UpstreamListener):
         answer the failure."""
         cdef Exchange ex = self.ex
         self._clear_response()
-        if kind == "stale" and self.stale_resends < 2:
+        if kind == "stale" and self.stale_resends < 2 and self.up_q is None:
             self.stale_resends += 1
             self._resend(self.deployment, True)
             return
@@ -599,6 +776,10 @@ cdef class Relay(UpstreamListener):
         cdef Deployment d = None
         cdef double delay = 0.0, t = now(), end
         if self.deadline_at != 0.0 and t >= self.deadline_at:
+            return False
+        if self.pinned is not None:         # a resource exists only where it was made
+            return False
+        if self.up_q is not None:           # an upload's bytes are gone once sent: it cannot be tried again
             return False
         if self.tried is None:
             self.tried = [failed]
@@ -702,6 +883,7 @@ cdef class Relay(UpstreamListener):
         self.events_tail = None
         self.chunked = False
         self.holding = False
+        self.whole = False
 
     cdef void _resend(self, Deployment d, bint same_attempt=False) except *:
         try:
@@ -842,6 +1024,16 @@ cdef class Relay(UpstreamListener):
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.resume_reading()
+
+
+cdef object _invalid_multipart(exc):
+    return GatewayError(400, f"Invalid multipart/form-data body: {exc}.", code="invalid_multipart")
+
+
+cdef bint _has_type(ResponseParser r, bytes media_type) except -1:
+    """Is the response's content-type `media_type` (parameters aside, case-insensitive)?"""
+    ct = r.header(b"content-type")
+    return ct is not None and ct.split(b";", 1)[0].strip().lower() == media_type
 
 
 cdef inline void _wait_upstream(Relay r) except *:

@@ -18,6 +18,7 @@ cdef class UpstreamListener:
     cdef void upstream_end(self) except *
     cdef void upstream_failed(self, str kind, str message) except *
     cdef void upstream_bug(self) except *
+    cdef void upstream_paused(self, bint paused) except *
 
 
 cdef class UpstreamConnection:
@@ -29,6 +30,7 @@ cdef class UpstreamConnection:
     cdef bint got_bytes
     cdef readonly bint closed
     cdef bint counted                  # counted in its pool's `open` (until it is forgotten)
+    cdef public bint body_open         # an upload's body is still being written: not reusable if answered now
 
     cpdef send(self, UpstreamListener listener, bytes head, bytes body)
     cdef void _advance(self, UpstreamListener listener, data) except *

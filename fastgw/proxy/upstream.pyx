@@ -53,6 +53,10 @@ cdef class UpstreamListener:
         """Our own code raised while handling the response: the listener decides what the client sees."""
         self.upstream_failed("internal", "the gateway failed to relay the response")
 
+    cdef void upstream_paused(self, bint paused) except *:
+        """The connection's write buffer is full (True) or drained again (False): an upload slows its client."""
+        pass
+
 
 cdef class UpstreamConnection:
     def __init__(self, Pool pool):
@@ -71,6 +75,7 @@ cdef class UpstreamConnection:
     cpdef send(self, UpstreamListener listener, bytes head, bytes body):
         self.listener = listener
         self.got_bytes = False
+        self.body_open = False
         self.parser.start(False)
         self.transport.writelines((head, body))    # one writev, no 5 KB concatenation
 
@@ -106,7 +111,7 @@ cdef class UpstreamConnection:
                 # Back to the pool before the listener continues, which may want a connection at once; but
                 # not with bytes after the response's end: nobody asked for them, and kept they would be read
                 # as the next request's answer (another client's).
-                if p.keep_alive and not self.closed and p.pos == p.end and p.pending is None:
+                if p.keep_alive and not self.closed and not self.body_open and p.pos == p.end and p.pending is None:
                     self.reused = True
                     self.pool.release(self)
                 else:
@@ -144,11 +149,13 @@ cdef class UpstreamConnection:
         else:
             listener.upstream_failed("reset", "the upstream closed the connection before the response was complete")
 
-    def pause_writing(self):     # requests are small: nothing to slow down
-        pass
+    def pause_writing(self):     # only an upload writes more than a request's head and JSON: it slows down
+        if self.listener is not None:
+            self.listener.upstream_paused(True)
 
     def resume_writing(self):
-        pass
+        if self.listener is not None:
+            self.listener.upstream_paused(False)
 
     cpdef abort(self):
         """Drop the connection at once (cancel what is in flight); never reused. It ends with a TCP reset: a FIN

@@ -141,10 +141,30 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
 MAX_DEPLOYMENT_HEADERS = 32
 
 
+class PassthroughRoute(msgspec.Struct, forbid_unknown_fields=True):
+    path: str                             # a path prefix, e.g. "/v1/files" (the longest matching one wins)
+    model: str = ""                       # the model whose deployments serve it; "" = [passthrough] model
+    max_body_bytes: int = 0               # the largest request body on it; 0 = [passthrough] max_upload_bytes
+
+
+class Passthrough(msgspec.Struct, forbid_unknown_fields=True):
+    """Every other /v1 endpoint (files, batches, images, audio, moderations...), passed through to an
+    OpenAI-format deployment (fastgw.proxy.passthrough)."""
+    enabled: bool = True
+    model: str = ""                       # serves requests that name no model and no known resource; "" = the
+                                          # "*" model, else the first one
+    routes: list[PassthroughRoute] = []
+    max_upload_bytes: int = 512 * 1024 * 1024   # a streamed (multipart or binary) request body, at most
+    unknown_resources: Literal["deny", "allow"] = "deny"   # an id the gateway did not see created, asked for by
+                                          # an authenticated consumer: 404 (deny) or passed on (allow)
+    resource_slots: int = 1 << 18         # resource ids remembered (shared by the workers; oldest replaced)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     server: Server = msgspec.field(default_factory=Server)
     upstream: Upstream = msgspec.field(default_factory=Upstream)
     models: list[Model] = []
+    passthrough: Passthrough = msgspec.field(default_factory=Passthrough)
     policies_dir: str = ""                # folder of policy files (*.toml); "" = no policies
     mock: bool = False                    # start the built-in mock upstream (the embedded default)
     source: str = ""                      # where this config came from (set by the loader)
@@ -239,6 +259,22 @@ def redact_url(url: str) -> str:
 _PASSWORD_IN_URL = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
 
 
+def _check_passthrough(cfg: Config, source: str) -> None:
+    pt = cfg.passthrough
+    names = {m.name for m in cfg.models}
+    if pt.model and pt.model not in names and "*" not in names:
+        raise ConfigError(f"{source}: passthrough.model: no model {pt.model!r} in models")
+    if pt.max_upload_bytes <= 0 or pt.resource_slots < 64:
+        raise ConfigError(f"{source}: passthrough: max_upload_bytes must be > 0 and resource_slots >= 64")
+    for i, r in enumerate(pt.routes):
+        if not r.path.startswith("/v1/"):
+            raise ConfigError(f"{source}: passthrough.routes[{i}].path: expected a path under /v1/, got {r.path!r}")
+        if r.model and r.model not in names and "*" not in names:
+            raise ConfigError(f"{source}: passthrough.routes[{i}].model: no model {r.model!r} in models")
+        if r.max_body_bytes < 0:
+            raise ConfigError(f"{source}: passthrough.routes[{i}].max_body_bytes: must be >= 0")
+
+
 def _check(cfg: Config, source: str) -> None:
     """Rules msgspec's types cannot say."""
     from fastgw.providers import PROVIDERS   # here: providers are compiled, config is read before they are needed
@@ -273,6 +309,7 @@ def _check(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: upstream.{field}: must be > 0")
     if u.max_idle_per_upstream < 0:
         raise ConfigError(f"{source}: upstream.max_idle_per_upstream: must be >= 0")
+    _check_passthrough(cfg, source)
     seen = set()
     for i, m in enumerate(cfg.models):
         where = f"{source}: models[{i}] ({m.name!r})"

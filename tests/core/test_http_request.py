@@ -14,11 +14,15 @@ from tests.core.http_messages import bytewise, chunked, feeds, rfc_chunk_line, s
 # -- requests -----------------------------------------------------------------------------------
 
 
-def ours_requests(chunks, **limits):
+def ours_requests(chunks, streamed=False, **limits):
     """Parse pipelined requests. Returns (messages, verdict) where verdict is "ok" (everything
-    consumed), "incomplete" or ("error", status, message)."""
+    consumed), "incomplete" or ("error", status, message). `streamed`: every body is taken in BODY
+    events (stream_body(), as uploads are), and joined."""
+    if streamed:
+        limits.setdefault("max_stream_bytes", 1 << 20)
     p = H.RequestParser(**limits)
     msgs = []
+    pieces = []
     for chunk in chunks:
         p.feed(chunk)
         while True:
@@ -36,8 +40,15 @@ def ours_requests(chunks, **limits):
                     content_length=p.content_length,
                     expect_continue=p.expect_continue,
                 )
+                if streamed:
+                    p.stream_body()
+            elif ev == H.BODY and streamed:
+                piece = p.take_body()
+                assert piece, "a BODY event hands out bytes"
+                pieces.append(piece)
             elif ev == H.END:
-                cur["body"] = p.body
+                cur["body"] = b"".join(pieces) if streamed else p.body
+                pieces.clear()
                 msgs.append(cur)
                 p.start_next()
             elif ev == H.ERROR:
@@ -165,11 +176,12 @@ def check_keep_alive(msg):
 
 
 @settings(max_examples=100, deadline=None)
-@given(requests(), st.sampled_from(["whole", "bytes", "split"]), st.lists(st.integers(0, 10**6), max_size=8))
-def test_valid_requests_match_h11(req, how, cuts):
+@given(requests(), st.sampled_from(["whole", "bytes", "split"]), st.lists(st.integers(0, 10**6), max_size=8),
+       st.booleans())
+def test_valid_requests_match_h11(req, how, cuts, streamed):
     data, body = req
     theirs, tverdict = h11_requests(data)
-    ours, verdict = ours_requests(feeds(data, how, cuts))
+    ours, verdict = ours_requests(feeds(data, how, cuts), streamed)
     assert tverdict == "ok" and verdict == "ok", (tverdict, verdict)
     assert len(ours) == len(theirs) == 1
     assert comparable(ours[0]) == {k: theirs[0][k] for k in ("method", "target", "version", "headers", "body")}
@@ -180,13 +192,14 @@ def test_valid_requests_match_h11(req, how, cuts):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(requests(allow_close=False), min_size=2, max_size=4), st.lists(st.integers(0, 10**6), max_size=10))
-def test_pipelined_requests_match_h11(reqs, cuts):
+@given(st.lists(requests(allow_close=False), min_size=2, max_size=4), st.lists(st.integers(0, 10**6), max_size=10),
+       st.booleans())
+def test_pipelined_requests_match_h11(reqs, cuts, streamed):
     reqs = [(d, b) for d, b in reqs if b"HTTP/1.1" in d.split(b"\r\n", 1)[0]] or reqs[:1]
     data = b"".join(d for d, _ in reqs)
     theirs, tverdict = h11_requests(data)
     for chunks in ([data], split(data, cuts)):
-        ours, verdict = ours_requests(chunks)
+        ours, verdict = ours_requests(chunks, streamed)
         if tverdict == "ok":
             assert verdict == "ok"
             assert [comparable(m) for m in ours] == [
@@ -496,6 +509,26 @@ def test_head_limit_verdict_does_not_depend_on_the_reads():
     for chunks in ([raw], split(raw, [60, 150]), bytewise(raw)):
         assert ours_requests(chunks, max_head_bytes=100)[1] == ("error", 431, "trailer section too large")
         assert ours_requests(chunks, max_head_bytes=1000)[1][:2] == ("error", 400)
+
+
+def test_streamed_body_limits():
+    # A head may announce up to max_stream_bytes; read whole (no stream_body()) it is still held to max_body.
+    big = b"POST /v1/files HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\n" + b"x" * 50
+    assert ours_requests([big], max_body_bytes=10, max_stream_bytes=100)[1][:2] == ("error", 413)
+    msgs, verdict = ours_requests([big[:70], big[70:]], True, max_body_bytes=10, max_stream_bytes=100)
+    assert verdict == "ok" and msgs[0]["body"] == b"x" * 50
+    assert ours_requests([big], True, max_body_bytes=10, max_stream_bytes=49)[1][:2] == ("error", 413)
+    # Chunked: the limit counts every chunk handed out, across reads.
+    ch = b"POST /v1/files HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ch += b"".join(b"8\r\n" + b"y" * 8 + b"\r\n" for _ in range(5)) + b"0\r\n\r\n"
+    pieces = [ch[i:i + 7] for i in range(0, len(ch), 7)]
+    assert ours_requests(pieces, True, max_body_bytes=10, max_stream_bytes=40)[0][0]["body"] == b"y" * 40
+    assert ours_requests(pieces, True, max_body_bytes=10, max_stream_bytes=39)[1][:2] == ("error", 413)
+    p = H.RequestParser(max_stream_bytes=0)
+    p.feed(big)
+    assert p.next_event() == H.HEAD
+    with pytest.raises(RuntimeError):
+        p.stream_body()          # a parser without max_stream_bytes streams nothing
 
 
 def test_body_limits_413():

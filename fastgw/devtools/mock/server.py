@@ -20,12 +20,20 @@ Fault injection by request header (the gateway forwards client headers, so tests
   x-mock-close: 1                  answer with Connection: close and close
   x-mock-echo-headers: 1           text answers: the request headers as a JSON object in the content (OpenAI
                                    streams too, cut into the x-mock-chunks pieces; other formats non-stream)
+Endpoint headers (read by their handlers): x-mock-speech-bytes: N, the length of a speech answer
+(openai_media.py); x-mock-hold: 1, a batch or fine-tuning job created but left running, to be cancelled
+(openai_jobs.py). The delays, x-mock-status and x-mock-close apply to every route.
 Defaults for the delays and chunk count can be given to start_mock(**defaults): delay_ms,
 first_token_delay_ms, chunk_delay_ms, chunks; and for the error answers: status, error_code, retry_after,
 retry_after_ms (a mock that fails every request, one of several upstreams in a test).
 
 Unknown paths get 404 in OpenAI's error shape, known paths asked with another method 405 in their wire format's;
 all status lines and the default error bodies come from fastgw.errors, as the gateway's own.
+
+Request bodies are held whole by the parser, up to start_mock's max_body_bytes (1 GiB by default, so tests can
+upload hundreds of MB through the gateway: the mock's memory is not what they measure). A BodyStream reply is
+written one piece at a time, waiting while the transport's buffer is over its high-water mark (pause_writing /
+resume_writing), so a download of any size holds one piece in the mock.
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ import asyncio
 import signal
 
 from fastgw.devtools.mock.realtime import Upgrade
-from fastgw.devtools.mock.wire import JsonReply, MockRequest, Refusal, openai_error_body
+from fastgw.devtools.mock.wire import BodyStream, BytesReply, JsonReply, MockRequest, Refusal, frame, openai_error_body
 from fastgw.errors import reason
 from fastgw.observability.logs import Logger
 from fastgw.protocol.http import END, ERROR, HEAD, NEED_DATA, RequestParser
@@ -94,7 +102,7 @@ class MockStats:
     """Per-server counters, so tests can check that the gateway does not leak upstream connections."""
 
     __slots__ = ("open_connections", "connections_total", "requests", "active_requests", "resets",
-                 "stream_writes")
+                 "stream_writes", "write_pauses", "body_stream_bytes")
 
     def __init__(self):
         self.open_connections = 0
@@ -103,14 +111,17 @@ class MockStats:
         self.active_requests = 0  # requests whose response is still being written (delays, streams)
         self.resets = 0           # connections aborted by x-mock-reset-after
         self.stream_writes = 0    # socket writes of streamed replies (head, events, end): shows the pacing
+        self.write_pauses = 0     # pause_writing calls: a client reading slower than the mock writes
+        self.body_stream_bytes = 0  # bytes of BodyStream pieces made and written (shows the backpressure)
 
 
 class MockServer(asyncio.AbstractServer):
     """The listening server (uvloop's, which takes no attributes) plus `mock_stats` and `port`."""
 
-    def __init__(self, server, stats: MockStats):
+    def __init__(self, server, stats: MockStats, state: dict):
         self._server = server
         self.mock_stats = stats
+        self.mock_state = state  # what the stateful endpoints created (files, batches...), by module
 
     @property
     def sockets(self):
@@ -180,20 +191,26 @@ def _int_header(faults: dict, name: bytes, default: int) -> int:
 # -- the protocol --------------------------------------------------------------------------------------
 
 _HEAD_JSON = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s%s\r\n"
+_HEAD_BYTES = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n"
 _HEAD_STREAM = (b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncache-control: no-cache\r\n"
                 b"transfer-encoding: chunked\r\n%s\r\n")
+_HEAD_BODY_STREAM = b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n%s%s\r\n"
 _CONTINUE = b"HTTP/1.1 100 %s\r\n\r\n" % reason(100)
 _CLOSE = b"connection: close\r\n"
 _LAST = b"0\r\n\r\n"
+MAX_BODY_BYTES = 1 << 30
 
 
 class _MockConnection(asyncio.Protocol):
-    def __init__(self, stats: MockStats, defaults: dict, routes: Routes = ROUTES):
+    def __init__(self, stats: MockStats, defaults: dict, routes: Routes = ROUTES, state: dict | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES):
         self.stats = stats
         self.defaults = defaults
         self.no_faults = _Faults({}, defaults)  # shared by the requests without x-mock-* headers
         self.routes = routes
-        self.parser = RequestParser()
+        self.state = {} if state is None else state
+        self.parser = RequestParser(max_body_bytes=max_body_bytes)
+        self.writable = None  # a future while the transport's write buffer is full (pause_writing)
         self.transport = None
         self.busy = False   # a response is being written by a task; later pipelined requests wait
         self.task = None
@@ -210,6 +227,17 @@ class _MockConnection(asyncio.Protocol):
         self.stats.open_connections -= 1
         if self.task is not None:
             self.task.cancel()
+
+    def pause_writing(self):
+        self.stats.write_pauses += 1
+        if self.writable is None:
+            self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self):
+        if self.writable is not None:
+            if not self.writable.done():
+                self.writable.set_result(None)
+            self.writable = None
 
     def data_received(self, data):
         self.parser.feed(data)
@@ -256,9 +284,17 @@ class _MockConnection(asyncio.Protocol):
         if self.eof and not self.busy:
             self.transport.close()
 
-    def _send_json(self, status: int, body: bytes, close: bool = False, headers: bytes = b""):
-        self.transport.write(_HEAD_JSON % (status, reason(status), len(body), headers, _CLOSE if close else b"")
-                             + body)
+    def _send_json(self, status: int, body: bytes, close: bool = False, headers: bytes = b"",
+                   content_type: bytes | None = None):
+        if content_type is None:
+            head = _HEAD_JSON % (status, reason(status), len(body), headers, _CLOSE if close else b"")
+        else:
+            head = _HEAD_BYTES % (status, reason(status), content_type, len(body), headers, _CLOSE if close else b"")
+        if len(body) > 65536:   # not copied into the head
+            self.transport.write(head)
+            self.transport.write(body)
+        else:
+            self.transport.write(head + body)
         if close:
             self.transport.close()
 
@@ -291,13 +327,19 @@ class _MockConnection(asyncio.Protocol):
 
         try:
             reply = route[0](MockRequest(method, path, query, headers, p.body, f.chunks, f.no_usage,
-                                         f.echo_headers))
+                                         f.echo_headers, self.state))
         except Refusal as r:
             return self._respond_error(error, r.status, r.message, r.code, close, delay)
         if reply.__class__ is JsonReply:
             return self._respond_json(reply.status, reply.body, close, delay, reply.headers)
         if reply.__class__ is Upgrade:          # a WebSocket (realtime.py) takes the connection over
             return reply.take_over(self, p)
+        if reply.__class__ is BytesReply:
+            return self._respond_json(reply.status, reply.body, close, delay, reply.headers, reply.content_type)
+        if reply.__class__ is BodyStream:
+            head = _HEAD_BODY_STREAM % (reply.content_type, reply.headers, _CLOSE if close else b"")
+            self._start(self._body_stream(head, reply.pieces, delay, close))
+            return False
 
         events = reply.events
         reset_after = f.reset_after
@@ -315,11 +357,12 @@ class _MockConnection(asyncio.Protocol):
         self._start(self._stream(head, events, delay, f.first, f.gap, reset_after, close, f.paced))
         return False
 
-    def _respond_json(self, status: int, body: bytes, close: bool, delay_ms: int, headers: bytes = b"") -> bool:
+    def _respond_json(self, status: int, body: bytes, close: bool, delay_ms: int, headers: bytes = b"",
+                      content_type: bytes | None = None) -> bool:
         if delay_ms <= 0:
-            self._send_json(status, body, close, headers)
+            self._send_json(status, body, close, headers, content_type)
             return True
-        self._start(self._delayed_json(status, body, close, delay_ms, headers))
+        self._start(self._delayed_json(status, body, close, delay_ms, headers, content_type))
         return False
 
     def _respond_error(self, error, status: int, message: str, code, close: bool, delay_ms: int,
@@ -339,12 +382,43 @@ class _MockConnection(asyncio.Protocol):
         self.stats.resets += 1
         self.transport.abort()
 
-    async def _delayed_json(self, status, body, close, delay_ms, headers):
+    async def _delayed_json(self, status, body, close, delay_ms, headers, content_type):
         try:
             await asyncio.sleep(delay_ms / 1000)
             if not self.closed:
-                self._send_json(status, body, close, headers)
+                self._send_json(status, body, close, headers, content_type)
         finally:
+            self._finish_async()
+
+    async def _body_stream(self, head, pieces, delay_ms, close):
+        """Write a BodyStream: a chunk per piece, made only once the transport takes more (backpressure)."""
+        stats = self.stats
+        try:
+            if delay_ms > 0:
+                await asyncio.sleep(delay_ms / 1000)
+            if self.closed:
+                return
+            stats.stream_writes += 1
+            self.transport.write(head)
+            for piece in pieces:
+                if piece:
+                    stats.stream_writes += 1
+                    stats.body_stream_bytes += len(piece)
+                    self.transport.write(frame(piece))
+                # Let the loop run between pieces (other connections, the socket drains); wait while it is full.
+                await asyncio.sleep(0)
+                while self.writable is not None and not self.closed:
+                    await self.writable
+                if self.closed:
+                    return
+            stats.stream_writes += 1
+            self.transport.write(_LAST)
+            if close:
+                self.transport.close()
+        finally:
+            close_pieces = getattr(pieces, "close", None)
+            if close_pieces is not None:
+                close_pieces()
             self._finish_async()
 
     async def _stream(self, head, events, delay_ms, first_ms, gap_ms, reset_after, close, paced):
@@ -387,24 +461,28 @@ class _MockConnection(asyncio.Protocol):
 
 # -- entry points --------------------------------------------------------------------------------------
 
-async def start_mock(host: str, port: int, *, ssl=None, routes: Routes = ROUTES, **defaults) -> MockServer:
+async def start_mock(host: str, port: int, *, ssl=None, routes: Routes = ROUTES,
+                     max_body_bytes: int = MAX_BODY_BYTES, **defaults) -> MockServer:
     """Listen on host:port (0 = an ephemeral port: read it from `server.port`) on the running loop.
 
     `defaults`: delay_ms, first_token_delay_ms, chunk_delay_ms, chunks (request headers override them).
     `ssl`: an ssl.SSLContext to serve HTTPS (tests of https upstreams).
     `routes`: the dispatch table (default: every registered wire format).
-    The returned server has `mock_stats` (a MockStats) and the usual AbstractServer methods.
+    `max_body_bytes`: larger request bodies are refused with 413.
+    The returned server has `mock_stats` (a MockStats), `mock_state` (the stateful endpoints' objects, this
+    server's alone) and the usual AbstractServer methods.
     """
     stats = MockStats()
+    state: dict = {}
     loop = asyncio.get_running_loop()
-    factory = lambda: _MockConnection(stats, defaults, routes)  # noqa: E731
+    factory = lambda: _MockConnection(stats, defaults, routes, state, max_body_bytes)  # noqa: E731
     if ssl is not None:
         server = await loop.create_server(factory, host, port, reuse_address=True, backlog=2048, ssl=ssl)
     else:
         # Every pending connection accepted per readiness event, as the gateway does (runtime/listener.py):
         # uvloop's server accepts one per loop iteration, and a burst of thousands of clients then waits.
         server = _ListenerServer(loop, Listener(loop, listen_socket(host, port, reuse_port=False), factory))
-    return MockServer(server, stats)
+    return MockServer(server, stats, state)
 
 
 class _ListenerServer:

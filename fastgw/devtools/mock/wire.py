@@ -1,11 +1,14 @@
 """What a wire-format module (openai.py, anthropic.py, gemini.py, azure.py) gets from the mock server and gives
 back, plus the canned text and the byte-template helpers that keep a request's cost to one %-format.
 
-A handler takes a `MockRequest` and returns a `JsonReply` or a `StreamReply`, or raises `Refusal` for bad input
-(the server renders it with the route's error function, so each wire format answers in its own error shape).
+A handler takes a `MockRequest` and returns a `JsonReply`, a `StreamReply`, a `BytesReply` (any other content
+type) or a `BodyStream` (a long body made piece by piece, written as the client takes it), or raises `Refusal` for
+bad input (the server renders it with the route's error function, so each wire format answers in its own error
+shape). `MockRequest.state` is a dict per mock server where stateful endpoints keep what they create (files...).
 """
 from __future__ import annotations
 
+import random
 from urllib.parse import parse_qsl
 
 import orjson
@@ -34,10 +37,10 @@ class MockRequest:
     """One parsed request. `chunks`, `no_usage` and `echo_headers` come from the x-mock-* headers (or the
     server's defaults); the server itself handles the delays, resets, x-mock-status and x-mock-close."""
 
-    __slots__ = ("method", "path", "query", "headers", "body", "chunks", "no_usage", "echo_headers")
+    __slots__ = ("method", "path", "query", "headers", "body", "chunks", "no_usage", "echo_headers", "state")
 
     def __init__(self, method: bytes, path: bytes, query: bytes, headers: list, body: bytes, chunks: int,
-                 no_usage: bool, echo_headers: bool):
+                 no_usage: bool, echo_headers: bool, state: dict | None = None):
         self.method = method
         self.path = path
         self.query = query              # what follows '?' in the target, b"" if none
@@ -46,6 +49,7 @@ class MockRequest:
         self.chunks = chunks            # how many content pieces to answer with
         self.no_usage = no_usage        # never report usage
         self.echo_headers = echo_headers  # answer with the request headers as the content (OpenAI streams too)
+        self.state = {} if state is None else state  # the server's: what stateful endpoints created
 
     def echoed_headers(self) -> str:
         """The request headers as a JSON object (repeated names joined with ", "), for x-mock-echo-headers."""
@@ -96,6 +100,40 @@ class StreamReply:
     def __init__(self, events: list[bytes], content_type: bytes = SSE):
         self.events = events
         self.content_type = content_type
+
+
+class BytesReply:
+    """A whole body of any content type (text/plain transcripts, a file's bytes, a PNG)."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status: int, body: bytes, content_type: bytes, headers: bytes = b""):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+
+class BodyStream:
+    """A 200 body sent chunked, one chunk per piece of the `pieces` iterator, which makes each piece only when the
+    server asks for it: the server waits while the client's socket is full, so a body of any size costs one piece
+    of memory (speech audio, the content of files too big to keep)."""
+
+    __slots__ = ("pieces", "content_type", "headers")
+
+    def __init__(self, pieces, content_type: bytes, headers: bytes = b""):
+        self.pieces = pieces
+        self.content_type = content_type
+        self.headers = headers
+
+
+def seeded_pieces(seed: str, total: int, piece: int = 64 * 1024):
+    """`total` deterministic pseudo-random bytes from `seed` (the same seed, the same bytes), `piece` at a time."""
+    rng = random.Random(seed)
+    while total > 0:
+        n = min(piece, total)
+        total -= n
+        yield rng.randbytes(n)
 
 
 class Refusal(Exception):
