@@ -4,11 +4,11 @@ import os
 
 # Every compiled module a working install must have; setup.py builds every .pyx under fastgw/.
 MODULES = (
-    "fastgw.protocol.http", "fastgw.protocol.sse", "fastgw.protocol.jsonpeek",
+    "fastgw.protocol.http", "fastgw.protocol.sse", "fastgw.protocol.jsonpeek", "fastgw.protocol.websocket",
     "fastgw.tokens.estimate",
     "fastgw.providers.base", "fastgw.providers.openai",
     "fastgw.proxy.exchange", "fastgw.proxy.gateway", "fastgw.proxy.phases", "fastgw.proxy.upstream",
-    "fastgw.proxy.relay", "fastgw.proxy.client",
+    "fastgw.proxy.relay", "fastgw.proxy.client", "fastgw.proxy.realtime",
     "fastgw.routing.router",
     "fastgw.observability.stats", "fastgw.observability.linebuf", "fastgw.observability.accounting",
     "fastgw.policies.auth.lookup", "fastgw.policies.ratelimit.admission", "fastgw.policies.ratelimit.bucket",

@@ -774,6 +774,13 @@ cdef class _Message:
         """Bytes fed but not consumed yet (for backpressure and pipelining limits)."""
         return self.end - self.pos
 
+    def take_buffered(self):
+        """The bytes fed but not consumed yet, consumed: after a protocol switch (a WebSocket upgrade) they are
+        the new protocol's, not HTTP."""
+        cdef bytes out = PyBytes_FromStringAndSize(self.buf + self.pos, self.end - self.pos)
+        self.pos = self.end
+        return out
+
     @property
     def buffer_bytes(self):
         """Bytes of C buffers the parser holds now (its input copy, the head, the header slots, the de-chunked

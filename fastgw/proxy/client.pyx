@@ -37,6 +37,7 @@ from fastgw.protocol.proxyproto import ProxyProtocolError, is_trusted
 from fastgw.protocol.proxyproto import parse as parse_proxy_header
 from fastgw.protocol.multipart import boundary_of
 from fastgw.proxy.passthrough import METHODS
+from fastgw.proxy.realtime import start_realtime
 from fastgw.routing.router import MESSAGES, PROXIED
 
 cdef int _NEED_DATA = H.NEED_DATA, _HEAD = H.HEAD, _BODY = H.BODY, _END = H.END
@@ -298,6 +299,9 @@ cdef class ClientConnection(ClientSide):
         path = ex.path
         method = p.method
         try:
+            if path == "/v1/realtime":       # a WebSocket session (realtime.pyx) takes the connection over
+                start_realtime(self, ex, p)
+                return
             messages_api = _PROXIED.get(path)
             if messages_api is not None:
                 ex.messages_api = messages_api is True

@@ -24,6 +24,7 @@ answers in every wire format at once, on one port (their paths do not collide):
   gemini.py     Gemini v1beta: /v1beta/models/{model}:generateContent, :streamGenerateContent, :countTokens, and
                 GET /v1beta/models
   azure.py      Azure OpenAI: /openai/deployments/{deployment}/chat/completions, completions, embeddings
+  realtime.py   the Realtime API over WebSocket: GET /v1/realtime?model=M, Azure's GET /openai/realtime
 
 Adding another wire format is one new module and one line here, without touching the server: handlers `def
 handler(req: MockRequest) -> JsonReply | StreamReply | BytesReply | BodyStream` (render answers once per key with
@@ -33,7 +34,7 @@ the answer needs headers, such as a 429's retry-after), registered below with `R
 module.error_body)`. The error function renders that format's refusals and its x-mock-status answers. A path ending
 in "*" matches by prefix, for formats that put the model in the path (gemini.py, azure.py).
 """
-from fastgw.devtools.mock import anthropic, azure, gemini, openai, openai_files, openai_jobs, openai_media
+from fastgw.devtools.mock import anthropic, azure, gemini, openai, openai_files, openai_jobs, openai_media, realtime
 from fastgw.devtools.mock.openai import EMBEDDING_DIM
 from fastgw.devtools.mock.server import ROUTES, MockServer, MockStats, Routes, run_mock, start_mock
 
@@ -44,5 +45,6 @@ ROUTES.add_all(openai_jobs.ROUTES)
 ROUTES.add_all(anthropic.ROUTES, anthropic.error_body)
 ROUTES.add_all(gemini.ROUTES, gemini.error_body)
 ROUTES.add_all(azure.ROUTES, azure.error_body)
+ROUTES.add_all(realtime.ROUTES)
 
 __all__ = ["EMBEDDING_DIM", "ROUTES", "MockServer", "MockStats", "Routes", "run_mock", "start_mock"]

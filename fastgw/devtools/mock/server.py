@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from fastgw.devtools.mock.realtime import Upgrade
 from fastgw.devtools.mock.wire import BodyStream, BytesReply, JsonReply, MockRequest, Refusal, frame, openai_error_body
 from fastgw.errors import reason
 from fastgw.observability.logs import Logger
@@ -331,6 +332,8 @@ class _MockConnection(asyncio.Protocol):
             return self._respond_error(error, r.status, r.message, r.code, close, delay)
         if reply.__class__ is JsonReply:
             return self._respond_json(reply.status, reply.body, close, delay, reply.headers)
+        if reply.__class__ is Upgrade:          # a WebSocket (realtime.py) takes the connection over
+            return reply.take_over(self, p)
         if reply.__class__ is BytesReply:
             return self._respond_json(reply.status, reply.body, close, delay, reply.headers, reply.content_type)
         if reply.__class__ is BodyStream:

@@ -82,7 +82,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
 _SEEN_MAX = 4096
 
 _MISSING = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
-            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the api-key or x-api-key header.")
+            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the api-key or x-api-key header (a WebSocket: "
+            "or as the subprotocol openai-insecure-api-key.YOUR_KEY).")
 _WRONG = "Incorrect API key provided."
 
 
@@ -90,6 +91,19 @@ def _key_header(ex):
     """The key of the api-key header (Azure OpenAI's clients), else of x-api-key (Anthropic's clients)."""
     k = ex.header(b"api-key")
     return k if k is not None else ex.header(b"x-api-key")
+
+
+def _subprotocol_key(ex):
+    """A browser's WebSocket cannot set headers: OpenAI's Realtime clients send the key as the subprotocol
+    `openai-insecure-api-key.<key>` (Sec-WebSocket-Protocol); the gateway never forwards it upstream."""
+    v = ex.header(b"sec-websocket-protocol")
+    if v is None:
+        return None
+    for p in v.split(b","):
+        p = p.strip()
+        if p.startswith(b"openai-insecure-api-key."):
+            return p[24:] or None
+    return None
 
 
 class KeyAuth(Policy):
@@ -164,13 +178,18 @@ class KeyAuth(Policy):
             seen = self._seen_api_key
             key = v.strip() if v is not None else None
         if not key:
+            key = _subprotocol_key(ex)
+            if key:
+                seen = None              # not cached: a WebSocket session checks its key once
+        if not key:
             self._refuse(_MISSING)
         entry = self._by_hash.get(hashlib.sha256(key).hexdigest())
         if entry is None:
             self._refuse(_WRONG)
-        if len(seen) >= _SEEN_MAX:
-            seen.clear()
-        seen[hash(v)] = entry
+        if seen is not None:
+            if len(seen) >= _SEEN_MAX:
+                seen.clear()
+            seen[hash(v)] = entry
         return entry
 
     def _refuse(self, message: str):
