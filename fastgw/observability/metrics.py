@@ -43,6 +43,9 @@ _COUNTERS = {
     "upstream_queue_wait_seconds": ("Seconds requests waited for a free upstream connection.", ("upstream",)),
     "fallbacks": ("Requests that moved on to a fallback model.", ("model", "fallback")),
     "breaker_opens": ("Circuit breakers opened (by failed attempts or health checks).", ("model", "upstream")),
+    "cache_lookups": ("Response cache lookups by result: hit, miss, refresh (no-cache), bypass (not cacheable).",
+                      ("model", "result")),
+    "cache_bytes": ("Response cache bytes: served from hits, stored from misses.", ("model", "direction")),
     "estimated_costs": ("Requests a budget charged an estimated cost: the answer carried no measure of what it "
                         "used (a transcription answered as text, speech of a token-priced model).",
                         ("model", "endpoint")),
@@ -97,6 +100,8 @@ class Stats(RequestStats):
         self._fallbacks: dict[tuple, int] = {}
         self._breaker_opens: dict[tuple, int] = {}
         self._estimated_costs: dict[tuple, int] = {}
+        self._cache_lookups: dict[tuple, int] = {}
+        self._cache_bytes: dict[tuple, int] = {}
         self._shared_gauges: dict[str, dict] = {name: {} for name in _SHARED_GAUGES}
 
     # -- per event ---------------------------------------------------------------------------------------
@@ -122,6 +127,26 @@ class Stats(RequestStats):
             self._fallbacks[key] += 1
         except KeyError:
             self._counter_new(self._fallbacks, key)
+
+    def cache_lookup(self, model: str, result: str, served: int) -> None:
+        """A cacheable request's result (hit, miss, refresh, bypass); `served`: the bytes a hit answered."""
+        key = (model, result)
+        try:
+            self._cache_lookups[key] += 1
+        except KeyError:
+            self._counter_new(self._cache_lookups, key)
+        if served:
+            self._cache_add((model, "served"), served)
+
+    def cache_stored(self, model: str, nbytes: int) -> None:
+        self._cache_add((model, "stored"), nbytes)
+
+    def _cache_add(self, key: tuple, n: int) -> None:
+        if key in self._cache_bytes:
+            self._cache_bytes[key] += n
+        else:
+            key = self._admit(self._cache_bytes, key)
+            self._cache_bytes[key] = self._cache_bytes.get(key, 0) + n
 
     def breaker_opened(self, model: str, upstream: str) -> None:
         """This worker opened the circuit breaker of `model`'s deployment on `upstream`."""
@@ -196,6 +221,8 @@ class Stats(RequestStats):
         counters["fallbacks"] = self._fallbacks
         counters["breaker_opens"] = self._breaker_opens
         counters["estimated_costs"] = self._estimated_costs
+        counters["cache_lookups"] = self._cache_lookups
+        counters["cache_bytes"] = self._cache_bytes
         counters.update(self._pool_counters)
         hists["overhead_microseconds"][()] = self.overhead_histogram()
         return {

@@ -160,11 +160,35 @@ class Passthrough(msgspec.Struct, forbid_unknown_fields=True):
     resource_slots: int = 1 << 18         # resource ids remembered (shared by the workers; oldest replaced)
 
 
+class CacheRedis(msgspec.Struct, forbid_unknown_fields=True):
+    url: str = "redis://127.0.0.1:6379/0"
+    connect_timeout: float = 0.1          # seconds; a Redis that does not answer in time is a miss
+    timeout: float = 0.05                 # seconds per lookup or store
+    retry_interval: float = 0.5           # after a failed connect: misses at once this long, then try again
+    key_prefix: str = "fastgw:cache:"
+
+
+class Cache(msgspec.Struct, forbid_unknown_fields=True):
+    """The exact response cache (fastgw.cache): identical requests answered from a stored answer."""
+    enabled: bool = False
+    backend: Literal["memory", "redis"] = "memory"   # memory: shared by this gateway's workers; redis: by instances
+    size_bytes: int = 256 * 1024 * 1024   # memory: the whole store (index + entries), oldest overwritten
+    ttl: float = 3600.0                   # seconds an entry is served
+    model_ttl: dict[str, float] = {}      # per model (its config name): its own ttl; 0 = never cached
+    scope: Literal["consumer", "group", "global"] = "consumer"   # who shares an entry
+    allow_temperature: bool = False       # cache requests with a non-zero temperature too
+    uncacheable_tools: list[str] = []     # tool names with side effects: a request offering one is not cached
+    max_entry_bytes: int = 1024 * 1024    # larger answers are not stored
+    charge_hits: bool = False             # true: a hit's tokens count against token limits and budgets
+    redis: CacheRedis = msgspec.field(default_factory=CacheRedis)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     server: Server = msgspec.field(default_factory=Server)
     upstream: Upstream = msgspec.field(default_factory=Upstream)
     models: list[Model] = []
     passthrough: Passthrough = msgspec.field(default_factory=Passthrough)
+    cache: Cache = msgspec.field(default_factory=Cache)
     policies_dir: str = ""                # folder of policy files (*.toml); "" = no policies
     mock: bool = False                    # start the built-in mock upstream (the embedded default)
     source: str = ""                      # where this config came from (set by the loader)
@@ -275,8 +299,25 @@ def _check_passthrough(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: passthrough.routes[{i}].max_body_bytes: must be >= 0")
 
 
+def _check_cache(c: Cache, source: str) -> None:
+    if c.size_bytes < 64 * 1024:
+        raise ConfigError(f"{source}: cache.size_bytes: at least 65536")
+    if c.ttl <= 0:
+        raise ConfigError(f"{source}: cache.ttl: must be > 0 seconds")
+    if c.max_entry_bytes <= 0:
+        raise ConfigError(f"{source}: cache.max_entry_bytes: must be > 0")
+    for name, t in c.model_ttl.items():
+        if t < 0:
+            raise ConfigError(f"{source}: cache.model_ttl.{name}: must be >= 0 (0 = never cached)")
+    if c.redis.timeout <= 0 or c.redis.connect_timeout <= 0:
+        raise ConfigError(f"{source}: cache.redis: timeouts must be > 0")
+    if c.backend == "redis" and not c.redis.url.startswith("redis://"):
+        raise ConfigError(f"{source}: cache.redis.url: expected redis://host:port[/db]")
+
+
 def _check(cfg: Config, source: str) -> None:
     """Rules msgspec's types cannot say."""
+    _check_cache(cfg.cache, source)
     from fastgw.providers import PROVIDERS   # here: providers are compiled, config is read before they are needed
     s = cfg.server
     if not 0 <= s.port <= 65535:

@@ -21,7 +21,7 @@ def reference(ex, latency, ttft, overhead) -> dict:
         "consumer": ex.consumer, "upstream": ex.upstream_name, "attempts": ex.attempts, "status": ex.status, "stream": ex.stream, "latency_ms": round(latency * 1e3, 3),
         "ttft_ms": round(ttft * 1e3, 3) if ttft >= 0 else None, "overhead_us": int(overhead * 1e6),
         "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens, "cost_usd": ex.cost,
-        "bytes_in": ex.bytes_in, "bytes_out": ex.bytes_out, "error": ex.error or None,
+        "bytes_in": ex.bytes_in, "bytes_out": ex.bytes_out, "cache": ex.cache or None, "error": ex.error or None,
     }
 
 
@@ -31,10 +31,11 @@ def reference(ex, latency, ttft, overhead) -> dict:
        latency=st.floats(0, 1e4), ttft=st.one_of(st.just(-1.0), st.floats(0, 1e4)), overhead=st.floats(0, 10),
        tokens=st.tuples(st.integers(-1, 10**9), st.integers(-1, 10**9)),
        cost=st.floats(0, 1e6), nbytes=st.tuples(st.integers(0, 10**12), st.integers(0, 10**12)), route=routes,
-       attempts=st.integers(0, 50))
+       attempts=st.integers(0, 50), cache=st.sampled_from([None, "", "hit", "miss", "refresh", "bypass"]))
 def test_line_matches_reference(rid, client, path, model, consumer, upstream, error, method, status, stream,
-                                latency, ttft, overhead, tokens, cost, nbytes, route, attempts):
+                                latency, ttft, overhead, tokens, cost, nbytes, route, attempts, cache):
     ex = Exchange(rid, client, method, path, None, 0.0)
+    ex.cache = cache
     ex.model, ex.consumer, ex.upstream_name, ex.error = model, consumer, upstream, error
     ex.route, ex.attempts = route, attempts
     ex.status, ex.stream, ex.cost = status, stream, cost
