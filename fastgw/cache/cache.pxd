@@ -8,6 +8,7 @@ cdef enum CacheUse:
 
 cdef class ResponseCache:
     cdef readonly object backend, stats
+    cdef readonly object semantic          # fastgw.cache.semantic.SemanticCache, or None (no model opted in)
     cdef readonly bint shared              # the backend answers at once (memory), else with an awaitable (Redis)
     cdef readonly str scope
     cdef readonly double ttl
@@ -21,5 +22,5 @@ cdef class ResponseCache:
     cdef double _ttl(self, Exchange ex)
     cdef object payload(self, Exchange ex, bytes entry)
     cdef void missed(self, Exchange ex) except *
-    cdef void hit(self, Exchange ex, bytes entry, Py_ssize_t served) except *
+    cdef void hit(self, Exchange ex, bytes entry, Py_ssize_t served, double similarity) except *
     cdef void store(self, Exchange ex, bytes entry) except *
