@@ -177,7 +177,7 @@ class CacheSemantic(msgspec.Struct, forbid_unknown_fields=True):
     timeout: float = 0.5                  # seconds for an embedding; slower or failed = a miss
     retry_interval: float = 1.0           # after a failed embedding: no lookups by similarity this long
     max_entries: int = 10000              # per index (scope, model, parameters), the oldest out
-    max_indexes: int = 10000              # indexes per worker, the least recently used out
+    max_indexes: int = 1024               # indexes per worker, the least recently used out (~64 KB each + vectors)
     log_bytes: int = 64 * 1024 * 1024     # the shared log that brings new entries to every worker
     max_text_chars: int = 32768           # longer prompts are looked up exactly only
 

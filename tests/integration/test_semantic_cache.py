@@ -29,7 +29,8 @@ def embedder():
     m.stop()
 
 
-def gateway(start_gateway, tmp_path, mock, embeddings_url: str, semantic: str = "", workers: int = 1):
+def gateway(start_gateway, tmp_path, mock, embeddings_url: str, semantic: str = "", workers: int = 1,
+            cache: str = ""):
     d = tmp_path / "policies"
     d.mkdir(exist_ok=True)
     consumers = "".join(f'[[consumers]]\nname = "{n}"\nkeys = ["{hash_key(k)}"]\n' for n, k in KEYS.items())
@@ -37,6 +38,7 @@ def gateway(start_gateway, tmp_path, mock, embeddings_url: str, semantic: str = 
     config = f"""policies_dir = "{d}"
 [cache]
 enabled = true
+{cache}
 [cache.semantic]
 models = ["gpt-4o-mini"]
 embeddings_model = "embedder"
@@ -183,6 +185,18 @@ def test_entries_reach_every_worker(tmp_path, mock, embedder, start_gateway):
             break
     else:
         raise AssertionError("the other worker never answered")
+
+
+def test_redis_backend(tmp_path, mock, embedder, start_gateway, redis_server):
+    cfg = f'backend = "redis"\n[cache.redis]\nurl = "{redis_server.url}"\ntimeout = 0.5\nconnect_timeout = 0.5'
+    gw = gateway(start_gateway, tmp_path, mock, embedder.url, cache=cfg)
+    _, h1 = chat(gw, ASKED)
+    wait_for(lambda: chat(gw, ASKED)[1]["x-fastgw-cache"] == "hit", what="the entry in Redis")  # stored async
+    again, h2 = chat(gw, "what's the capital of france")
+    assert (h1["x-fastgw-cache"], h2["x-fastgw-cache"]) == ("miss", "hit") and made_for(again) == ASKED
+    redis_server.kill()                                      # down: the entry the index names cannot be read
+    answer, h3 = chat(gw, "the capital of France")
+    assert h3["x-fastgw-cache"] == "miss" and made_for(answer) == "the capital of France"
 
 
 def worker_of(headers) -> str:
