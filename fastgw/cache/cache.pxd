@@ -1,3 +1,4 @@
+from fastgw.observability.stats cimport RequestStats
 from fastgw.proxy.exchange cimport Exchange
 
 # Whether and how a request uses the cache (ResponseCache.decide).
@@ -7,7 +8,8 @@ cdef enum CacheUse:
     REFRESH     # cache-control: no-cache: no lookup, the answer is stored (replacing the entry)
 
 cdef class ResponseCache:
-    cdef readonly object backend, stats
+    cdef readonly object backend
+    cdef readonly RequestStats stats       # (a fastgw.observability.metrics.Stats: its counters are compiled)
     cdef readonly object semantic          # fastgw.cache.semantic.SemanticCache, or None (no model opted in)
     cdef readonly bint shared              # the backend answers at once (memory), else with an awaitable (Redis)
     cdef readonly str scope

@@ -101,8 +101,6 @@ class Stats(RequestStats):
         self._fallbacks: dict[tuple, int] = {}
         self._breaker_opens: dict[tuple, int] = {}
         self._estimated_costs: dict[tuple, int] = {}
-        self._cache_lookups: dict[tuple, int] = {}
-        self._cache_bytes: dict[tuple, int] = {}
         self._shared_gauges: dict[str, dict] = {name: {} for name in _SHARED_GAUGES}
 
     # -- per event ---------------------------------------------------------------------------------------
@@ -129,25 +127,6 @@ class Stats(RequestStats):
         except KeyError:
             self._counter_new(self._fallbacks, key)
 
-    def cache_lookup(self, model: str, result: str, served: int) -> None:
-        """A cacheable request's result (hit, miss, refresh, bypass); `served`: the bytes a hit answered."""
-        key = (model, result)
-        try:
-            self._cache_lookups[key] += 1
-        except KeyError:
-            self._counter_new(self._cache_lookups, key)
-        if served:
-            self._cache_add((model, "served"), served)
-
-    def cache_stored(self, model: str, nbytes: int) -> None:
-        self._cache_add((model, "stored"), nbytes)
-
-    def _cache_add(self, key: tuple, n: int) -> None:
-        if key in self._cache_bytes:
-            self._cache_bytes[key] += n
-        else:
-            key = self._admit(self._cache_bytes, key)
-            self._cache_bytes[key] = self._cache_bytes.get(key, 0) + n
 
     def breaker_opened(self, model: str, upstream: str) -> None:
         """This worker opened the circuit breaker of `model`'s deployment on `upstream`."""
