@@ -10,6 +10,7 @@ cdef enum CacheUse:
 cdef class ResponseCache:
     cdef readonly object backend
     cdef readonly RequestStats stats       # (a fastgw.observability.metrics.Stats: its counters are compiled)
+    cdef readonly object semantic          # fastgw.cache.semantic.SemanticCache, or None (no model opted in)
     cdef readonly bint shared              # the backend answers at once (memory), else with an awaitable (Redis)
     cdef readonly str scope
     cdef readonly double ttl
@@ -23,5 +24,5 @@ cdef class ResponseCache:
     cdef double _ttl(self, Exchange ex)
     cdef object payload(self, Exchange ex, bytes entry)
     cdef void missed(self, Exchange ex) except *
-    cdef void hit(self, Exchange ex, bytes entry, Py_ssize_t served) except *
+    cdef void hit(self, Exchange ex, bytes entry, Py_ssize_t served, double similarity) except *
     cdef void store(self, Exchange ex, bytes entry) except *

@@ -9,9 +9,12 @@ request limits) and before a deployment is picked:
     backend.get(key)    the entry (bytes), None, or (Redis) an awaitable of either: the one lookup, kept small so a
                     second one (by embedding similarity) can sit beside it
     payload(ex, entry)  what this client gets from an entry (None: it cannot be served to it, a miss)
+    semantic        after an exact miss, the lookup by similarity (fastgw.cache.semantic), for opted-in models
     hit(ex, ...)    accounting of a hit: 0 tokens (limits settle it as free, budgets charge nothing) unless
-                    charge_hits; ex.cache = "hit"
-    store(ex, entry)    at a miss's successful end (Relay._end_body, Relay._end_stream)
+                    charge_hits; ex.cache = "hit"; a semantic hit's similarity in x-fastgw-cache-similarity, the
+                    access log (cache_similarity) and the lookups metric (result "semantic_hit")
+    store(ex, entry)    at a miss's successful end (Relay._end_body, Relay._end_stream); a semantic query's vector
+                    joins the index with the key
 
 Cacheable: POST /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/responses, not Anthropic's
 /v1/messages (its answers are another shape; documented as not cached). A client's `cache-control: no-store`
@@ -32,9 +35,11 @@ _as_sse = E.as_sse
 
 
 cdef class ResponseCache:
-    def __init__(self, cfg, backend, stats):
-        """cfg: fastgw.runtime.config.Cache; backend: fastgw.cache.store.SharedStore or RedisStore."""
+    def __init__(self, cfg, backend, stats, semantic=None):
+        """cfg: fastgw.runtime.config.Cache; backend: fastgw.cache.store.SharedStore or RedisStore; semantic: a
+        fastgw.cache.semantic.SemanticCache or None."""
         self.backend = backend
+        self.semantic = semantic
         self.stats = stats
         self.shared = not hasattr(backend, "is_remote")
         self.scope = cfg.scope
@@ -98,8 +103,11 @@ cdef class ResponseCache:
             return _as_sse(entry, ex.endpoint, ex.client_wants_usage)
         return _as_json(entry, ex.endpoint)
 
-    cdef void hit(self, Exchange ex, bytes entry, Py_ssize_t served) except *:
+    cdef void hit(self, Exchange ex, bytes entry, Py_ssize_t served, double similarity) except *:
         ex.cache = "hit"
+        if similarity > 0.0:
+            ex.cache_similarity = similarity
+            ex.response_headers.append(b"x-fastgw-cache-similarity: %.4f\r\n" % similarity)
         # The response head's line: replace the "miss" decide() put there.
         cdef list lines = ex.response_headers
         cdef Py_ssize_t i
@@ -112,7 +120,7 @@ cdef class ResponseCache:
             ex.prompt_tokens, ex.completion_tokens = prompt, completion
         else:
             ex.prompt_tokens = ex.completion_tokens = 0     # free: limits settle 0 tokens, budgets charge $0
-        self.stats.cache_lookup(_label(ex), "hit", served)
+        self.stats.cache_lookup(_label(ex), "semantic_hit" if similarity > 0.0 else "hit", served)
 
     cdef void store(self, Exchange ex, bytes entry) except *:
         if entry is None or len(entry) > self.max_entry:
@@ -122,6 +130,8 @@ cdef class ResponseCache:
         ttl = self._ttl(ex) if self.model_ttl else self.ttl
         if self.backend.put(key, entry, ttl):
             self.stats.cache_stored(_label(ex), len(entry))
+            if ex.cache_semantic is not None and self.semantic is not None:
+                self.semantic.added(ex.cache_semantic, key)
 
 
 

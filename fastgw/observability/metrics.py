@@ -43,7 +43,8 @@ _COUNTERS = {
     "upstream_queue_wait_seconds": ("Seconds requests waited for a free upstream connection.", ("upstream",)),
     "fallbacks": ("Requests that moved on to a fallback model.", ("model", "fallback")),
     "breaker_opens": ("Circuit breakers opened (by failed attempts or health checks).", ("model", "upstream")),
-    "cache_lookups": ("Response cache lookups by result: hit, miss, refresh (no-cache), bypass (not cacheable).",
+    "cache_lookups": ("Response cache lookups by result: hit, semantic_hit (a similar prompt's answer), miss, refresh "
+                      "(no-cache), bypass (not cacheable).",
                       ("model", "result")),
     "cache_bytes": ("Response cache bytes: served from hits, stored from misses.", ("model", "direction")),
     "estimated_costs": ("Requests a budget charged an estimated cost: the answer carried no measure of what it "

@@ -18,6 +18,8 @@ Fields (all readable and writable from Python policies):
                                      a hit reports 0 prompt and completion tokens (it cost nothing: limits and
                                      budgets settle it free) unless [cache] charge_hits
   cache_key                          the cache key while the answer is to be stored, else None
+  cache_semantic, cache_similarity   the semantic cache's query (None when not asked) and a semantic hit's
+                                     cosine similarity (0.0 otherwise)
   rejection, upstream_errors         what accounting counts besides the request (None when nothing)
   form, response_body                pass-through endpoints: a multipart body's text fields read before its
                                      first file (dict str -> str), and a 2xx JSON answer kept whole (bytes);

@@ -50,7 +50,7 @@ cdef class Gateway:
         trusted = parse_networks(s.trusted_proxies)
         passthrough = Passthrough(cfg, router, self.run_dir)
         catalog = ModelCatalog(self.loop, router, u.models_cache_s, self.log, pipeline.model_visible)
-        cache = make_cache(cfg.cache, self.run_dir, self.log, self.stats, self.cache)
+        cache = make_cache(cfg.cache, self.run_dir, self.log, self.stats, self.cache, router, self.loop)
         old, old_catalog, old_cache = self.pipeline, self.catalog, self.cache
         self.cache = cache
         self.cfg = cfg
@@ -85,6 +85,8 @@ cdef class Gateway:
         old.close()
         if old_cache is not None and old_cache is not cache and old_cache.backend is not cache_backend(cache):
             old_cache.backend.close()
+        if old_cache is not None and old_cache.semantic is not None:
+            old_cache.semantic.close()
         if old_catalog is not None:
             old_catalog.close()
         if self.worker_id == "0":           # one worker checks for all: the breakers it opens are shared
@@ -97,15 +99,18 @@ cdef class Gateway:
     def close(self):
         if self.cache is not None:
             self.cache.backend.close()
+            if self.cache.semantic is not None:
+                self.cache.semantic.close()
         self.catalog.close()
         self.health.close()
         self.pipeline.close()
         self.pools.close()
 
 
-def make_cache(c, str run_dir, log, stats, old):
+def make_cache(c, str run_dir, log, stats, old, router, loop):
     """The ResponseCache of a [cache] section (None when off). A reload keeps the memory store of the same size
-    (its entries too) and makes a new one otherwise; the Redis backend is made anew."""
+    (its entries too) and makes a new one otherwise; the Redis backend is made anew. The semantic cache (when a
+    model opted in) is made anew, its indexes refilled from the shared log (what it still holds)."""
     if not c.enabled:
         return None
     from fastgw.cache.cache import ResponseCache
@@ -119,7 +124,11 @@ def make_cache(c, str run_dir, log, stats, old):
             backend = prev
         else:
             backend = SharedStore(os.path.join(run_dir, f"fastgw-cache-{c.size_bytes}.shm"), c.size_bytes)
-    return ResponseCache(c, backend, stats)
+    semantic = None
+    if c.semantic.models:
+        from fastgw.cache.semantic import SemanticCache    # imports usearch: only when a model opted in
+        semantic = SemanticCache(c, router, run_dir, loop, log, stats)
+    return ResponseCache(c, backend, stats, semantic)
 
 
 def cache_backend(cache):

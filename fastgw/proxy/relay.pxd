@@ -98,7 +98,7 @@ cdef class Relay(UpstreamListener):
     cdef void _upload_live(self, UpstreamConnection conn) except *
     cdef void _admitted(self) except *
     cdef bint _cache_lookup(self) except -1
-    cdef bint _cache_answer(self, bytes entry) except -1
+    cdef bint _cache_answer(self, bytes entry, double similarity) except -1
     cdef void _route(self) except *
     cdef void _queue_for_deployment(self) except *
     cdef void _end_attempt(self) except *

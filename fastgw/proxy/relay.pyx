@@ -302,26 +302,54 @@ cdef class Relay(UpstreamListener):
         cdef ResponseCache cache = <ResponseCache>self.gw.cache
         cdef Exchange ex = self.ex
         cdef int use = cache.decide(ex)
+        if use == REFRESH and cache.semantic is not None:
+            ex.cache_semantic = cache.semantic.query(ex)    # its answer is indexed (embedded in the background)
         if use != LOOKUP:
             return False
         if cache.shared:
             entry = cache.backend.get(ex.cache_key)
-            if entry is not None and self._cache_answer(entry):
+            if entry is not None and self._cache_answer(entry, 0.0):
                 return True
+            if cache.semantic is not None:
+                ex.cache_semantic = cache.semantic.query(ex)
+                if ex.cache_semantic is not None:      # an opted-in model: look for a similar prompt, waiting
+                    self.gw.loop.create_task(self._cache_later(None))
+                    return True
             cache.missed(ex)
             return False
+        if cache.semantic is not None:
+            ex.cache_semantic = cache.semantic.query(ex)
         self.gw.loop.create_task(self._cache_later(cache.backend.get(ex.cache_key)))
         return True
 
     async def _cache_later(self, pending):
-        """A Redis lookup: a hit answers, anything else (a miss, Redis down or slow) goes upstream."""
-        entry = await pending               # never raises: a failed lookup is a miss
+        """A lookup that waits: Redis's (`pending`: a hit answers) and, after an exact miss, the semantic one (the
+        prompt's embedding, then its index). Anything else (a miss, Redis or the embeddings down or slow) goes
+        upstream."""
+        cdef ResponseCache cache = <ResponseCache>self.gw.cache
+        entry = await pending if pending is not None else None     # never raises: a failed lookup is a miss
         if self.state != ADMITTING:         # the client left, or timed out, meanwhile
             return
         try:
-            if entry is not None and self._cache_answer(entry):
+            if entry is not None and self._cache_answer(entry, 0.0):
                 return
-            (<ResponseCache>self.gw.cache).missed(self.ex)
+            q = self.ex.cache_semantic
+            if q is not None:
+                found = await cache.semantic.search(q)      # never raises either
+                if self.state != ADMITTING:
+                    return
+                if found is not None:
+                    key, similarity = found
+                    entry = cache.backend.get(key)
+                    if not cache.shared:
+                        entry = await entry
+                        if self.state != ADMITTING:
+                            return
+                    if entry is not None and self._cache_answer(entry, similarity):
+                        return
+                    if entry is None:       # expired or overwritten: its vector goes too
+                        cache.semantic.forget(q, key)
+            cache.missed(self.ex)
             self._route()
         except GatewayError as err:
             if self.state == ADMITTING:
@@ -333,16 +361,17 @@ cdef class Relay(UpstreamListener):
                 self.state = DONE
                 self.client.refuse(GatewayError(500, "The gateway failed to process the request."), False)
 
-    cdef bint _cache_answer(self, bytes entry) except -1:
+    cdef bint _cache_answer(self, bytes entry, double similarity) except -1:
         """Answer from a cache entry: the JSON body, or the stream's events in one write. False when this client
-        cannot be served from it (a miss)."""
+        cannot be served from it (a miss). similarity > 0: a semantic hit's."""
         cdef ResponseCache cache = <ResponseCache>self.gw.cache
         cdef Exchange ex = self.ex
         body = cache.payload(ex, entry)
         if body is None:
             return False
-        cache.hit(ex, entry, len(body))
+        cache.hit(ex, entry, len(body), similarity)
         ex.cache_key = None
+        ex.cache_semantic = None
         ex.status = 200
         extra = _id_and_overhead_lines(ex.request_id.encode(), <long long>((now() - ex.t_start) * 1e6),
                                        (<Route>ex.route).served_line)
