@@ -187,3 +187,7 @@ def test_redis_backend_shared_by_instances_and_outage_is_a_miss(tmp_path, mock, 
     assert h == "miss"
     _, h = chat(b, max_tokens=3)
     assert h == "miss"
+    redis_server.restart()                                    # back, empty: misses until answers are stored again
+    assert chat(a, max_tokens=4)[1] == "miss"
+    wait_for(lambda: chat(a, max_tokens=4)[1] == "hit", what="a stores and hits again once Redis is back")
+    assert chat(b, max_tokens=4)[1] == "hit"
