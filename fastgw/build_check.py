@@ -12,6 +12,7 @@ MODULES = (
     "fastgw.routing.router",
     "fastgw.observability.stats", "fastgw.observability.linebuf", "fastgw.observability.accounting",
     "fastgw.policies.auth.lookup", "fastgw.policies.ratelimit.admission", "fastgw.policies.ratelimit.bucket",
+    "fastgw.runtime.shm", "fastgw.routing.breaker", "fastgw.cache.key", "fastgw.cache.store", "fastgw.cache.cache",
 )
 
 

@@ -17,18 +17,26 @@ else the oldest). Memory is bounded by construction: the file's size never chang
 No locks. A record at absolute position p is intact while head <= p + capacity (no later reservation reached its
 bytes); a reader copies the value out, then checks head again (after a fence), and checks the record's own key
 and length against what it asked for, so a torn index slot, a record being overwritten while read, or a slot
-pointing at bytes another key owns now all read as a miss, never as another key's data. A writer that dies
-midway leaves a reservation nobody points at: the space is skipped, and reused on the next lap.
+pointing at bytes another key owns now all read as a miss, never as another key's data. One case the head cannot
+tell: a writer descheduled mid-copy while the ring laps past it writes its late bytes into a newer record; so every
+record carries a check word (the value's xxh3-64 seeded with its key, length and expiry) that a reader verifies,
+and a lapped writer does not publish its own. A writer that dies midway leaves a reservation nobody points at: the
+space is skipped, and reused on the next lap.
 
 Expiry is wall-clock seconds (CLOCK_REALTIME: every process agrees). tests/unit/test_cache_store.py runs it
 against the plain-Python RingReference below and across writer processes.
 """
 from libc.stdint cimport uint64_t, uint32_t
 from libc.string cimport memcpy, memcmp
-from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.mman cimport munmap
+
+from fastgw.runtime.shm cimport map_shared
+
+import xxhash
+
+_xxh3_64 = xxhash.xxh3_64_intdigest
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
-import os
 
 cdef extern from *:
     """
@@ -52,6 +60,7 @@ cdef extern from *:
         unsigned char key[16];
         uint64_t len;
         double expires;
+        uint64_t check;     /* xxh3-64 of the value, seeded with the other fields */
     } fgc_record;
 
     #define FGC_MAGIC 0x3145484341435746ULL  /* "FWCACHE1" */
@@ -77,6 +86,7 @@ cdef extern from *:
         unsigned char key[16]
         uint64_t len
         double expires
+        uint64_t check
     uint64_t FGC_MAGIC
     int FGC_WAYS
     uint64_t fgc_load(uint64_t* p) noexcept nogil
@@ -90,6 +100,15 @@ cdef inline uint64_t _tag(const unsigned char* key) noexcept:
     cdef uint64_t t
     memcpy(&t, key + 8, 8)
     return t if t != 0 else 1
+
+
+cdef inline uint64_t _check(fgc_record* r, bytes value) except? 0:
+    """The record's check word: the value's xxh3-64 seeded with its key, length and expiry."""
+    cdef uint64_t a, b, e
+    memcpy(&a, r.key, 8)
+    memcpy(&b, r.key + 8, 8)
+    memcpy(&e, &r.expires, 8)
+    return <uint64_t>_xxh3_64(value, (a ^ (b * 3) ^ (r.len * 5) ^ (e * 7)) & 0xFFFFFFFFFFFFFFFF)
 
 
 cdef inline uint64_t _record_bytes(uint64_t n) noexcept:
@@ -129,19 +148,7 @@ cdef class SharedStore:
         cap_o, sets_o = layout(size)
         cdef uint64_t capacity = cap_o, nsets = sets_o
         cdef Py_ssize_t total = sizeof(fgc_header) + nsets * FGC_WAYS * sizeof(fgc_slot) + capacity
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            st = os.fstat(fd)
-            if st.st_size == 0:
-                os.ftruncate(fd, total)      # two processes racing here truncate to the same size
-            elif st.st_size != total:
-                raise ValueError(f"{path}: cache store has {st.st_size} bytes, expected {total}")
-            p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-            if p == MAP_FAILED:
-                raise OSError(f"{path}: mmap failed")
-        finally:
-            os.close(fd)
-        self.base = <char*>p
+        self.base = map_shared(path, total, "cache store")
         self.size = total
         self.h = <fgc_header*>self.base
         if self.h.magic == 0:
@@ -218,6 +225,8 @@ cdef class SharedStore:
             fgc_fence()
             if fgc_load(&self.h.head) > p + self.capacity:
                 return None                  # a writer reached these bytes while they were copied
+            if _check(&copy, out) != copy.check:
+                return None                  # written over by a writer of an older lap that was late (see put)
             return out
         return None
 
@@ -241,8 +250,13 @@ cdef class SharedStore:
         memcpy(rec.key, k, 16)
         rec.len = n
         rec.expires = t + ttl
+        rec.check = _check(rec, value)
         memcpy(self.ring + start % self.capacity + sizeof(fgc_record), PyBytes_AS_STRING(value), n)
         fgc_fence()
+        if fgc_load(&self.h.head) > start + self.capacity:
+            # Lapped while writing (this process was descheduled that long): these bytes may belong to a newer
+            # record now, which this late write damaged; the check word makes readers of that one miss.
+            return True
         # Point the key's set at it: the slot holding this key, else an empty one, else the oldest.
         cdef fgc_slot* s = self._set(k)
         cdef uint64_t tag = _tag(k), oldest = <uint64_t>-1, p1
@@ -282,7 +296,7 @@ cdef class SharedStore:
 class RingReference:
     """The plain-Python model of SharedStore's semantics (same layout arithmetic, same eviction), for tests."""
 
-    RECORD = 32
+    RECORD = 40
 
     def __init__(self, size):
         self.capacity, self.nsets = layout(size)

@@ -155,28 +155,23 @@ def _named_ids(path: str, body_obj):
         if is_resource_id(seg):
             yield seg
     if isinstance(body_obj, dict):
-        for field in ID_FIELDS:
-            value = body_obj.get(field)
-            if isinstance(value, list):
-                for v in value:
-                    if is_resource_id(v):
-                        yield v
-            elif is_resource_id(value):
-                yield value
+        yield from _ids_in(body_obj, ID_FIELDS)
 
 
 def _made_ids(obj: dict):
-    for field in MADE_FIELDS:
-        value = obj.get(field)
-        if isinstance(value, list):
-            for v in value:
-                if is_resource_id(v):
-                    yield v
-        elif is_resource_id(value):
-            yield value
+    yield from _ids_in(obj, MADE_FIELDS)
     made = obj.get("file")                  # an upload's completion: the File it made
     if isinstance(made, dict) and is_resource_id(made.get("id")):
         yield made["id"]
+
+
+def _ids_in(obj: dict, fields):
+    """The resource ids in `fields` of `obj`: each a string or a list of them."""
+    for field in fields:
+        value = obj.get(field)
+        for v in value if isinstance(value, list) else (value,):
+            if is_resource_id(v):
+                yield v
 
 
 def _only_owned(obj: dict, resources, owner: int, deny_unknown: bool) -> bytes:

@@ -22,7 +22,9 @@ import hashlib
 import os
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.mman cimport munmap
+
+from fastgw.runtime.shm cimport map_shared
 
 cdef extern from *:
     """
@@ -142,19 +144,7 @@ cdef class BreakerTable:
         if slots < 8 or (slots & (slots - 1)) != 0:
             raise ValueError("slots must be a power of two >= 8")
         cdef Py_ssize_t size = sizeof(fgb_header) + slots * sizeof(fgb_slot)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            st = os.fstat(fd)
-            if st.st_size == 0:
-                os.ftruncate(fd, size)   # two processes racing here write the same size and header
-            elif st.st_size != size:
-                raise ValueError(f"{path}: breaker table has {st.st_size} bytes, expected {size}")
-            p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-            if p == MAP_FAILED:
-                raise OSError(f"{path}: mmap failed")
-        finally:
-            os.close(fd)
-        self.base = <char*>p
+        self.base = map_shared(path, size, "breaker table")   # racers write the same header
         self.size = size
         cdef fgb_header* h = <fgb_header*>self.base
         if h.magic == 0:

@@ -23,7 +23,9 @@ BucketPlan is the rate limiter's hot path: the buckets one kind of request takes
 the plan is made), reserved all-or-none in one call, with the x-ratelimit-* header lines written in C.
 """
 from libc.stdint cimport uint64_t, int64_t, uint32_t
-from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.mman cimport munmap
+
+from fastgw.runtime.shm cimport map_shared
 from libc.string cimport memcpy
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
@@ -151,20 +153,7 @@ cdef class BucketArena:
         if slots < 8 or (slots & (slots - 1)) != 0:
             raise ValueError("slots must be a power of two >= 8")
         cdef Py_ssize_t size = sizeof(fgw_header) + slots * sizeof(fgw_slot)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            st = os.fstat(fd)
-            if st.st_size == 0:
-                # Two processes racing here both truncate to the same size and write the same header.
-                os.ftruncate(fd, size)
-            elif st.st_size != size:
-                raise ValueError(f"{path}: arena has {st.st_size} bytes, expected {size} for {slots} slots")
-            p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-            if p == MAP_FAILED:
-                raise OSError(f"{path}: mmap failed")
-        finally:
-            os.close(fd)
-        self.base = <char*>p
+        self.base = map_shared(path, size, f"bucket arena of {slots} slots")   # racers write the same header
         self.size = size
         cdef fgw_header* h = <fgw_header*>self.base
         if h.magic == 0:
