@@ -253,10 +253,11 @@ def check(cfg: Config) -> None:
 
 def redact_url(url: str) -> str:
     """`url` with the password of its user info (scheme://user:password@host) replaced by ***, for messages."""
-    return _PASSWORD_IN_URL.sub(r"\1***@", url)
+    return _PASSWORD_OPTION.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", url))
 
 
 _PASSWORD_IN_URL = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
+_PASSWORD_OPTION = re.compile(r"([?&][a-z_]*password=)[^&#\s]*")    # redis+sentinel://...?sentinel_password=
 
 
 def _check_passthrough(cfg: Config, source: str) -> None:

@@ -107,5 +107,5 @@ def test_config_and_policy_errors_never_show_a_password(tmp_path):
     assert "pw-123" not in str(e.value) and "ftp://u:***@h/v1" in str(e.value)
     from fastgw.policies.redis_client import RedisClient
     with pytest.raises(ValueError) as e:
-        RedisClient("rediss://:pw-123@h:6379/0")
+        RedisClient("redis+nope://:pw-123@h:6379/0")
     assert "pw-123" not in str(e.value)
