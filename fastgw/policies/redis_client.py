@@ -48,6 +48,7 @@ import hiredis
 __all__ = ["RedisClient", "RedisError", "RedisUnavailable", "Script", "RedisTarget", "parse_url", "key_slot"]
 
 SLOTS = 16384
+CHECK_INTERVAL = 1.0     # sentinel: seconds between checks (while in use) that the master is still the master
 _MAX_REDIRECTS = 5
 
 
@@ -428,8 +429,12 @@ class _Sentinel:
         self.master: _Node | None = None
         self._resolving: asyncio.Future | None = None
         self._down_until = 0.0
+        self._check_at = 0.0
 
     async def call(self, args, asking=False):
+        if self.master is not None and time.monotonic() >= self._check_at:
+            self._check_at = time.monotonic() + CHECK_INTERVAL
+            asyncio.ensure_future(self._check()).add_done_callback(_retrieved)
         for attempt in range(2):
             node = self.master or await self._master()
             try:
@@ -442,6 +447,20 @@ class _Sentinel:
                     if attempt == 0 and (getattr(exc, "unsent", False) or _is(exc, "readonly", "loading")):
                         continue
                 raise
+
+    async def _check(self):
+        """Is our master still the one the sentinels name? A master demoted while up (a forced failover, a
+        partition) keeps its clients until the sentinels reconfigure it, seconds later; what they write
+        meanwhile is lost at its demotion. Asking once a second bounds that window for this client."""
+        node = self.master
+        for sentinel in self.sentinels:
+            try:
+                addr = await sentinel.call(("SENTINEL", "get-master-addr-by-name", self.target.master))
+            except RedisError:
+                continue
+            if addr and node is not None and _addr(*addr) != node.addr:
+                self._drop(node)
+            return
 
     def _drop(self, node: _Node):
         if self.master is node:
@@ -506,6 +525,7 @@ class _Cluster:
         self._refreshing: asyncio.Future | None = None
         self._refreshed_at = -1e9
         self._down_until = 0.0
+        self.redirected = {"moved": 0, "ask": 0, "tryagain": 0, "clusterdown": 0, "down": 0}   # for tests, logs
 
     def _node(self, addr) -> _Node:
         n = self.nodes.get(addr)
@@ -529,6 +549,7 @@ class _Cluster:
                 if redirects > _MAX_REDIRECTS:
                     raise
                 if isinstance(exc, RedisUnavailable):
+                    self.redirected["down"] += 1
                     if not exc.unsent:
                         self._later_refresh()       # it may have run: fail it, but learn the new map
                         raise
@@ -538,6 +559,7 @@ class _Cluster:
                         raise
                     addr, asking = new, False
                 elif exc.kind in ("moved", "ask"):
+                    self.redirected[exc.kind] += 1
                     # "MOVED 3999 127.0.0.1:6381": the slot is served there (for good, or for this command).
                     _, s, where = str(exc).split(" ", 2)
                     host, _, port = where.rpartition(":")
@@ -546,6 +568,7 @@ class _Cluster:
                         self.slots[int(s)] = addr
                         self._later_refresh()
                 elif exc.kind in ("tryagain", "clusterdown"):
+                    self.redirected[exc.kind] += 1
                     # A multi-key command during a slot's migration, or a failover in progress: a moment later.
                     await asyncio.sleep(0.02 * redirects)
                     if exc.kind == "clusterdown":
