@@ -384,6 +384,10 @@ class _Node:
             proto.transport.close()
             raise RedisUnavailable("timeout", f"no reply in {self.opts.timeout}s") from None
 
+    def send_now(self, args) -> asyncio.Future | None:
+        """Write the command at once when connected (its reply's future), else None."""
+        return _send(self._proto, args) if self._proto is not None else None
+
     def close(self):
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.close()
@@ -402,6 +406,10 @@ def _retrieved(fut: asyncio.Future):
         fut.exception()
 
 
+# Error replies saying the command did not run here (so it may be sent again, elsewhere).
+_NOT_RUN = frozenset(("moved", "ask", "tryagain", "clusterdown", "readonly", "loading"))
+
+
 def _is(exc: RedisError, *codes: str) -> bool:
     return not isinstance(exc, RedisUnavailable) and exc.kind in codes
 
@@ -412,6 +420,7 @@ class _Single:
     def __init__(self, target: RedisTarget, opts: _Options):
         self.node = _Node(target.nodes[0], opts, target.db)
         self.call = self.node.call
+        self.send_now = self.node.send_now
 
     def close(self):
         self.node.close()
@@ -461,6 +470,9 @@ class _Sentinel:
             if addr and node is not None and _addr(*addr) != node.addr:
                 self._drop(node)
             return
+
+    def send_now(self, args):
+        return self.master.send_now(args) if self.master is not None else None
 
     def _drop(self, node: _Node):
         if self.master is node:
@@ -578,6 +590,13 @@ class _Cluster:
                 else:
                     raise
 
+    def send_now(self, args):
+        if self.slots is None:
+            return None
+        key = command_key(args)
+        node = self.nodes.get(self._owner(key_slot(key) if key is not None else None))
+        return node.send_now(args) if node is not None else None
+
     def _owner(self, slot):
         if slot is None:
             for addr in self.slots or ():
@@ -681,6 +700,27 @@ class RedisClient:
             if isinstance(exc, RedisUnavailable) or not str(exc).startswith("NOSCRIPT"):
                 raise
             return await self._call(("EVAL", script.source, len(keys), *keys, *args))
+
+    def submit(self, *args) -> asyncio.Future:
+        """Run a command in the background: written to its connection before this returns when that connection
+        is open (so it reaches Redis before anything this process writes afterwards), else once it is. The task's
+        result is the reply; a redirection (MOVED, ASK, READONLY...) is followed as call() follows it."""
+        try:
+            sent = self._impl.send_now(args)
+        except RedisError:
+            sent = None
+        return asyncio.ensure_future(self._submitted(sent, args))
+
+    async def _submitted(self, sent, args):
+        if sent is not None:
+            try:
+                return await asyncio.wait_for(sent, self.timeout)
+            except asyncio.TimeoutError:
+                raise RedisUnavailable("timeout", f"no reply in {self.timeout}s") from None
+            except RedisError as exc:
+                if isinstance(exc, RedisUnavailable) or exc.kind not in _NOT_RUN:
+                    raise
+        return await self._call(args)
 
     def redact(self, text: str) -> str:
         """`text` (an error message, for logs) without the passwords, should a server ever echo them."""

@@ -48,9 +48,9 @@ cdef class Gateway:
         ctx = PolicyContext(self.log, self.stats, self.run_dir, self.worker_id, cfg)
         router, pipeline = build(cfg, ctx, self.mock_url)
         trusted = parse_networks(s.trusted_proxies)
-        passthrough = Passthrough(cfg, router, self.run_dir)
+        passthrough = Passthrough(cfg, router, self.run_dir, self.log, self.stats)
         catalog = ModelCatalog(self.loop, router, u.models_cache_s, self.log, pipeline.model_visible)
-        old, old_catalog = self.pipeline, self.catalog
+        old, old_catalog, old_passthrough = self.pipeline, self.catalog, getattr(self, "passthrough", None)
         self.cfg = cfg
         self.router = router
         self.catalog = catalog
@@ -83,6 +83,8 @@ cdef class Gateway:
         old.close()
         if old_catalog is not None:
             old_catalog.close()
+        if old_passthrough is not None:
+            old_passthrough.close()
         if self.worker_id == "0":           # one worker checks for all: the breakers it opens are shared
             self.health.apply(cfg, router)
 
@@ -92,6 +94,7 @@ cdef class Gateway:
 
     def close(self):
         self.catalog.close()
+        self.passthrough.close()
         self.health.close()
         self.pipeline.close()
         self.pools.close()

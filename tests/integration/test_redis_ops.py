@@ -327,3 +327,58 @@ def test_acl_user_over_tls(tmp_path, make_exchange):
         asyncio.run(main())
     finally:
         proc.kill(), proc.wait(10)
+
+
+# -- the pass-through resource map shared by two gateways -------------------------------------------------------------
+
+def test_two_gateways_share_the_resource_map(tmp_path, mock, start_gateway, redis_server):
+    """Two `fastgw serve` processes (each its own shared-memory table) with one Redis: a file or an upload made
+    through one is used through the other by its owner, and refused to another consumer on both."""
+    import openai
+
+    from tests.integration.conftest import model_config
+    from tests.integration.test_passthrough import BATCH_LINE, KEYS, auth_policies, client, jsonl
+
+    cfg = (auth_policies(tmp_path) + model_config(mock.url, name="*")
+           + f'\n[passthrough]\nresources_redis = "{redis_server.url}"\n')
+    a, b = start_gateway(cfg), start_gateway(cfg)
+    alice_a, alice_b = client(a, KEYS["alice"]), client(b, KEYS["alice"])
+    bob_a, bob_b = client(a, KEYS["bob"]), client(b, KEYS["bob"])
+
+    f = alice_a.files.create(file=("in.jsonl", jsonl(BATCH_LINE)), purpose="batch")
+    stored = cli(redis_server.port, "GET", "fastgw:res:" + f.id).strip()
+    assert len(stored) == 32                                  # owner word and deployment seed, in hex
+    assert alice_b.files.retrieve(f.id).id == f.id            # b had never seen it: looked up in Redis
+    assert alice_b.files.content(f.id).content == jsonl(BATCH_LINE)
+    for bob in (bob_a, bob_b):
+        with pytest.raises(openai.NotFoundError) as e:
+            bob.files.retrieve(f.id)
+        assert e.value.body["code"] == "resource_not_found"
+    batch = alice_b.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert alice_a.batches.retrieve(batch.id).status == "completed"    # made through b, used through a
+
+    # An upload's parts (streamed bodies, routed by the id in their path) through the other gateway.
+    data = os.urandom(150_000)
+    up = alice_a.uploads.create(bytes=len(data), filename="d.bin", mime_type="application/octet-stream",
+                                purpose="batch")
+    parts = [alice_b.uploads.parts.create(up.id, data=data[:100_000]),
+             alice_a.uploads.parts.create(up.id, data=data[100_000:])]
+    with pytest.raises(openai.NotFoundError):
+        bob_b.uploads.parts.create(up.id, data=b"x")
+    done = alice_b.uploads.complete(up.id, part_ids=[p.id for p in parts])
+    assert alice_a.files.content(done.file.id).content == data
+
+    assert alice_b.files.delete(f.id).deleted                 # forgotten in Redis too
+    wait_for("the id to leave Redis", lambda: cli(redis_server.port, "EXISTS", "fastgw:res:" + f.id).strip() == "0")
+    with pytest.raises(openai.NotFoundError):
+        alice_b.files.retrieve("file-made-nowhere")
+
+    # Redis down: an id this gateway has not seen cannot be checked: 503, never a wrong 404 or a blind route.
+    g = alice_a.files.create(file=("g.jsonl", jsonl(BATCH_LINE)), purpose="batch")
+    redis_server.kill()
+    with pytest.raises(openai.InternalServerError) as e:
+        alice_b.files.retrieve(g.id)
+    assert e.value.status_code == 503 and e.value.body["code"] == "resource_map_unavailable"
+    assert alice_a.files.retrieve(g.id).id == g.id            # known where it was made
+    with pytest.raises(openai.NotFoundError):
+        bob_a.files.retrieve(g.id)
