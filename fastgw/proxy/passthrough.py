@@ -79,9 +79,11 @@ class Passthrough:
         owner = owner_key(ex.consumer)
         pinned = None
         if self.shared is not None and not looked_up:
-            missing = [rid for rid in _named_ids(ex.path, body_obj) if self.resources.lookup(rid) is None]
-            if missing:
-                return self._route_after_lookup(ex, model, body_obj, missing)
+            self.shared.warm()
+            named = list(_named_ids(ex.path, body_obj))
+            missing = [rid for rid in named if self.resources.lookup(rid) is None]
+            if missing or (not named and self.filters(ex)):    # a list to filter: the consumer's own first
+                return self._route_after_lookup(ex, model, body_obj, missing, owner)
         for rid in _named_ids(ex.path, body_obj):
             found = self.resources.lookup(rid)
             if found is None:
@@ -113,13 +115,18 @@ class Passthrough:
             raise GatewayError(404, f"No deployment serves {ex.path}.", code="unknown_url")
         return route, None
 
-    async def _route_after_lookup(self, ex, model, body_obj, missing):
+    async def _route_after_lookup(self, ex, model, body_obj, missing, owner):
         from fastgw.policies.redis_client import RedisError
         try:
-            await self.shared.fetch(list(dict.fromkeys(missing)), self.resources)
+            if missing:
+                await self.shared.fetch(list(dict.fromkeys(missing)), self.resources)
+            else:
+                await self.shared.fetch_owned(owner, self.resources)
         except RedisError as exc:
             if self.shared.stats is not None:
                 self.shared.stats.upstream_error("redis", exc.kind)
+            if not missing:                     # a list: filtered with what this instance knows
+                return self.route(ex, model, body_obj, True)
             raise GatewayError(503, "The gateway's resource map is unavailable; please retry shortly.",
                                type="api_error", code="resource_map_unavailable",
                                headers=(("retry-after", "1"),)) from None
@@ -157,7 +164,7 @@ class Passthrough:
             if is_resource_id(rid) and obj.get("deleted") is True:
                 resources.forget(rid)
                 if self.shared is not None:
-                    self.shared.forget(rid)
+                    self.shared.forget(rid, owner)
             return None
         if obj.get("object") == "list" and isinstance(obj.get("data"), list):
             if whole:

@@ -6,6 +6,11 @@ seed as 32 hex digits, SET NX: the first recorder owns it, as in the local table
 not know is looked up in Redis before the request is routed, then cached locally (ownership never changes, so a
 cached entry never goes stale; a deleted resource's requests go to its deployment, which answers 404).
 
+Lists (GET /v1/files...) are filtered to the consumer's own resources from the local table; with a shared map
+the consumer's resources are first read from Redis (a hash per owner, `fastgw:res:owner:<owner word>`, id ->
+deployment seed), so a list through any instance shows what was made through every instance. Redis down, the
+list is filtered with what this instance knows (never showing what is not the consumer's under `deny`).
+
 Why a cache in front rather than Redis alone: `Passthrough.route` runs on the relay's synchronous path; only a
 local miss needs a round trip (the relay then awaits the lookup before admitting the request), so requests naming
 resources this instance has seen, and every request naming none, never wait on Redis.
@@ -23,6 +28,7 @@ import asyncio
 from fastgw.policies.redis_client import RedisClient, RedisError
 
 PREFIX = "fastgw:res:"
+OWNER_PREFIX = "fastgw:res:owner:"
 
 
 class SharedResources:
@@ -33,6 +39,14 @@ class SharedResources:
         self.ttl = ("EX", str(ttl_s)) if ttl_s > 0 else ()
         self.log = log
         self.stats = stats
+        self._warm = False
+
+    def warm(self) -> None:
+        """Open the connection at the first pass-through request, so that the first resource made is written
+        through on an open connection, before its answer goes out."""
+        if not self._warm:
+            self._warm = True
+            asyncio.ensure_future(self.client.call("PING")).add_done_callback(_ignore)
 
     async def fetch(self, ids, local) -> None:
         """Look up `ids` in Redis and record the ones found in the local table `local`. Raises RedisError."""
@@ -42,15 +56,32 @@ class SharedResources:
             if parsed is not None:
                 local.record(rid, *parsed)
 
+    async def fetch_owned(self, owner: int, local) -> None:
+        """Record every resource of `owner` (its hash in Redis) in the local table. Raises RedisError."""
+        owned = await self.client.call("HGETALL", f"{OWNER_PREFIX}{owner:016x}")
+        for i in range(0, len(owned) - 1, 2):
+            try:
+                rid, seed = owned[i].decode("utf-8", "surrogatepass"), int(owned[i + 1], 16)
+            except ValueError:
+                continue
+            known = local.lookup(rid)
+            if known is None:                   # never over what is known (its first owner)
+                local.record(rid, owner, seed)
+
     def record(self, rid: str, owner: int, seed: int) -> None:
-        """Write `rid` through to Redis (sent before this returns when the connection is up)."""
+        """Write `rid` through to Redis, and to its owner's hash (both sent before this returns when the
+        connections are up). An id is made by the upstream for the request that names it, so it is new: SET NX
+        only keeps a first owner should one ever be recorded twice."""
         self.client.submit("SET", PREFIX + rid, f"{owner:016x}{seed:016x}", "NX", *self.ttl).add_done_callback(
             self._written)
+        self.client.submit("HSET", f"{OWNER_PREFIX}{owner:016x}", rid, f"{seed:016x}").add_done_callback(
+            self._written)
 
-    def forget(self, rid: str) -> None:
+    def forget(self, rid: str, owner: int) -> None:
         self.client.submit("DEL", PREFIX + rid).add_done_callback(self._written)
+        self.client.submit("HDEL", f"{OWNER_PREFIX}{owner:016x}", rid).add_done_callback(self._written)
 
-    def _written(self, fut: asyncio.Future) -> None:
+    def _written(self, fut: asyncio.Future):
         if fut.cancelled():
             return
         exc = fut.exception()
@@ -74,3 +105,8 @@ def _decode(value):
         return int(value[:16], 16), int(value[16:], 16)
     except ValueError:
         return None
+
+
+def _ignore(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()

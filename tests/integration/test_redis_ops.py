@@ -354,6 +354,11 @@ def test_two_gateways_share_the_resource_map(tmp_path, mock, start_gateway, redi
         with pytest.raises(openai.NotFoundError) as e:
             bob.files.retrieve(f.id)
         assert e.value.body["code"] == "resource_not_found"
+    # Lists through either gateway: the consumer's own resources, wherever they were made.
+    h = alice_a.files.create(file=("h.jsonl", jsonl(BATCH_LINE)), purpose="batch")     # b never hears of it
+    mine = bob_b.files.create(file=("b.jsonl", jsonl(BATCH_LINE)), purpose="batch")
+    assert {f.id, h.id} <= {x.id for x in alice_b.files.list()}
+    assert [x.id for x in bob_a.files.list()] == [mine.id]
     batch = alice_b.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert alice_a.batches.retrieve(batch.id).status == "completed"    # made through b, used through a
 
