@@ -693,13 +693,23 @@ class RedisClient:
     async def call(self, *args):
         return await self._call(args)
 
-    async def evalsha(self, script: Script, keys, args):
-        try:
-            return await self._call(("EVALSHA", script.sha, len(keys), *keys, *args))
-        except RedisError as exc:
-            if isinstance(exc, RedisUnavailable) or not str(exc).startswith("NOSCRIPT"):
-                raise
-            return await self._call(("EVAL", script.source, len(keys), *keys, *args))
+    async def evalsha(self, script: Script, keys, args, retry_for: float = 0.0):
+        """Run `script` by its SHA-1 (its source on NOSCRIPT). With `retry_for`, a call that could not be sent
+        (Redis unreachable: a failover under way) is tried again until that many seconds have passed; one that
+        may have run is never sent twice."""
+        give_up = time.monotonic() + retry_for
+        while True:
+            try:
+                try:
+                    return await self._call(("EVALSHA", script.sha, len(keys), *keys, *args))
+                except RedisError as exc:
+                    if isinstance(exc, RedisUnavailable) or not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    return await self._call(("EVAL", script.source, len(keys), *keys, *args))
+            except RedisUnavailable as exc:
+                if not exc.unsent or time.monotonic() >= give_up:
+                    raise
+                await asyncio.sleep(max(0.02, self.opts.retry_interval / 2))
 
     def submit(self, *args) -> asyncio.Future:
         """Run a command in the background: written to its connection before this returns when that connection

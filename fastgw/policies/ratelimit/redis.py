@@ -34,8 +34,9 @@ import time
 from fastgw.policies.ratelimit.bucket import BucketArena
 from fastgw.policies.redis_client import RedisClient, RedisError, Script
 
-__all__ = ["RedisLimiter", "HybridLimiter", "TAKE", "LEASE", "CHARGE"]
+__all__ = ["RedisLimiter", "HybridLimiter", "TAKE", "LEASE", "CHARGE", "SETTLE_RETRY_S"]
 
+SETTLE_RETRY_S = 5.0  # a settle that could not be sent is tried again this long (a failover takes seconds)
 _MAX_LEASES = 3     # leases one request may make itself before it gives up (others keep draining the pools)
 
 _REFILL = """
@@ -119,12 +120,12 @@ class RedisLimiter:
         # "{tag}": the hash tag that puts every bucket of one request in one cluster slot (see RateLimit._tag).
         return f"{self.prefix}{{{tag}}}{key_hash:016x}"
 
-    async def _run(self, mode: str, items, tag: str):
+    async def _run(self, mode: str, items, tag: str, retry_for: float = 0.0):
         keys = [self._key(it[0], tag) for it in items]
         args = [mode]
         for _, cap, rate, amount in items:
             args += (repr(float(cap)), repr(float(rate)), repr(float(amount)))
-        return await self.client.evalsha(TAKE, keys, args)
+        return await self.client.evalsha(TAKE, keys, args, retry_for)
 
     async def take_all(self, items, tag: str) -> tuple[int, list[float]]:
         """As LocalLimiter.take_all, atomically in one round trip. `tag`: the buckets' hash tag."""
@@ -132,7 +133,9 @@ class RedisLimiter:
         return int(out[0]) - 1, [float(x) for x in out[1:]]
 
     async def settle(self, items, tag: str) -> None:
-        await self._run("settle", items, tag)
+        """Correct reservations with the real usage; tried again for SETTLE_RETRY_S while Redis cannot be
+        reached (a failover): the admission was counted, its correction should be too."""
+        await self._run("settle", items, tag, SETTLE_RETRY_S)
 
     async def lease(self, key_hash: int, cap: float, rate: float, want: float, need: float,
                     tag: str) -> tuple[float, float]:
@@ -141,8 +144,11 @@ class RedisLimiter:
         return float(out[0]), float(out[1])
 
     async def charge(self, key: str, limit: float, amount: float, check: bool, ttl_s: int) -> tuple[bool, float]:
+        """Add `amount` to a period counter (checked against `limit` when `check`). An unchecked charge (a
+        settle, a give-back) is tried again for SETTLE_RETRY_S while Redis cannot be reached."""
         out = await self.client.evalsha(CHARGE, [self.prefix + key],
-                                        [repr(float(limit)), repr(float(amount)), "1" if check else "0", str(ttl_s)])
+                                        [repr(float(limit)), repr(float(amount)), "1" if check else "0", str(ttl_s)],
+                                        0.0 if check else SETTLE_RETRY_S)
         return bool(int(out[0])), float(out[1])
 
 
