@@ -88,3 +88,35 @@ def test_missing_tls_files_are_a_config_error(tmp_path):
     with pytest.raises(ValueError) as e:
         RedisClient(f"rediss://h:6379?ca_file={tmp_path}/none.pem")
     assert "TLS files" in str(e.value)
+
+
+def test_rate_limit_keys_share_a_slot_per_request(policy_ctx, make_exchange):
+    """The hash tag of a request's buckets: from the `per` keys every rule has (so one request's keys are in one
+    cluster slot and different consumers spread), else one per policy."""
+    from fastgw.policies.ratelimit.policy import Config, RateLimit, RedisConfig, Rule
+    from fastgw.policies.ratelimit.redis import RedisLimiter
+
+    def policy(*rules):
+        return RateLimit(Config(rules=list(rules), id="p", backend="redis",
+                                redis=RedisConfig(url="redis://127.0.0.1:1/0")), policy_ctx)
+
+    by_consumer = policy(Rule(id="a", requests=5, tokens=50, per=["consumer"]),
+                         Rule(id="b", tokens=100, per=["model", "consumer"]))
+    ex1, ex2 = make_exchange(consumer="alice", model="m1"), make_exchange(consumer="alice", model="m2")
+    assert by_consumer._tag(ex1) == by_consumer._tag(ex2) != by_consumer._tag(make_exchange(consumer="bob"))
+    plan = by_consumer._make_plan(ex1)
+    keys = [RedisLimiter(None, "fastgw:rl:")._key(k, plan.tag) for k, _, _ in plan.base]
+    assert len(keys) == 3 and len({key_slot(k) for k in keys}) == 1
+    assert keys[0].startswith("fastgw:rl:{" + plan.tag + "}")
+    shared = policy(Rule(id="all", requests=5), Rule(id="b", requests=5, per=["consumer"]))
+    assert shared._tag(make_exchange(consumer="alice")) == shared._tag(make_exchange(consumer="bob"))
+
+
+def test_config_refuses_a_bad_resources_redis_url():
+    from fastgw.runtime import config
+
+    base = '[[models]]\nname = "m"\n[[models.deployments]]\nurl = "http://127.0.0.1:1/v1"\n[passthrough]\n'
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(base + 'resources_redis = "redis://:pw-9@a:1,b:2/0"\n')
+    assert "passthrough.resources_redis" in str(e.value) and "pw-9" not in str(e.value)
+    assert config.parse(base + 'resources_redis = "redis+cluster://a:1,b:2"\n').passthrough.resources_redis
