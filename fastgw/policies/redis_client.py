@@ -627,6 +627,10 @@ class _Cluster:
         try:
             errors = []
             known = list(dict.fromkeys([*self.nodes, *self.seeds]))
+            # Nodes with an open connection first, those that failed to connect lately last: a dead node costs
+            # the refresh nothing while another answers.
+            known.sort(key=lambda a: 0 if a in self.nodes and self.nodes[a]._proto is not None else
+                       2 if a in self.nodes and self.nodes[a]._down_until > time.monotonic() else 1)
             for addr in known:
                 node = self._node(addr)
                 try:
