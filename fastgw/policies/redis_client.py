@@ -462,7 +462,7 @@ class _Sentinel:
         partition) keeps its clients until the sentinels reconfigure it, seconds later; what they write
         meanwhile is lost at its demotion. Asking once a second bounds that window for this client."""
         node = self.master
-        for sentinel in self.sentinels:
+        for sentinel in list(self.sentinels):     # _resolve may reorder them meanwhile
             try:
                 addr = await sentinel.call(("SENTINEL", "get-master-addr-by-name", self.target.master))
             except RedisError:
@@ -489,7 +489,7 @@ class _Sentinel:
     async def _resolve(self) -> _Node:
         try:
             errors = []
-            for i, sentinel in enumerate(self.sentinels):
+            for i, sentinel in enumerate(list(self.sentinels)):
                 try:
                     addr = await sentinel.call(("SENTINEL", "get-master-addr-by-name", self.target.master))
                 except RedisError as exc:
@@ -510,7 +510,8 @@ class _Sentinel:
                     errors.append(f"{node.addr[0]}:{node.addr[1]} is not a master")
                     continue
                 if i:                   # ask the sentinel that answered first next time
-                    self.sentinels.insert(0, self.sentinels.pop(i))
+                    self.sentinels.remove(sentinel)
+                    self.sentinels.insert(0, sentinel)
                 self.master = node
                 return node
             self._down_until = time.monotonic() + self.opts.retry_interval

@@ -166,6 +166,14 @@ class Cluster:
                 p.wait(10)
 
 
+def _replica_ready(sentinel: int) -> bool:
+    """The sentinel has the replica's INFO (its run id) and sees it linked to the master: it can promote it
+    (before that, SENTINEL FAILOVER answers NOGOODSLAVE)."""
+    f = cli(sentinel, "SENTINEL", "replicas", "mymaster").split("\n")
+    fields = dict(zip(f[0::2], f[1::2]))
+    return bool(fields.get("runid")) and fields.get("flags") == "slave" and fields.get("master-link-status") == "ok"
+
+
 class Sentinels:
     """A master, a replica, and three sentinels watching the master as "mymaster"."""
 
@@ -195,8 +203,7 @@ class Sentinels:
             wait_for(f"sentinel on {port}", lambda: _answers(port))
             # A forced failover (SENTINEL FAILOVER) needs no agreement between sentinels (finding each other takes
             # seconds), only that the sentinel knows the replica.
-            wait_for("the sentinel to know the replica",
-                     lambda: "num-slaves\n1" in cli(port, "SENTINEL", "master", "mymaster"))
+            wait_for("the sentinel to know the replica", lambda: _replica_ready(port))
         self.url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.sentinels) + "/mymaster/0"
 
     def master_port(self) -> int:
