@@ -60,6 +60,7 @@ class RedisError(Exception):
     "error"."""
 
     kind = "error"
+    unsent = False          # True: the command was never written (see RedisUnavailable)
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -453,7 +454,7 @@ class _Sentinel:
                 # Redis cannot have run it, and only to a master resolved anew.
                 if isinstance(exc, RedisUnavailable) or _is(exc, "readonly", "loading", "masterdown"):
                     self._drop(node)
-                    if attempt == 0 and (getattr(exc, "unsent", False) or _is(exc, "readonly", "loading")):
+                    if attempt == 0 and (exc.unsent or _is(exc, "readonly", "loading")):
                         continue
                 raise
 

@@ -83,9 +83,9 @@ def test_key_slot_matches_cluster_keyslot(tmp_path):
     cl = Cluster.single_node(str(tmp_path))
     try:
         rng = random.Random(7)
-        keys = ["", "{", "}", "{}", "{}x", "x{}", "{{}}", "a{b}c", "a{{b}}c", "a{}{b}", "{a}{b}", "}{a}", "foo{bar}{zap}",
-                "123456789", "{user1000}.following", "fastgw:rl:{0123456789abcdef}fedcba9876543210", "é{ü}",
-                "日本{語}"]
+        keys = ["", "{", "}", "{}", "{}x", "x{}", "{{}}", "a{b}c", "a{{b}}c", "a{}{b}", "{a}{b}", "}{a}",
+                "foo{bar}{zap}", "123456789", "{user1000}.following", "é{ü}", "日本{語}",
+                "fastgw:rl:{0123456789abcdef}fedcba9876543210"]
         alphabet = "ab{}:é\x00\x7f-_"
         keys += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12))) for _ in range(2000)]
         got = cl.keyslots(keys)
@@ -243,7 +243,7 @@ def test_sentinel_master_killed_fail_open_admits_unaccounted(tmp_path, make_exch
         s.stop()
 
 
-# -- TLS and ACL --------------------------------------------------------------------------------------------------------
+# -- TLS and ACL ------------------------------------------------------------------------------------------------
 
 def _tls_server(tmp, trustme, auth_clients: str, *args):
     ca = trustme.CA()
@@ -278,7 +278,8 @@ def test_tls_limits_with_a_ca_file_and_a_client_certificate(tmp_path, make_excha
     proc, port, p = _tls_server(tmp, trustme, "yes")
     try:
         _wait_tls(port, p)
-        url = f"rediss://127.0.0.1:{port}/0?ca_file={p['ca.pem']}&cert_file={p['client.pem']}&key_file={p['client.key']}"
+        url = (f"rediss://127.0.0.1:{port}/0?ca_file={p['ca.pem']}&cert_file={p['client.pem']}"
+               f"&key_file={p['client.key']}")
 
         async def main():
             rl = limiter(tmp, "tls", url)
