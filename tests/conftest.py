@@ -66,6 +66,16 @@ class RedisServer:
     def __init__(self, args=()):
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.args = args
+        self._start()
+
+    def restart(self):
+        """A new, empty server on the same port (after kill(): a restart, as after a crash)."""
+        self.kill()
+        self._start()
+
+    def _start(self):
+        args = self.args
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              *args],

@@ -30,19 +30,19 @@ cdef extern from "Python.h":
 # the common line does not repeat the name); `attempts` the requests sent upstream (0: none, a refusal).
 FIELDS = ("ts", "request_id", "client", "method", "path", "model", "consumer", "upstream", "served_model",
           "attempts", "status", "stream", "latency_ms", "ttft_ms", "overhead_us", "prompt_tokens",
-          "completion_tokens", "cost_usd", "bytes_in", "bytes_out", "error")
+          "completion_tokens", "cost_usd", "bytes_in", "bytes_out", "cache", "cache_similarity", "error")
 
 cdef enum FieldId:
     F_TS, F_REQUEST_ID, F_CLIENT, F_METHOD, F_PATH, F_MODEL, F_CONSUMER, F_UPSTREAM, F_SERVED_MODEL, F_ATTEMPTS,
     F_STATUS, F_STREAM, F_LATENCY, F_TTFT, F_OVERHEAD, F_PROMPT, F_COMPLETION, F_COST, F_BYTES_IN, F_BYTES_OUT,
-    F_ERROR
+    F_CACHE, F_SIMILARITY, F_ERROR
 
 _IDS = {"ts": F_TS, "request_id": F_REQUEST_ID, "client": F_CLIENT, "method": F_METHOD, "path": F_PATH,
         "model": F_MODEL, "served_model": F_SERVED_MODEL, "consumer": F_CONSUMER, "upstream": F_UPSTREAM,
         "attempts": F_ATTEMPTS, "status": F_STATUS, "stream": F_STREAM,
         "latency_ms": F_LATENCY, "ttft_ms": F_TTFT, "overhead_us": F_OVERHEAD, "prompt_tokens": F_PROMPT,
         "completion_tokens": F_COMPLETION, "cost_usd": F_COST, "bytes_in": F_BYTES_IN, "bytes_out": F_BYTES_OUT,
-        "error": F_ERROR}
+        "cache": F_CACHE, "cache_similarity": F_SIMILARITY, "error": F_ERROR}
 
 DEF MAX_FIELDS = 64
 cdef int _order[MAX_FIELDS]
@@ -138,6 +138,10 @@ cdef object _field_value(int f, Exchange ex, double latency, double ttft, double
         return ex.bytes_in
     if f == F_BYTES_OUT:
         return ex.bytes_out
+    if f == F_CACHE:
+        return ex.cache or None
+    if f == F_SIMILARITY:
+        return _similarity(ex)
     return ex.error or None            # F_ERROR
 
 
@@ -208,6 +212,16 @@ cdef bytes _access_line(Exchange ex, double latency, double ttft, double overhea
     _put_int(ex.bytes_in)
     _puts(',"bytes_out":')
     _put_int(ex.bytes_out)
+    if ex.cache:
+        _puts(',"cache":')
+        _put_str(ex.cache)
+    else:
+        _puts(',"cache":null')
+    if ex.cache_similarity > 0.0:
+        _puts(',"cache_similarity":')
+        _put_fixed(_scaled(ex.cache_similarity, 1e4), 4)
+    else:
+        _puts(',"cache_similarity":null')
     if ex.error:
         _puts(',"error":')
         _put_str(ex.error)
@@ -215,6 +229,13 @@ cdef bytes _access_line(Exchange ex, double latency, double ttft, double overhea
     else:
         _puts(',"error":null}\n')
     return PyBytes_FromStringAndSize(_line, _n)
+
+
+cdef object _similarity(Exchange ex):
+    """A semantic hit's cosine similarity, to 4 decimals as the line writes it; None otherwise."""
+    if ex.cache_similarity > 0.0:
+        return _scaled(ex.cache_similarity, 1e4) / 1e4
+    return None
 
 
 cdef inline str _fallback_served(Exchange ex):

@@ -43,6 +43,10 @@ _COUNTERS = {
     "upstream_queue_wait_seconds": ("Seconds requests waited for a free upstream connection.", ("upstream",)),
     "fallbacks": ("Requests that moved on to a fallback model.", ("model", "fallback")),
     "breaker_opens": ("Circuit breakers opened (by failed attempts or health checks).", ("model", "upstream")),
+    "cache_lookups": ("Response cache lookups by result: hit, semantic_hit (a similar prompt's answer), miss, refresh "
+                      "(no-cache), bypass (not cacheable).",
+                      ("model", "result")),
+    "cache_bytes": ("Response cache bytes: served from hits, stored from misses.", ("model", "direction")),
     "estimated_costs": ("Requests a budget charged an estimated cost: the answer carried no measure of what it "
                         "used (a transcription answered as text, speech of a token-priced model).",
                         ("model", "endpoint")),
@@ -123,6 +127,7 @@ class Stats(RequestStats):
         except KeyError:
             self._counter_new(self._fallbacks, key)
 
+
     def breaker_opened(self, model: str, upstream: str) -> None:
         """This worker opened the circuit breaker of `model`'s deployment on `upstream`."""
         key = (model, upstream)
@@ -196,6 +201,8 @@ class Stats(RequestStats):
         counters["fallbacks"] = self._fallbacks
         counters["breaker_opens"] = self._breaker_opens
         counters["estimated_costs"] = self._estimated_costs
+        counters["cache_lookups"] = self._cache_lookups
+        counters["cache_bytes"] = self._cache_bytes
         counters.update(self._pool_counters)
         hists["overhead_microseconds"][()] = self.overhead_histogram()
         return {

@@ -34,3 +34,8 @@ cdef class RequestStats:
                       double ttft_s, double overhead_s, long long prompt_tokens, long long completion_tokens,
                       double cost) except -1
     cdef _Record _lookup(self, str model, str upstream, str consumer, int status)
+    # The response cache's counters: lookups by (model, result), bytes by (model, "served" | "stored").
+    cdef public dict _cache_lookups, _cache_bytes
+    cpdef cache_lookup(self, str model, str result, long long served)
+    cpdef cache_stored(self, str model, long long nbytes)
+    cdef void _cache_count(self, dict series, tuple key, long long n) except *

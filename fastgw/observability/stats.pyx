@@ -56,6 +56,28 @@ cdef class RequestStats:
         self.no = _load_bounds(self.over_bounds, overhead_bounds)
         self.max_series = max_series
         self._records = {}
+        self._cache_lookups = {}
+        self._cache_bytes = {}
+
+    cpdef cache_lookup(self, str model, str result, long long served):
+        """A cacheable request's result (hit, miss, refresh, bypass); `served`: the bytes a hit answered. Compiled:
+        a hit is the cheapest request the gateway serves, and this runs on every one."""
+        self._cache_count(self._cache_lookups, (model, result), 1)
+        if served:
+            self._cache_count(self._cache_bytes, (model, "served"), served)
+
+    cpdef cache_stored(self, str model, long long nbytes):
+        self._cache_count(self._cache_bytes, (model, "stored"), nbytes)
+
+    cdef void _cache_count(self, dict series, tuple key, long long n) except *:
+        v = series.get(key)
+        if v is not None:
+            series[key] = <long long>v + n
+        elif len(series) < self.max_series:
+            series[key] = n
+        else:                               # the metric is full: the overflow series
+            key = (OVERFLOW,) * len(key)
+            series[key] = series.get(key, 0) + n
 
     cdef int add(self, str model, str upstream, str consumer, int status, double latency_s, double ttft_s,
                  double overhead_s, long long prompt_tokens, long long completion_tokens, double cost) except -1:

@@ -94,10 +94,12 @@ cdef class FrameReader:
                     self.hlen += 1
                     i += 1
                     if self.hlen == 2:
+                        if self._check_first() < 0:
+                            break
                         take = self.hdr[1] & 0x7F
                         self.hneed = 2 + (2 if take == 126 else 8 if take == 127 else 0) + (
                             4 if self.hdr[1] & 0x80 else 0)
-                if self.hlen < self.hneed:
+                if self.error is not None or self.hlen < self.hneed:
                     break
                 if self._start_frame() < 0:
                     break
@@ -117,12 +119,32 @@ cdef class FrameReader:
         self.found = None
         return out
 
+    cdef int _check_first(self) except -2:
+        """The rules the header's first two bytes decide, checked as soon as they are read."""
+        cdef unsigned char b0 = self.hdr[0]
+        cdef int op = b0 & 0x0F
+        if b0 & 0x70:
+            return self._fail("reserved bits must be 0")
+        if op >= OP_CLOSE:
+            if op > OP_PONG:
+                return self._fail(f"invalid opcode {op}")
+            if not b0 & 0x80:
+                return self._fail("fragmented control frame")
+        elif op == OP_CONT:
+            if self.msg_op == 0:
+                return self._fail("unexpected continuation frame")
+        elif op <= OP_BINARY:
+            if self.msg_op != 0:
+                return self._fail(f"expected a continuation frame, got opcode {op}")
+        else:
+            return self._fail(f"invalid opcode {op}")
+        return 0
+
     cdef int _start_frame(self) except -2:
+        """The whole header is in (its first two bytes passed _check_first): the frame begins."""
         cdef unsigned char b0 = self.hdr[0], b1 = self.hdr[1]
         cdef unsigned long long length = b1 & 0x7F
         cdef int k, m = 2
-        if b0 & 0x70:
-            return self._fail("reserved bits must be 0")
         self.opcode = b0 & 0x0F
         self.fin = (b0 & 0x80) != 0
         self.masked = (b1 & 0x80) != 0
@@ -140,25 +162,13 @@ cdef class FrameReader:
             for k in range(4):
                 self.mask[k] = self.hdr[m + k]
         if self.opcode >= OP_CLOSE:
-            if self.opcode > OP_PONG:
-                return self._fail(f"invalid opcode {self.opcode}")
-            if not self.fin:
-                return self._fail("fragmented control frame")
             if length > 125:
                 return self._fail("control frame too long")
             self.ctl_len = 0
-        elif self.opcode == OP_CONT:
-            if self.msg_op == 0:
-                return self._fail("unexpected continuation frame")
-        elif self.opcode <= OP_BINARY:
-            if self.msg_op != 0:
-                return self._fail(f"expected a continuation frame, got opcode {self.opcode}")
+        elif self.opcode != OP_CONT:
             self.msg_op = self.opcode
             self.collect = self.opcode == OP_TEXT
             self.mlen = 0
-        else:
-            return self._fail(f"invalid opcode {self.opcode}")
-        self.frames += 1
         self.rem = length
         self.mpos = 0
         self.in_payload = True
@@ -209,6 +219,7 @@ cdef class FrameReader:
         self.in_payload = False
         self.hlen = 0
         self.hneed = 2
+        self.frames += 1                      # frames read whole (a cut last one is not counted)
         if self.opcode >= OP_CLOSE:
             if self.opcode == OP_CLOSE:
                 self.close_code = (self.ctl[0] << 8 | self.ctl[1]) if self.ctl_len >= 2 else 1005

@@ -11,6 +11,14 @@ cdef class Exchange:
     # (for its usage, resource ids and pricing), else None.
     cdef public object form, response_body
     cdef public bint stream, client_wants_usage
+    # The response cache (fastgw.cache): "hit", "miss", "refresh", "bypass", or None when it was not asked; the
+    # request's cache key while its answer is to be stored, else None.
+    cdef public str cache
+    cdef public object cache_key
+    # The semantic cache (fastgw.cache.semantic): the request's query (its partition, text and vector) while it is
+    # looked up or its answer is to be indexed, else None; a semantic hit's cosine similarity (0.0: none).
+    cdef public object cache_semantic
+    cdef public double cache_similarity
     cdef public bint messages_api    # the client speaks Anthropic's Messages API (POST /v1/messages...)
     cdef public bint passthrough     # another /v1 endpoint, passed through (fastgw.proxy.passthrough)
     cdef public long long _prompt_estimate

@@ -14,6 +14,12 @@ Fields (all readable and writable from Python policies):
   attempts                           requests sent upstream (retries and fallbacks included)
   status, response_headers (list of b"name: value\\r\\n" lines for the client), prompt_tokens and
   completion_tokens (-1 = unknown), cost (USD), error, bytes_in, bytes_out, events
+  cache                              the response cache: "hit", "miss", "refresh", "bypass", None (not asked);
+                                     a hit reports 0 prompt and completion tokens (it cost nothing: limits and
+                                     budgets settle it free) unless [cache] charge_hits
+  cache_key                          the cache key while the answer is to be stored, else None
+  cache_semantic, cache_similarity   the semantic cache's query (None when not asked) and a semantic hit's
+                                     cosine similarity (0.0 otherwise)
   rejection, upstream_errors         what accounting counts besides the request (None when nothing)
   form, response_body                pass-through endpoints: a multipart body's text fields read before its
                                      first file (dict str -> str), and a 2xx JSON answer kept whole (bytes);

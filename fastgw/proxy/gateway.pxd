@@ -8,6 +8,7 @@ cdef class Gateway:
     cdef readonly object mock_url, proxy_warnings
     cdef readonly object health            # fastgw.routing.health.HealthChecks (run by worker "0" only)
     cdef readonly object passthrough       # the other /v1 endpoints' routing (fastgw.proxy.passthrough.Passthrough)
+    cdef readonly object cache             # fastgw.cache.cache.ResponseCache, or None when [cache] is off
     cdef readonly object catalog           # what GET /v1/models answers (fastgw.routing.catalog.ModelCatalog)
     cdef readonly str run_dir, worker_id
     cdef readonly set connections

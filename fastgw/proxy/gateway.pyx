@@ -50,7 +50,10 @@ cdef class Gateway:
         trusted = parse_networks(s.trusted_proxies)
         passthrough = Passthrough(cfg, router, self.run_dir, self.log, self.stats)
         catalog = ModelCatalog(self.loop, router, u.models_cache_s, self.log, pipeline.model_visible)
-        old, old_catalog, old_passthrough = self.pipeline, self.catalog, getattr(self, "passthrough", None)
+        cache = make_cache(cfg.cache, self.run_dir, self.log, self.stats, self.cache, router, self.loop)
+        old, old_catalog, old_cache = self.pipeline, self.catalog, self.cache
+        old_passthrough = getattr(self, "passthrough", None)
+        self.cache = cache
         self.cfg = cfg
         self.router = router
         self.catalog = catalog
@@ -81,6 +84,10 @@ cdef class Gateway:
         self.trusted_proxies = trusted
         self.pools.cfg = u
         old.close()
+        if old_cache is not None and old_cache is not cache and old_cache.backend is not cache_backend(cache):
+            old_cache.backend.close()
+        if old_cache is not None and old_cache.semantic is not None:
+            old_cache.semantic.close()
         if old_catalog is not None:
             old_catalog.close()
         if old_passthrough is not None:
@@ -93,11 +100,49 @@ cdef class Gateway:
         return _request_id(self._id_prefix, self._id_next)
 
     def close(self):
+        if self.cache is not None:
+            self.cache.backend.close()
+            if self.cache.semantic is not None:
+                self.cache.semantic.close()
         self.catalog.close()
         self.passthrough.close()
         self.health.close()
         self.pipeline.close()
         self.pools.close()
+
+
+def make_cache(c, str run_dir, log, stats, old, router, loop):
+    """The ResponseCache of a [cache] section (None when off). A reload keeps the memory store of the same size
+    (its entries too) and makes a new one otherwise; the Redis backend is made anew. The semantic cache (when a
+    model opted in) is made anew, its indexes refilled from the shared log (what it still holds)."""
+    if not c.enabled:
+        return None
+    from fastgw.cache.cache import ResponseCache
+    if c.backend == "redis":
+        from fastgw.cache.redis_store import RedisStore
+        backend = RedisStore(c.redis, log, stats)
+    else:
+        from fastgw.cache.store import SharedStore
+        prev = cache_backend(old)
+        if prev is not None and not hasattr(prev, "is_remote") and prev.file_bytes == store_bytes(c.size_bytes):
+            backend = prev
+        else:
+            backend = SharedStore(os.path.join(run_dir, f"fastgw-cache-{c.size_bytes}.shm"), c.size_bytes)
+    semantic = None
+    if c.semantic.models:
+        from fastgw.cache.semantic import SemanticCache    # imports usearch: only when a model opted in
+        semantic = SemanticCache(c, router, run_dir, loop, log, stats)
+    return ResponseCache(c, backend, stats, semantic)
+
+
+def cache_backend(cache):
+    return cache.backend if cache is not None else None
+
+
+def store_bytes(long long size):
+    from fastgw.cache.store import layout
+    capacity, nsets = layout(size)
+    return 64 + nsets * 4 * 16 + capacity
 
 
 def build(cfg, ctx, mock_url):

@@ -77,6 +77,8 @@ cdef class Relay(UpstreamListener):
     cdef object backoff               # the timer of the next attempt while it waits out a backoff, or None
     cdef Deployment pinned            # pass-through: the deployment that made the resource asked for, or None
     cdef bint whole                   # pass-through: a 2xx JSON list read whole to be filtered for its consumer
+    cdef list cache_parts             # a stream whose answer the cache stores: its bytes so far (None: not kept)
+    cdef Py_ssize_t cache_bytes
     # A streamed upload (upload_begin): its first fields read (FormPrefix) until routed, then its bytes queued
     # (up_q) until the upstream request is on a connection (up_live), then written as they come.
     cdef object form
@@ -95,10 +97,14 @@ cdef class Relay(UpstreamListener):
     cdef bytes _upload_first(self, Deployment d)
     cdef void _upload_live(self, UpstreamConnection conn) except *
     cdef void _admitted(self) except *
+    cdef bint _cache_lookup(self) except -1
+    cdef bint _cache_answer(self, bytes entry, double similarity) except -1
+    cdef void _route(self) except *
     cdef void _queue_for_deployment(self) except *
     cdef void _end_attempt(self) except *
     cdef void _send(self, Deployment d, bint same_attempt=*) except *
     cdef void _stream_events(self, data) except *
+    cdef void _cache_keep(self, data) except *
     cdef void _end_stream(self) except *
     cdef bint _end_body(self) except -1
     cdef bint _holds(self, ResponseParser r) except -1

@@ -36,16 +36,19 @@ from fastgw.protocol.http cimport RequestParser
 from fastgw.proxy.phases cimport refused, run_request, run_response_headers, run_stream_event
 from fastgw.proxy.upstream cimport Pool
 from fastgw.routing.retry cimport RetryPolicy
+from fastgw.cache.cache cimport LOOKUP, REFRESH, ResponseCache
 
 from fastgw.errors import GatewayError, Reply, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.jsonpeek import peek_request, peek_response
 from fastgw.protocol.multipart import FormPrefix, MultipartError
 from fastgw.routing.retry import fallback_reason, retry_after_seconds
+from fastgw.cache.entry import encode_json as _encode_json, encode_stream as _encode_stream
 
 _frame = H.frame_chunk
 cdef bytes _LAST_CHUNK = H.LAST_CHUNK
 cdef bytes _JSON = b"content-type: application/json\r\n"
+cdef bytes _SSE_TYPE = b"content-type: text/event-stream\r\ncache-control: no-cache\r\n"
 # Client headers that never reach a provider: its key (the provider key replaces it), our request id (re-added),
 # and accept-encoding (a compressed response could not be metered or relayed event by event); from an Anthropic
 # client also its API version (the deployment's own is sent; two would conflict).
@@ -317,6 +320,105 @@ cdef class Relay(UpstreamListener):
             f = ex.fields = peek_request(ex.body)
             if f is None:
                 raise GatewayError(500, "A policy produced an invalid request body.", code="policy_error")
+        if self.gw.cache is not None and self._cache_lookup():
+            return                          # answered from the cache, or its lookup (Redis) is under way
+        self._route()
+
+    # -- the response cache (fastgw.cache): after the request phase, before a deployment is picked --------------
+
+    cdef bint _cache_lookup(self) except -1:
+        """True when the cache answered the request, or its lookup is under way (then _cache_later goes on)."""
+        cdef ResponseCache cache = <ResponseCache>self.gw.cache
+        cdef Exchange ex = self.ex
+        cdef int use = cache.decide(ex)
+        if use == REFRESH and cache.semantic is not None:
+            ex.cache_semantic = cache.semantic.query(ex)    # its answer is indexed (embedded in the background)
+        if use != LOOKUP:
+            return False
+        if cache.shared:
+            entry = cache.backend.get(ex.cache_key)
+            if entry is not None and self._cache_answer(entry, 0.0):
+                return True
+            if cache.semantic is not None:
+                ex.cache_semantic = cache.semantic.query(ex)
+                if ex.cache_semantic is not None:      # an opted-in model: look for a similar prompt, waiting
+                    self.gw.loop.create_task(self._cache_later(None))
+                    return True
+            cache.missed(ex)
+            return False
+        if cache.semantic is not None:
+            ex.cache_semantic = cache.semantic.query(ex)
+        self.gw.loop.create_task(self._cache_later(cache.backend.get(ex.cache_key)))
+        return True
+
+    async def _cache_later(self, pending):
+        """A lookup that waits: Redis's (`pending`: a hit answers) and, after an exact miss, the semantic one (the
+        prompt's embedding, then its index). Anything else (a miss, Redis or the embeddings down or slow) goes
+        upstream."""
+        cdef ResponseCache cache = <ResponseCache>self.gw.cache
+        entry = await pending if pending is not None else None     # never raises: a failed lookup is a miss
+        if self.state != ADMITTING:         # the client left, or timed out, meanwhile
+            return
+        try:
+            if entry is not None and self._cache_answer(entry, 0.0):
+                return
+            q = self.ex.cache_semantic
+            if q is not None:
+                found = await cache.semantic.search(q)      # never raises either
+                if self.state != ADMITTING:
+                    return
+                if found is not None:
+                    key, similarity = found
+                    entry = cache.backend.get(key)
+                    if not cache.shared:
+                        entry = await entry
+                        if self.state != ADMITTING:
+                            return
+                    if entry is not None and self._cache_answer(entry, similarity):
+                        return
+                    if entry is None:       # expired or overwritten: its vector goes too
+                        cache.semantic.forget(q, key)
+            cache.missed(self.ex)
+            self._route()
+        except GatewayError as err:
+            if self.state == ADMITTING:
+                self.state = DONE
+                self.client.refuse(err, False)
+        except Exception:
+            self.gw.log.exception("request failed", request_id=self.ex.request_id)
+            if self.state != DONE:
+                self.state = DONE
+                self.client.refuse(GatewayError(500, "The gateway failed to process the request."), False)
+
+    cdef bint _cache_answer(self, bytes entry, double similarity) except -1:
+        """Answer from a cache entry: the JSON body, or the stream's events in one write. False when this client
+        cannot be served from it (a miss). similarity > 0: a semantic hit's."""
+        cdef ResponseCache cache = <ResponseCache>self.gw.cache
+        cdef Exchange ex = self.ex
+        body = cache.payload(ex, entry)
+        if body is None:
+            return False
+        cache.hit(ex, entry, len(body), similarity)
+        ex.cache_key = None
+        ex.cache_semantic = None
+        ex.status = 200
+        extra = _id_and_overhead_lines(ex.request_id.encode(), <long long>((now() - ex.t_start) * 1e6),
+                                       (<Route>ex.route).served_line)
+        lines = [_SSE_TYPE if ex.stream else _JSON, extra]
+        if ex.response_headers:
+            lines.extend(ex.response_headers)
+        if not self.client.keep_alive:
+            lines.append(b"connection: close\r\n")
+        if ex.stream:
+            ex.t_first_token = now()
+        self.state = DONE
+        client_write(self.client, H.response_head(200, b"OK", lines, len(body)) + body)
+        self.client.exchange_over(ex)
+        return True
+
+    cdef void _route(self) except *:
+        """Pick a deployment (the pinned one, by the route's balancing, a fallback model's) and send."""
+        cdef Exchange ex = self.ex
         cdef Route route = <Route>ex.route
         cdef double deadline = route.retry.deadline
         if deadline > 0.0:
@@ -367,7 +469,8 @@ cdef class Relay(UpstreamListener):
         cdef Exchange ex = self.ex
         cdef Gateway gw = self.gw
         cdef Provider provider = <Provider>d.provider
-        cdef bint add_usage = ex.stream and gw.needs_usage and not ex.passthrough and not ex.fields.include_usage
+        cdef bint add_usage = (ex.stream and (gw.needs_usage or ex.cache_key is not None) and not ex.passthrough
+                               and not ex.fields.include_usage)
         self._end_attempt()                  # a retry: the attempt before it is over
         if ex.messages_api:
             if d.messages_provider is None:
@@ -502,6 +605,8 @@ cdef class Relay(UpstreamListener):
         if ex.stream and r.status == 200:
             self.sse = self.provider.open_stream(ex, self.strip_usage, gw.needs_usage)
             wait_for(self.client, STREAMING)
+            if ex.cache_key is not None:
+                self.cache_parts = []       # kept to be stored once the stream completed
         elif ex.passthrough and not _has_type(r, b"application/json"):
             self.parts = None               # audio, files' content, text: relayed as they come, never kept
             if r.status < 500 and r.status != 429:
@@ -545,9 +650,13 @@ cdef class Relay(UpstreamListener):
         cdef double d, total
         if self.sse is not None:            # a stream's events (inline: this runs once per upstream read)
             ex = self.ex
+            if self.cache_parts is not None and not self.provider.translates:
+                self._cache_keep(data)      # the upstream's own bytes: its usage chunk too, even when hidden
             data = self.sse.feed(data)
             if not data:
                 return
+            if self.cache_parts is not None and self.provider.translates:
+                self._cache_keep(data)      # what the client sees: the translation
             if ex.t_first_token == 0.0:
                 ex.t_first_token = now()
                 self.deployment.first_byte(ex.t_first_token - ex.t_sent)
@@ -580,6 +689,14 @@ cdef class Relay(UpstreamListener):
             self.pending_head = None
             self.state = RELAYING
         self._emit(out)
+
+    cdef void _cache_keep(self, data) except *:
+        """Keep a stream's bytes for the cache, up to its max_entry_bytes (past that it is not stored)."""
+        self.cache_bytes += len(data)
+        if self.cache_bytes > (<ResponseCache>self.gw.cache).max_entry:
+            self.cache_parts = None
+            return
+        self.cache_parts.append(data)
 
     cdef void _stream_events(self, data) except *:
         """Each complete event of the relayed stream, to the stream_event hooks (only when some policy has one)."""
@@ -641,6 +758,13 @@ cdef class Relay(UpstreamListener):
             # a clean end the upstream's lacked (a translating provider's stream checks its own end event).
             raise GatewayError(502, "The upstream's stream ended before data: [DONE].", type="upstream_error",
                                code="upstream_truncated")
+        if self.cache_parts is not None:    # complete: the cache stores it (a failed or cut stream never gets here)
+            if tail and self.provider.translates:
+                self._cache_keep(tail)
+            if self.cache_parts is not None and ex.cache_key is not None:
+                (<ResponseCache>self.gw.cache).store(ex, _encode_stream(b"".join(self.cache_parts), ex.prompt_tokens,
+                                                                        ex.completion_tokens))
+            self.cache_parts = None
         self._emit(_LAST_CHUNK)
 
     cdef bint _end_body(self) except -1:
@@ -660,6 +784,8 @@ cdef class Relay(UpstreamListener):
         elif self.provider.translates:
             out = H.response_head(ex.status, reason(ex.status), [_JSON, self.pending_head], len(body)) + body
             self.pending_head = None
+            if ex.cache_key is not None and ex.status == 200:
+                (<ResponseCache>self.gw.cache).store(ex, _encode_json(body, ex.prompt_tokens, ex.completion_tokens))
         else:
             if parts is not None and ex.status < 300 and ex.status != 204:
                 # A success is one JSON object on every proxied endpoint: anything else is the upstream's fault
@@ -670,6 +796,9 @@ cdef class Relay(UpstreamListener):
                     raise GatewayError(502, "The upstream's response is not valid JSON.", type="upstream_error",
                                        code="upstream_malformed")
                 ex.prompt_tokens, ex.completion_tokens = usage
+                if ex.cache_key is not None and ex.status == 200:
+                    (<ResponseCache>self.gw.cache).store(ex, _encode_json(body, ex.prompt_tokens,
+                                                                          ex.completion_tokens))
                 if ex.passthrough:
                     ex.response_body = body
                     filtered = self.gw.passthrough.answered(ex, body, self.deployment, self.whole)
@@ -913,6 +1042,8 @@ cdef class Relay(UpstreamListener):
         self.chunked = False
         self.holding = False
         self.whole = False
+        self.cache_parts = None
+        self.cache_bytes = 0
 
     cdef void _resend(self, Deployment d, bint same_attempt=False) except *:
         try:

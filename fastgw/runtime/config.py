@@ -164,11 +164,50 @@ class Passthrough(msgspec.Struct, forbid_unknown_fields=True):
                                           # a DELETE through the gateway forgets it)
 
 
+class CacheRedis(msgspec.Struct, forbid_unknown_fields=True):
+    url: str = "redis://127.0.0.1:6379/0"
+    connect_timeout: float = 0.1          # seconds; a Redis that does not answer in time is a miss
+    timeout: float = 0.05                 # seconds per lookup or store
+    retry_interval: float = 0.5           # after a failed connect: misses at once this long, then try again
+    key_prefix: str = "fastgw:cache:"
+
+
+class CacheSemantic(msgspec.Struct, forbid_unknown_fields=True):
+    """The semantic cache (fastgw.cache.semantic): after an exact miss, the answer to a similar earlier prompt."""
+    models: list[str] = []                # opt-in: the models (config names) whose requests are looked up too
+    embeddings_model: str = ""            # a model of this config (OpenAI format) that embeds the prompts
+    threshold: float = 0.95               # cosine similarity at or above which a stored answer serves
+    model_threshold: dict[str, float] = {}   # per model: its own threshold
+    timeout: float = 0.5                  # seconds for an embedding; slower or failed = a miss
+    retry_interval: float = 1.0           # after a failed embedding: no lookups by similarity this long
+    max_entries: int = 10000              # per index (scope, model, parameters), the oldest out
+    max_indexes: int = 1024               # indexes per worker, the least recently used out (~64 KB each + vectors)
+    log_bytes: int = 64 * 1024 * 1024     # the shared log that brings new entries to every worker
+    max_text_chars: int = 32768           # longer prompts are looked up exactly only
+
+
+class Cache(msgspec.Struct, forbid_unknown_fields=True):
+    """The exact response cache (fastgw.cache): identical requests answered from a stored answer."""
+    enabled: bool = False
+    backend: Literal["memory", "redis"] = "memory"   # memory: shared by this gateway's workers; redis: by instances
+    size_bytes: int = 256 * 1024 * 1024   # memory: the whole store (index + entries), oldest overwritten
+    ttl: float = 3600.0                   # seconds an entry is served
+    model_ttl: dict[str, float] = {}      # per model (its config name): its own ttl; 0 = never cached
+    scope: Literal["consumer", "group", "global"] = "consumer"   # who shares an entry
+    allow_temperature: bool = False       # cache requests with a non-zero temperature too
+    uncacheable_tools: list[str] = []     # tool names with side effects: a request offering one is not cached
+    max_entry_bytes: int = 1024 * 1024    # larger answers are not stored
+    charge_hits: bool = False             # true: a hit's tokens count against token limits and budgets
+    redis: CacheRedis = msgspec.field(default_factory=CacheRedis)
+    semantic: CacheSemantic = msgspec.field(default_factory=CacheSemantic)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     server: Server = msgspec.field(default_factory=Server)
     upstream: Upstream = msgspec.field(default_factory=Upstream)
     models: list[Model] = []
     passthrough: Passthrough = msgspec.field(default_factory=Passthrough)
+    cache: Cache = msgspec.field(default_factory=Cache)
     policies_dir: str = ""                # folder of policy files (*.toml); "" = no policies
     mock: bool = False                    # start the built-in mock upstream (the embedded default)
     source: str = ""                      # where this config came from (set by the loader)
@@ -288,8 +327,54 @@ def _check_passthrough(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: passthrough.routes[{i}].max_body_bytes: must be >= 0")
 
 
+def _check_cache(c: Cache, source: str) -> None:
+    if c.size_bytes < 64 * 1024:
+        raise ConfigError(f"{source}: cache.size_bytes: at least 65536")
+    if c.ttl <= 0:
+        raise ConfigError(f"{source}: cache.ttl: must be > 0 seconds")
+    if c.max_entry_bytes <= 0:
+        raise ConfigError(f"{source}: cache.max_entry_bytes: must be > 0")
+    for name, t in c.model_ttl.items():
+        if t < 0:
+            raise ConfigError(f"{source}: cache.model_ttl.{name}: must be >= 0 (0 = never cached)")
+    if c.redis.timeout <= 0 or c.redis.connect_timeout <= 0:
+        raise ConfigError(f"{source}: cache.redis: timeouts must be > 0")
+    if c.backend == "redis" and not c.redis.url.startswith("redis://"):
+        raise ConfigError(f"{source}: cache.redis.url: expected redis://host:port[/db]")
+
+
+def _check_semantic(cfg: Config, source: str) -> None:
+    s, where = cfg.cache.semantic, f"{source}: cache.semantic"
+    if not s.models:
+        return
+    if not cfg.cache.enabled:
+        raise ConfigError(f"{where}.models: needs [cache] enabled = true (it serves the exact cache's entries)")
+    names = {m.name for m in cfg.models}
+    for name in s.models + list(s.model_threshold):
+        if name not in names:
+            raise ConfigError(f"{where}: {name!r} is not a model of this config")
+    if s.embeddings_model not in names:
+        raise ConfigError(f"{where}.embeddings_model: {s.embeddings_model!r} is not a model of this config")
+    model = next(m for m in cfg.models if m.name == s.embeddings_model)
+    for d in model.deployments:
+        if d.provider not in ("openai", "azure"):
+            raise ConfigError(f"{where}.embeddings_model: its deployments must speak the OpenAI format "
+                              f"(provider {d.provider!r})")
+    for name, t in [("threshold", s.threshold)] + [(f"model_threshold.{k}", v) for k, v in s.model_threshold.items()]:
+        if not 0.0 < t <= 1.0:
+            raise ConfigError(f"{where}.{name}: a cosine similarity in (0, 1]")
+    if s.timeout <= 0 or s.retry_interval < 0:
+        raise ConfigError(f"{where}: timeout must be > 0 and retry_interval >= 0 seconds")
+    if s.max_entries < 1 or s.max_indexes < 1 or s.max_text_chars < 1:
+        raise ConfigError(f"{where}: max_entries, max_indexes and max_text_chars must be >= 1")
+    if s.log_bytes < 64 * 1024:
+        raise ConfigError(f"{where}.log_bytes: at least 65536")
+
+
 def _check(cfg: Config, source: str) -> None:
     """Rules msgspec's types cannot say."""
+    _check_cache(cfg.cache, source)
+    _check_semantic(cfg, source)
     from fastgw.providers import PROVIDERS   # here: providers are compiled, config is read before they are needed
     s = cfg.server
     if not 0 <= s.port <= 65535:

@@ -122,8 +122,9 @@ SCENARIOS = {s.name: s for s in [
     Scenario("failover", "fastgw", "chat",
              "fastgw as in `routing` with one of the 3 deployments refusing connections (breaker, retries)",
              config="failover.toml", base="proxy"),
-    Scenario("cache-hit", "fastgw", "chat", "fastgw answering from its response cache",
-             unavailable="no response cache in fastgw yet"),
+    Scenario("cache-hit", "fastgw", "chat",
+             "fastgw answering every request but the first from its response cache (memory store), as in proxy",
+             config="cache.toml", base="proxy"),
     *_paced_scenarios(),
 ]}
 

@@ -21,7 +21,7 @@ NEEDLE = b'"response.done"'
 # --------------------------------------------------------------------------------------------- the reference
 
 
-def reference(stream: bytes, masked: bool, needle: bytes, max_message: int):
+def reference(stream: bytes, masked: bool | None, needle: bytes, max_message: int):
     """(found messages, frames, messages, close code, error?) of a whole stream, by websockets' parser."""
     reader = StreamReader()
     reader.feed_data(stream)
@@ -29,14 +29,20 @@ def reference(stream: bytes, masked: bool, needle: bytes, max_message: int):
     found, frames, messages, close_code, error = [], 0, 0, -1, False
     msg_op, parts = None, []
     while reader.buffer:
-        gen = Frame.parse(reader.read_exact, mask=masked)
+        # masked None: each frame as its mask bit says (the reader does not police the direction)
+        mask = masked if masked is not None else len(reader.buffer) > 1 and bool(reader.buffer[1] & 0x80)
+        rest = bytes(reader.buffer)                 # this frame on (parse consumes what it reads)
+        gen = Frame.parse(reader.read_exact, mask=mask)
         try:
             next(gen)
             raise AssertionError("the whole stream was fed: the parser cannot wait")
         except StopIteration as stop:
             frame = stop.value
         except EOFError:
-            break                                   # a truncated last frame: nothing more completes
+            # A truncated last frame: nothing more completes. Its header alone may break RFC 6455's rules: a
+            # reader that sees the header refuses it there (websockets checks a frame once it is whole).
+            error = _header_refused(rest, msg_op is not None)
+            break
         except (ProtocolError, ValueError):
             error = True
             break
@@ -63,6 +69,25 @@ def reference(stream: bytes, masked: bool, needle: bytes, max_message: int):
                 found.append(msg)
             msg_op, parts = None, []
     return found, frames, messages, close_code, error
+
+
+def _header_refused(rest: bytes, in_message: bool) -> bool:
+    """Does the header at the start of `rest` (a frame the stream cuts short) break RFC 6455 section 5 in what
+    it holds? The rules of its first two bytes as soon as both are there; the length's once it is complete."""
+    if len(rest) < 2:
+        return False
+    b0, b1 = rest[0], rest[1]
+    opcode, fin, length = b0 & 0x0F, b0 & 0x80, b1 & 0x7F
+    if b0 & 0x70 or opcode in (3, 4, 5, 6, 7, 11, 12, 13, 14, 15) or (opcode >= 8 and not fin) or (
+            opcode == 0 and not in_message) or (opcode in (1, 2) and in_message):
+        return True
+    if len(rest) < 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if b1 & 0x80 else 0):
+        return False
+    if length == 126:
+        length = int.from_bytes(rest[2:4], "big")
+    elif length == 127:
+        length = int.from_bytes(rest[2:10], "big")
+    return length >> 63 != 0 or (opcode >= 8 and length > 125)
 
 
 def run_reader(stream: bytes, cuts, needle: bytes, max_message: int):
@@ -176,6 +201,15 @@ def test_truncated_stream_stops_mid_frame_and_resumes():
     r = FrameReader(NEEDLE)
     assert r.feed(stream[:3]) is None and not r.at_boundary
     assert r.feed(stream[3:]) == [msg] and r.at_boundary
+
+
+def test_a_cut_last_frame_is_not_counted():
+    # Found by fuzzing: frames were counted at their header, so a stream cut inside its last frame counted one
+    # frame more than it holds whole (the reference's count).
+    stream = _frame(Opcode.TEXT, b"a", True, True) + _frame(Opcode.PONG, b"12345678", True, True)[:-3]
+    r = FrameReader(NEEDLE)
+    r.feed(stream)
+    assert (r.frames, r.messages) == (1, 1) == reference(stream, True, NEEDLE, 1 << 24)[1:3]
 
 
 def test_length_with_top_bit_set_is_refused():

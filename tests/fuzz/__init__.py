@@ -9,9 +9,10 @@ Targets (a harness each in targets/, a seed corpus each in corpus/<target>/):
   wire_request       the request translations (a translation or a GatewayError 400)
   wire_response      the response and error translations, and the providers' response_body
   wire_stream        the stream translators behind translated_stream
+  websocket          the Realtime relay's frame reader against the websockets package's frame parser
 
-What is instrumented: the compiled modules under fuzz (fastgw/protocol http, sse, jsonpeek and
-fastgw/providers/stream) are built once more by native.py with clang -fsanitize=address,fuzzer-no-link
+What is instrumented: the compiled modules under fuzz (fastgw/protocol http, sse, jsonpeek, websocket
+and fastgw/providers/stream) are built once more by native.py with clang -fsanitize=address,fuzzer-no-link
 (libFuzzer's edge counters and comparison tracing, and AddressSanitizer) into build/fuzz-native/; atheris
 instruments the Python imported with the harness (fastgw's Python modules, the wire translations, h11 and the
 oracles in tests/core and tests/unit). libFuzzer's value profiling (-use_value_profile=1) is on, so the
@@ -26,4 +27,4 @@ Commands (results and crash files go to build/fuzz/, not into git):
 tests/fuzz/test_fuzz.py replays every corpus and fuzzes each target briefly as part of `make test`.
 """
 TARGETS = ["http_request", "http_response", "sse_relay", "translated_stream", "jsonpeek", "wire_request",
-           "wire_response", "wire_stream"]
+           "wire_response", "wire_stream", "websocket"]

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 # The compiled modules under fuzz (stream cimports sse, so both are built).
-MODULES = ["fastgw.protocol.http", "fastgw.protocol.sse", "fastgw.protocol.jsonpeek", "fastgw.providers.stream"]
+MODULES = ["fastgw.protocol.http", "fastgw.protocol.sse", "fastgw.protocol.jsonpeek", "fastgw.providers.stream",
+           "fastgw.protocol.websocket"]
 CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fPIC", "-fsanitize=address,fuzzer-no-link", "-w"]
 # As setup.py: the files' own `# cython:` lines decide bounds checking (off: what ships is what is fuzzed).
 DIRECTIVES = {"boundscheck": False, "wraparound": False, "cdivision": True, "embedsignature": True}

@@ -21,7 +21,9 @@ def reference(ex, latency, ttft, overhead) -> dict:
         "consumer": ex.consumer, "upstream": ex.upstream_name, "attempts": ex.attempts, "status": ex.status, "stream": ex.stream, "latency_ms": round(latency * 1e3, 3),
         "ttft_ms": round(ttft * 1e3, 3) if ttft >= 0 else None, "overhead_us": int(overhead * 1e6),
         "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens, "cost_usd": ex.cost,
-        "bytes_in": ex.bytes_in, "bytes_out": ex.bytes_out, "error": ex.error or None,
+        "bytes_in": ex.bytes_in, "bytes_out": ex.bytes_out, "cache": ex.cache or None,
+        "cache_similarity": round(ex.cache_similarity, 4) if ex.cache_similarity > 0 else None,
+        "error": ex.error or None,
     }
 
 
@@ -31,10 +33,12 @@ def reference(ex, latency, ttft, overhead) -> dict:
        latency=st.floats(0, 1e4), ttft=st.one_of(st.just(-1.0), st.floats(0, 1e4)), overhead=st.floats(0, 10),
        tokens=st.tuples(st.integers(-1, 10**9), st.integers(-1, 10**9)),
        cost=st.floats(0, 1e6), nbytes=st.tuples(st.integers(0, 10**12), st.integers(0, 10**12)), route=routes,
-       attempts=st.integers(0, 50))
+       attempts=st.integers(0, 50), cache=st.sampled_from([None, "", "hit", "miss", "refresh", "bypass"]),
+       similarity=st.one_of(st.just(0.0), st.floats(0.00005, 1.0)))
 def test_line_matches_reference(rid, client, path, model, consumer, upstream, error, method, status, stream,
-                                latency, ttft, overhead, tokens, cost, nbytes, route, attempts):
+                                latency, ttft, overhead, tokens, cost, nbytes, route, attempts, cache, similarity):
     ex = Exchange(rid, client, method, path, None, 0.0)
+    ex.cache, ex.cache_similarity = cache, similarity
     ex.model, ex.consumer, ex.upstream_name, ex.error = model, consumer, upstream, error
     ex.route, ex.attempts = route, attempts
     ex.status, ex.stream, ex.cost = status, stream, cost
@@ -50,6 +54,8 @@ def test_line_matches_reference(rid, client, path, model, consumer, upstream, er
         g, w = got.pop(k), want.pop(k)
         assert (g is None and w is None) or abs(g - w) <= 1e-3 + 1e-12 * abs(w)
     assert abs(got.pop("overhead_us") - want.pop("overhead_us")) <= 1
+    g, w = got.pop("cache_similarity"), want.pop("cache_similarity")
+    assert (g is None and w is None) or abs(g - w) <= 1e-4
     assert got == want
 
 
@@ -72,6 +78,7 @@ def test_the_compiled_line_and_the_dict_of_log_hooks_are_one_field_list(rid, mod
     ex = Exchange(rid, "10.0.0.1", method, "/v1/chat/completions", None, 0.0)
     ex.model, ex.error, ex.status, ex.stream, ex.cost = model, error, status, stream, cost
     ex.route, ex.attempts = route, attempts
+    ex.cache_similarity = 0.97316 if status % 2 else 0.0
     line = orjson.loads(format_access_line(ex, 1.5, ttft, 0.25))
     rec = access_record(ex, 1.5, ttft, 0.25)
     assert list(line) == list(rec) == list(FIELDS)

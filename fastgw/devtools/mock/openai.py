@@ -13,12 +13,20 @@ arguments built from its parameters schema (tools.example_arguments), finish_rea
 the call as OpenAI does, the id and name in the first delta, then the arguments in fragments. Only a body with
 `tools` takes that branch; completion_tokens is then the number of fragments.
 
+Embeddings are meaning-ish and deterministic (for the semantic cache's tests): a hashed bag of the input's
+lowercased words, without a few stop words and one-letter ones, each word +1 or -1 in one of EMBEDDING_DIM
+dimensions (or the request's `dimensions`), normalized; so "What is the capital of France?" and "what's the
+capital of france" are the same vector and unrelated texts nearly orthogonal. Token-id inputs hash their ids.
+
 answer_chat, answer_completion and answer_embeddings take a parsed body and the model to name, for azure.py.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
+import math
+import re
 import struct
 import time
 
@@ -30,7 +38,10 @@ from fastgw.devtools.mock.wire import (
     fill, frame, pieces as _pieces, sse, template, to_template)
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o4-mini", "text-embedding-3-small")
-EMBEDDING_DIM = 8
+EMBEDDING_DIM = 64
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = frozenset("a an the is are was were be of to in on at for and or but what whats which who how me my "
+                  "you your i it its this that please tell about".split())
 
 # usage modes of the renderers
 NO_USAGE, USAGE, STREAM_USAGE = 0, 1, 2  # never / in the body (stream: not at all) / stream: a final usage chunk
@@ -312,34 +323,51 @@ def embeddings(req: MockRequest) -> JsonReply:
 
 
 def answer_embeddings(req: MockRequest, obj: dict, model: str) -> JsonReply:
-    count = _count_inputs(obj.get("input"))
-    if count == 0:
+    inputs = _inputs(obj.get("input"))
+    if not inputs:
         raise Refusal(400, "'input' must be a non-empty string or array", "invalid_input")
+    dim = obj.get("dimensions", EMBEDDING_DIM)
+    if type(dim) is not int or not 1 <= dim <= 4096:
+        raise Refusal(400, "'dimensions' must be an integer from 1 to 4096", "invalid_value")
     fmt = "base64" if obj.get("encoding_format") == "base64" else "float"
     out = {"object": "list", "model": model,
-           "data": [{"object": "embedding", "index": i, "embedding": _embedding(i, fmt)} for i in range(count)]}
+           "data": [{"object": "embedding", "index": i, "embedding": _embedding(words, dim, fmt)}
+                    for i, words in enumerate(inputs)]}
     if not req.no_usage:
         prompt = len(req.body) // 4
         out["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
     return JsonReply(200, orjson.dumps(out))
 
 
-def _embedding(i: int, fmt: str):
-    vec = [round(((i * 7 + k * 3) % 17 - 8) / 8.0, 6) for k in range(EMBEDDING_DIM)]
+def _embedding(words: list, dim: int, fmt: str):
+    vec = [0.0] * dim
+    for w in words:
+        h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+        vec[h % dim] += 1.0 if h >> 63 else -1.0
+    norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+    vec = [round(x / norm, 6) for x in vec]
     if fmt == "base64":
-        return base64.b64encode(struct.pack(f"<{EMBEDDING_DIM}f", *vec)).decode()
+        return base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
     return vec
 
 
-def _count_inputs(inp) -> int:
+def _words(text: str) -> list:
+    words = [w for w in _WORD.findall(text.lower()) if len(w) > 1 and w not in _STOP]
+    return words or [text]                   # only stop words: the text itself, so the vector is not zero
+
+
+def _inputs(inp) -> list:
+    """Each input's words ([] when `input` is not an embeddings input)."""
     if isinstance(inp, str):
-        return 1
+        return [_words(inp)]
     if isinstance(inp, list) and inp:
         if all(isinstance(x, int) for x in inp):
-            return 1  # one tokenised input
-        if all(isinstance(x, (str, list)) for x in inp):
-            return len(inp)
-    return 0
+            return [[f"t{x}" for x in inp]]  # one tokenised input
+        if all(isinstance(x, str) for x in inp):
+            return [_words(x) for x in inp]
+        if all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in inp):
+            return [[f"t{t}" for t in x] for x in inp]
+    return []
 
 
 _MODELS_BODY = orjson.dumps({"object": "list", "data": [
