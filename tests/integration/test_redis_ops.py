@@ -98,8 +98,9 @@ def test_key_slot_matches_cluster_keyslot(tmp_path):
 
 def test_cluster_limits_and_budgets_through_resharding_and_a_master_failure(tmp_path, make_exchange):
     """3 masters + 3 replicas. Limits and budgets are exact (L admissions per consumer, $0.02 of $0.001 requests)
-    while `redis-cli --cluster reshard` moves the consumers' slots under traffic, and after a master is killed
-    and its replica takes over (fail-closed: 503s while it does; writes replicated before the kill are kept)."""
+    and the response cache's entries all hit while `redis-cli --cluster reshard` moves the consumers' slots
+    under traffic, and after a master is killed and its replica takes over (fail-closed: 503s while it does;
+    writes replicated before the kill are kept)."""
     require_tool("redis-server"), require_tool("redis-cli")
     tmp = str(tmp_path)
     cluster = Cluster(os.path.join(tmp, "cluster"))
@@ -128,6 +129,22 @@ async def _cluster_scenario(tmp, cluster, make_exchange):
     admitted = dict.fromkeys(consumers, 0)
     seen = {}
 
+    # The response cache's Redis store (one key per entry): entries everywhere, some in the moving slots.
+    from fastgw.cache.redis_store import RedisStore
+    from fastgw.runtime.config import CacheRedis
+    cache_ctx = ctx_for(tmp, "cache")
+    store = RedisStore(CacheRedis(url=cluster.url, timeout=2.0, connect_timeout=1.0, retry_interval=0.05),
+                       cache_ctx.log, cache_ctx.stats)
+    entries = {i.to_bytes(16, "big"): b"entry %d" % i for i in range(1500)}
+    assert sum(key_slot(b"fastgw:cache:" + k.hex().encode()) < moved_slots for k in entries) > 0
+    for k, v in entries.items():
+        store.put(k, v, 3600)
+    await asyncio.gather(*store.tasks)
+
+    async def cached():
+        return dict(zip(entries, await asyncio.gather(*(store.get(k) for k in entries))))
+    assert await cached() == entries
+
     # Before: some admissions everywhere; budgets reserve and settle.
     for c in consumers:
         for _ in range(10):
@@ -148,8 +165,11 @@ async def _cluster_scenario(tmp, cluster, make_exchange):
             got = await attempt(rl, make_exchange(consumer=c))
             assert got == "ok", got                    # no slot move may fail or refuse a request
             admitted[c] += 1
+    async def cache_traffic():
+        while proc.returncode is None:
+            assert await cached() == entries           # never a miss while slots move
     waiter = asyncio.ensure_future(proc.wait())
-    await asyncio.gather(*(traffic(c) for c in consumers), waiter)
+    await asyncio.gather(*(traffic(c) for c in consumers), cache_traffic(), waiter)
     assert proc.returncode == 0, (await proc.stderr.read()).decode()
     cluster.wait_ok()
     for c in moving:
@@ -168,9 +188,10 @@ async def _cluster_scenario(tmp, cluster, make_exchange):
         spent = 5 + await until_refused(bud, exchange_for(make_exchange, c), seen)
         assert spent == round(BUDGET_USD / 0.001), (c, spent)
     assert admitted == dict.fromkeys(consumers, L), admitted
+    assert await cached() == entries                   # replicated before the kill: all still there
     wait_for("every node to see the replica serve the slot",          # served by it already; gossip may lag
              lambda: cluster.owner_of(slot_of(staying[1])) != other)
-    rl.close(), bud.close()
+    rl.close(), bud.close(), store.close()
 
 
 # -- sentinel ----------------------------------------------------------------------------------------------------------
