@@ -13,10 +13,11 @@ install:
 	$(PY) -m pip install -q -e '.[test]'
 
 # Every program the tests run, as command:Debian-package (tests/conftest.py's INSTALL_HINTS names the same
-# packages): redis-server (limit tests), nginx and wrk (perf suite), curl (streaming), ss (TCP keepalive), clang
-# (the fuzzers' instrumented build, tests/fuzz).
+# packages): redis-server (limit tests; also run as sentinels and cluster nodes), redis-cli (creates and reshards
+# the test cluster), nginx and wrk (perf suite), curl (streaming), ss (TCP keepalive), clang (the fuzzers'
+# instrumented build, tests/fuzz).
 # Under CI a missing one fails its tests (tests/conftest.py require_tool), so install what is missing.
-SYSTEM_TOOLS = redis-server:redis-server nginx:nginx-light wrk:wrk curl:curl ss:iproute2 clang:clang
+SYSTEM_TOOLS = redis-server:redis-server redis-cli:redis-tools nginx:nginx-light wrk:wrk curl:curl ss:iproute2 clang:clang
 
 system-deps:
 	@missing=; for tool in $(SYSTEM_TOOLS); do \

@@ -12,6 +12,7 @@ import pytest
 # How to get each program a test runs: Debian packages from `make system-deps`, pip ones from `make install`.
 INSTALL_HINTS = {
     "redis-server": "`make system-deps` (apt-get install redis-server)",
+    "redis-cli": "`make system-deps` (apt-get install redis-tools)",
     "nginx": "`make system-deps` (apt-get install nginx-light)",
     "wrk": "`make system-deps` (apt-get install wrk)",
     "curl": "`make system-deps` (apt-get install curl)",
@@ -21,6 +22,7 @@ INSTALL_HINTS = {
     "make": "apt-get install make",
     "clang": "`make system-deps` (apt-get install clang)",
     "atheris": "`make install` (pip install atheris)",
+    "trustme": "`make install` (pip install trustme)",
 }
 
 

@@ -48,10 +48,11 @@ cdef class Gateway:
         ctx = PolicyContext(self.log, self.stats, self.run_dir, self.worker_id, cfg)
         router, pipeline = build(cfg, ctx, self.mock_url)
         trusted = parse_networks(s.trusted_proxies)
-        passthrough = Passthrough(cfg, router, self.run_dir)
+        passthrough = Passthrough(cfg, router, self.run_dir, self.log, self.stats)
         catalog = ModelCatalog(self.loop, router, u.models_cache_s, self.log, pipeline.model_visible)
         cache = make_cache(cfg.cache, self.run_dir, self.log, self.stats, self.cache, router, self.loop)
         old, old_catalog, old_cache = self.pipeline, self.catalog, self.cache
+        old_passthrough = getattr(self, "passthrough", None)
         self.cache = cache
         self.cfg = cfg
         self.router = router
@@ -89,6 +90,8 @@ cdef class Gateway:
             old_cache.semantic.close()
         if old_catalog is not None:
             old_catalog.close()
+        if old_passthrough is not None:
+            old_passthrough.close()
         if self.worker_id == "0":           # one worker checks for all: the breakers it opens are shared
             self.health.apply(cfg, router)
 
@@ -102,6 +105,7 @@ cdef class Gateway:
             if self.cache.semantic is not None:
                 self.cache.semantic.close()
         self.catalog.close()
+        self.passthrough.close()
         self.health.close()
         self.pipeline.close()
         self.pools.close()

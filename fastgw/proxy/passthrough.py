@@ -11,6 +11,10 @@ What an answer tells us (a 2xx JSON one): the resources it made (its `id`, a bat
 recorded for this consumer and deployment; a list (`"object": "list"`) asked for by a consumer is filtered to
 the resources that consumer owns. A DELETE that succeeded forgets the id.
 
+With `resources_redis` the map is shared by several gateway instances (routing/shared_resources.py): an id the
+local table does not know makes route() return a coroutine (the relay awaits it, then admits) that looks it up in
+Redis first.
+
 Plain Python: once per pass-through request (chat and the other compiled paths never come here).
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ def not_found(resource_id: str) -> GatewayError:
 class Passthrough:
     """The pass-through settings of one config, with the routes they name (built with the Router)."""
 
-    def __init__(self, cfg, router, run_dir: str):
+    def __init__(self, cfg, router, run_dir: str, log=None, stats=None):
         pt = cfg.passthrough
         self.enabled = pt.enabled and bool(cfg.models)
         self.max_upload = pt.max_upload_bytes
@@ -51,6 +55,14 @@ class Passthrough:
             for d in route.deployments:
                 self.by_seed.setdefault(d.seed, (route, d))
         self.resources = map_for(run_dir, pt.resource_slots) if self.enabled else None
+        self.shared = None
+        if self.enabled and pt.resources_redis:
+            from fastgw.routing.shared_resources import SharedResources
+            self.shared = SharedResources(pt.resources_redis, pt.resources_ttl_days * 86400, log=log, stats=stats)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
 
     # -- the request --------------------------------------------------------------------------------------------
 
@@ -61,10 +73,17 @@ class Passthrough:
                 return limit
         return self.max_upload
 
-    def route(self, ex, model, body_obj):
-        """(route, pinned deployment or None) for a pass-through request; sets ex.model. Raises GatewayError."""
+    def route(self, ex, model, body_obj, looked_up: bool = False):
+        """(route, pinned deployment or None) for a pass-through request; sets ex.model. Raises GatewayError.
+        With a shared map, a coroutine giving that instead when an id must be looked up in Redis first."""
         owner = owner_key(ex.consumer)
         pinned = None
+        if self.shared is not None and not looked_up:
+            self.shared.warm()
+            named = list(_named_ids(ex.path, body_obj))
+            missing = [rid for rid in named if self.resources.lookup(rid) is None]
+            if missing or (not named and self.filters(ex)):    # a list to filter: the consumer's own first
+                return self._route_after_lookup(ex, model, body_obj, missing, owner)
         for rid in _named_ids(ex.path, body_obj):
             found = self.resources.lookup(rid)
             if found is None:
@@ -95,6 +114,23 @@ class Passthrough:
         if route is None:
             raise GatewayError(404, f"No deployment serves {ex.path}.", code="unknown_url")
         return route, None
+
+    async def _route_after_lookup(self, ex, model, body_obj, missing, owner):
+        from fastgw.policies.redis_client import RedisError
+        try:
+            if missing:
+                await self.shared.fetch(list(dict.fromkeys(missing)), self.resources)
+            else:
+                await self.shared.fetch_owned(owner, self.resources)
+        except RedisError as exc:
+            if self.shared.stats is not None:
+                self.shared.stats.upstream_error("redis", exc.kind)
+            if not missing:                     # a list: filtered with what this instance knows
+                return self.route(ex, model, body_obj, True)
+            raise GatewayError(503, "The gateway's resource map is unavailable; please retry shortly.",
+                               type="api_error", code="resource_map_unavailable",
+                               headers=(("retry-after", "1"),)) from None
+        return self.route(ex, model, body_obj, True)
 
     def route_json(self, ex):
         """route() for a request whose body is JSON (or empty): its fields are read here."""
@@ -127,6 +163,8 @@ class Passthrough:
             rid = obj.get("id")
             if is_resource_id(rid) and obj.get("deleted") is True:
                 resources.forget(rid)
+                if self.shared is not None:
+                    self.shared.forget(rid, owner)
             return None
         if obj.get("object") == "list" and isinstance(obj.get("data"), list):
             if whole:
@@ -136,6 +174,8 @@ class Passthrough:
             known = resources.lookup(rid)
             if known is None:
                 resources.record(rid, owner, deployment.seed)
+                if self.shared is not None:     # before the answer goes out (see shared_resources.py)
+                    self.shared.record(rid, owner, deployment.seed)
         return None
 
     def filters(self, ex) -> bool:

@@ -109,7 +109,12 @@ cdef class Relay(UpstreamListener):
         cdef Exchange ex = self.ex
         cdef Gateway gw = self.gw
         if ex.passthrough:                  # another /v1 endpoint: its own routing rules
-            ex.route, self.pinned = gw.passthrough.route_json(ex)
+            routed = gw.passthrough.route_json(ex)
+            if type(routed) is not tuple:   # ids to look up in the shared resource map (Redis) first
+                wait_for(self.client, UPSTREAM_WAIT)
+                gw.loop.create_task(self._route_later(routed))
+                return
+            ex.route, self.pinned = routed
         else:
             f = peek_request(ex.body)
             if f is None:
@@ -221,7 +226,11 @@ cdef class Relay(UpstreamListener):
             self.up_q_bytes += len(form.data)
             self.up_model_span = form.model_span
         try:
-            ex.route, self.pinned = self.gw.passthrough.route(ex, model, None)
+            routed = self.gw.passthrough.route(ex, model, None)
+            if type(routed) is not tuple:   # ids to look up in the shared resource map (Redis) first
+                self.gw.loop.create_task(self._route_later(routed))
+                return
+            ex.route, self.pinned = routed
             self._admit()
         except GatewayError as err:
             if self.state == ADMITTING:
@@ -263,6 +272,26 @@ cdef class Relay(UpstreamListener):
     cdef void upstream_paused(self, bint paused) except *:
         if self.client.uploading:
             self.client.pause_body(paused)
+
+    async def _route_later(self, pending):
+        """A pass-through request naming resources this instance has not seen: routed once the shared resource
+        map has answered, then admitted as start() admits."""
+        try:
+            routed = await pending
+            if self.state == ADMITTING:
+                self.ex.route, self.pinned = routed
+                self._admit()
+        except GatewayError as err:         # not found, another consumer's, the map unavailable; or refused
+            if self.state == ADMITTING:
+                self._give_up(err)
+        except Reply as answer:
+            if self.state == ADMITTING:
+                self.state = DONE
+                self.client.reply(answer)
+        except Exception:
+            self.gw.log.exception("request failed", request_id=self.ex.request_id)
+            if self.state != DONE:
+                self._give_up(GatewayError(500, "The gateway failed to process the request."))
 
     async def _admit_later(self, pending):
         try:

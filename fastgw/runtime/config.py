@@ -158,6 +158,10 @@ class Passthrough(msgspec.Struct, forbid_unknown_fields=True):
     unknown_resources: Literal["deny", "allow"] = "deny"   # an id the gateway did not see created, asked for by
                                           # an authenticated consumer: 404 (deny) or passed on (allow)
     resource_slots: int = 1 << 18         # resource ids remembered (shared by the workers; oldest replaced)
+    resources_redis: str = ""             # share the resource map between gateway instances through this Redis
+                                          # (any URL form of the rate limits'); "" = this gateway's own only
+    resources_ttl_days: int = 0           # with resources_redis: forget an id there after this long (0: never;
+                                          # a DELETE through the gateway forgets it)
 
 
 class CacheRedis(msgspec.Struct, forbid_unknown_fields=True):
@@ -292,10 +296,11 @@ def check(cfg: Config) -> None:
 
 def redact_url(url: str) -> str:
     """`url` with the password of its user info (scheme://user:password@host) replaced by ***, for messages."""
-    return _PASSWORD_IN_URL.sub(r"\1***@", url)
+    return _PASSWORD_OPTION.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", url))
 
 
 _PASSWORD_IN_URL = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
+_PASSWORD_OPTION = re.compile(r"([?&][a-z_]*password=)[^&#\s]*")    # redis+sentinel://...?sentinel_password=
 
 
 def _check_passthrough(cfg: Config, source: str) -> None:
@@ -305,6 +310,14 @@ def _check_passthrough(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: passthrough.model: no model {pt.model!r} in models")
     if pt.max_upload_bytes <= 0 or pt.resource_slots < 64:
         raise ConfigError(f"{source}: passthrough: max_upload_bytes must be > 0 and resource_slots >= 64")
+    if pt.resources_redis:
+        from fastgw.policies.redis_client import parse_url
+        try:
+            parse_url(pt.resources_redis)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: passthrough.resources_redis: {exc}") from None
+    if pt.resources_ttl_days < 0:
+        raise ConfigError(f"{source}: passthrough.resources_ttl_days: must be >= 0")
     for i, r in enumerate(pt.routes):
         if not r.path.startswith("/v1/"):
             raise ConfigError(f"{source}: passthrough.routes[{i}].path: expected a path under /v1/, got {r.path!r}")

@@ -2,7 +2,7 @@
 
 Anyone on the host who can write the config file can send the traffic (and the provider keys) elsewhere; who can
 write a policy file, or add one to the policies folder, can give themselves a consumer key. Who can change a
-deployment's CA file decides whom the provider keys are sent to. A policy file that holds a password (a Redis
+deployment's CA file decides whom the provider keys are sent to. A policy or config file that holds a password (a Redis
 URL's) gives it away to whoever can read it. The keys themselves are never in files (a provider's comes from an
 environment variable, a consumer's is stored as its SHA-256 digest), so there is no key file to check.
 
@@ -17,14 +17,14 @@ import stat
 
 from fastgw.runtime.config import Config
 
-_PASSWORD_IN_URL = re.compile(rb"://[^/@:\s\"']*:[^/@\s\"']+@")
+_PASSWORD_IN_URL = re.compile(rb"://[^/@:\s\"']*:[^/@\s\"']+@|[?&][a-z_]*password=[^&\s\"']")
 
 
 def loose_files(cfg: Config) -> list[tuple[str, str]]:
     """(path, what is wrong) for each file or folder of `cfg` with permissions looser than it needs."""
     found = []
     if os.path.isfile(cfg.source):             # else the embedded default or --upstream: no file
-        found += _check(cfg.source, "config file")
+        found += _check(cfg.source, "config file", secret=_holds_password(cfg.source))   # resources_redis
     if cfg.policies_dir and os.path.isdir(cfg.policies_dir):
         found += _check(cfg.policies_dir, "policies folder")
         for path in sorted(glob.glob(os.path.join(cfg.policies_dir, "*.toml"))):

@@ -260,7 +260,7 @@ def test_wrongtype_replies_follow_fail_open_too(redis_server, tmp_path, make_exc
                                                                              key_prefix="fastgw:budget:")),
                ctx_for(str(tmp_path), "y"))
     ex = make_exchange(model="m", consumer="alice")
-    keys = [rl.remote._key(rl.rules[0].bucket_keys(ex)[0]),
+    keys = [rl.remote._key(rl.rules[0].bucket_keys(ex)[0], rl._tag(ex)),
             "fastgw:budget:" + b._rkey(0, b.rules[0], "alice", period_id("day"))]
     with socket.create_connection(("127.0.0.1", redis_server.port)) as s:
         s.sendall(b"".join(b"LPUSH %s x\r\n" % k.encode() for k in keys))
@@ -356,10 +356,10 @@ def test_hybrid_waiters_survive_a_cancelled_leaser(redis_server, tmp_path):
             s.sendall(b"CLIENT PAUSE 300 ALL\r\n")     # Redis holds every command meanwhile: the lease waits
             assert s.recv(16) == b"+OK\r\n"
         items = [(12345, float(L), L / 86400, 1.0)]
-        leaser = asyncio.create_task(hy.take_all(items))
+        leaser = asyncio.create_task(hy.take_all(items, "t"))
         await asyncio.sleep(0)
         assert 12345 in hy._leasing
-        waiters = [asyncio.create_task(hy.take_all(items)) for _ in range(3)]
+        waiters = [asyncio.create_task(hy.take_all(items, "t")) for _ in range(3)]
         await asyncio.sleep(0)
         leaser.cancel()
         results = await asyncio.wait_for(asyncio.gather(*waiters), 5)

@@ -107,5 +107,18 @@ def test_config_and_policy_errors_never_show_a_password(tmp_path):
     assert "pw-123" not in str(e.value) and "ftp://u:***@h/v1" in str(e.value)
     from fastgw.policies.redis_client import RedisClient
     with pytest.raises(ValueError) as e:
-        RedisClient("rediss://:pw-123@h:6379/0")
+        RedisClient("redis+nope://:pw-123@h:6379/0")
     assert "pw-123" not in str(e.value)
+
+
+def test_a_config_holding_a_redis_password_is_flagged(tmp_path):
+    from fastgw.runtime.permissions import loose_files
+    path = tmp_path / "fastgw.toml"
+    for url in ("redis://:pw@r:6379/0", "redis+sentinel://s1:1/m?sentinel_password=pw"):
+        path.write_text('[[models]]\nname = "m"\n[[models.deployments]]\nurl = "http://127.0.0.1:1/v1"\n'
+                        f'[passthrough]\nresources_redis = "{url}"\n')
+        path.chmod(0o644)
+        cfg = config.load(str(path))
+        assert any("holds a password" in problem for _, problem in loose_files(cfg)), url
+        path.chmod(0o600)
+        assert loose_files(config.load(str(path))) == []

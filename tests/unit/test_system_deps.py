@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import INSTALL_HINTS, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["redis-server", "nginx-light", "wrk", "curl", "iproute2", "clang"]
+PACKAGES = ["redis-server", "redis-tools", "nginx-light", "wrk", "curl", "iproute2", "clang"]
 
 
 def makefile_tools() -> dict:
@@ -74,7 +74,7 @@ def test_a_clean_machine_gets_every_package(stub_path):
 
 def test_only_missing_packages_are_installed(stub_path):
     add_tool, run = stub_path
-    for name in ("redis-server", "nginx", "wrk", "ss", "clang"):
+    for name in ("redis-server", "redis-cli", "nginx", "wrk", "ss", "clang"):
         add_tool(name)
     assert run() == ["update -qq", "install -y -qq curl"]
     add_tool("curl")

@@ -183,14 +183,7 @@ class _Rule:
         return True
 
     def bucket_keys(self, ex) -> tuple[int, int]:
-        vals = []
-        for kind, name in self.per:
-            if kind == "header":
-                v = ex.header(name)
-                vals.append(v.decode("latin-1") if v is not None else "")
-            else:
-                vals.append(getattr(ex, kind))
-        vals = tuple(vals)
+        vals = per_values(self.per, ex)
         k = self.keys.get(vals)
         if k is None:
             base = self.prefix + "\x00".join(vals)
@@ -200,6 +193,18 @@ class _Rule:
                 self.keys.clear()
             self.keys[vals] = k
         return k
+
+
+def per_values(per, ex) -> tuple:
+    """The request's values of the `per` keys (kind, header name) of a rule."""
+    vals = []
+    for kind, name in per:
+        if kind == "header":
+            v = ex.header(name)
+            vals.append(v.decode("latin-1") if v is not None else "")
+        else:
+            vals.append(getattr(ex, kind))
+    return tuple(vals)
 
 
 _PLAN_CACHE = 4096     # distinct (consumer, model, ...) tuples whose plans are kept
@@ -214,12 +219,13 @@ class _Plan(BucketPlan):
     """The buckets one kind of request takes from: a BucketPlan (admission in C), plus per bucket its
     (key, capacity, rate) and (rule, "requests" or "tokens"), for refusal messages and the Redis backends."""
 
-    __slots__ = ("base", "kinds")
+    __slots__ = ("base", "kinds", "tag")
 
-    def __init__(self, keys: list, caps: list, rates: list, is_tok: list, heads: list, kinds: list):
+    def __init__(self, keys: list, caps: list, rates: list, is_tok: list, heads: list, kinds: list, tag: str = ""):
         super().__init__(keys, caps, rates, is_tok, heads)
         self.base = list(zip(keys, caps, rates))
         self.kinds = kinds
+        self.tag = tag          # the Redis hash tag of every bucket of the plan (one cluster slot)
 
     def items(self, tokens: float) -> list:
         """(key, capacity, rate, amount) per bucket, for the limiters' take_all."""
@@ -248,6 +254,10 @@ class RateLimit(Policy):
         if config.default_completion_tokens < 0:
             raise FieldError("default_completion_tokens", "must be >= 0")
         self.rules = [_Rule(i, r, config.id) for i, r in enumerate(config.rules)]
+        # Redis keys carry a hash tag made of the `per` keys every rule has (e.g. the consumer): all the buckets
+        # one request takes from are then in one Redis Cluster slot, so one Lua script takes them atomically, and
+        # different consumers' buckets spread over the cluster. No key common to every rule: one slot per policy.
+        self._tag_per = [p for p in self.rules[0].per if all(p in r.per for r in self.rules[1:])]
         self.backend = config.backend
         self._last_warn = 0.0
         # What the plan cache is keyed on: only the request attributes and headers some rule looks at.
@@ -333,7 +343,11 @@ class RateLimit(Policy):
                 break
         if not keys:
             return None
-        return _Plan(keys, caps, rates, is_tok, heads, kinds)
+        return _Plan(keys, caps, rates, is_tok, heads, kinds, self._tag(ex))
+
+    def _tag(self, ex) -> str:
+        b = "\x00".join((self.config.id,) + per_values(self._tag_per, ex)).encode("utf-8", "surrogatepass")
+        return f"{xxhash.xxh3_64_intdigest(b):016x}"
 
     # The x-ratelimit-* lines are added to ex.response_headers at admission (there is no response_headers
     # hook: one Python call less per request); every response to the request carries them, refusals by
@@ -366,7 +380,7 @@ class RateLimit(Policy):
     async def _remote_take(self, ex, plan, tokens, items):
         from fastgw.policies.redis_client import RedisError
         try:
-            fail, rem = await self.limiter.take_all(items)
+            fail, rem = await self.limiter.take_all(items, plan.tag)
         except RedisError as exc:
             self._redis_failed(exc)
             if self.config.fail_open:
@@ -438,14 +452,14 @@ class RateLimit(Policy):
             return None
         settle = plan.settle_items(tokens - actual)
         if self.backend == "redis":
-            return self._remote_settle(settle)
+            return self._remote_settle(settle, plan.tag)
         self.limiter.settle(settle)
         return None
 
-    async def _remote_settle(self, settle):
+    async def _remote_settle(self, settle, tag):
         from fastgw.policies.redis_client import RedisError
         try:
-            await self.limiter.settle(settle)
+            await self.limiter.settle(settle, tag)
         except RedisError as exc:
             self._redis_failed(exc)
 

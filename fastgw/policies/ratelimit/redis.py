@@ -34,8 +34,9 @@ import time
 from fastgw.policies.ratelimit.bucket import BucketArena
 from fastgw.policies.redis_client import RedisClient, RedisError, Script
 
-__all__ = ["RedisLimiter", "HybridLimiter", "TAKE", "LEASE", "CHARGE"]
+__all__ = ["RedisLimiter", "HybridLimiter", "TAKE", "LEASE", "CHARGE", "SETTLE_RETRY_S"]
 
+SETTLE_RETRY_S = 5.0  # a settle that could not be sent is tried again this long (a failover takes seconds)
 _MAX_LEASES = 3     # leases one request may make itself before it gives up (others keep draining the pools)
 
 _REFILL = """
@@ -115,32 +116,39 @@ class RedisLimiter:
         self.client = client
         self.prefix = prefix
 
-    def _key(self, key_hash: int) -> str:
-        return f"{self.prefix}{key_hash:016x}"
+    def _key(self, key_hash: int, tag: str) -> str:
+        # "{tag}": the hash tag that puts every bucket of one request in one cluster slot (see RateLimit._tag).
+        return f"{self.prefix}{{{tag}}}{key_hash:016x}"
 
-    async def _run(self, mode: str, items):
-        keys = [self._key(it[0]) for it in items]
+    async def _run(self, mode: str, items, tag: str, retry_for: float = 0.0):
+        keys = [self._key(it[0], tag) for it in items]
         args = [mode]
         for _, cap, rate, amount in items:
             args += (repr(float(cap)), repr(float(rate)), repr(float(amount)))
-        return await self.client.evalsha(TAKE, keys, args)
+        return await self.client.evalsha(TAKE, keys, args, retry_for)
 
-    async def take_all(self, items) -> tuple[int, list[float]]:
-        """As LocalLimiter.take_all, atomically in one round trip."""
-        out = await self._run("take", items)
+    async def take_all(self, items, tag: str) -> tuple[int, list[float]]:
+        """As LocalLimiter.take_all, atomically in one round trip. `tag`: the buckets' hash tag."""
+        out = await self._run("take", items, tag)
         return int(out[0]) - 1, [float(x) for x in out[1:]]
 
-    async def settle(self, items) -> None:
-        await self._run("settle", items)
+    async def settle(self, items, tag: str) -> None:
+        """Correct reservations with the real usage; tried again for SETTLE_RETRY_S while Redis cannot be
+        reached (a failover): the admission was counted, its correction should be too."""
+        await self._run("settle", items, tag, SETTLE_RETRY_S)
 
-    async def lease(self, key_hash: int, cap: float, rate: float, want: float, need: float) -> tuple[float, float]:
-        out = await self.client.evalsha(LEASE, [self._key(key_hash)],
+    async def lease(self, key_hash: int, cap: float, rate: float, want: float, need: float,
+                    tag: str) -> tuple[float, float]:
+        out = await self.client.evalsha(LEASE, [self._key(key_hash, tag)],
                                         [repr(float(cap)), repr(float(rate)), repr(float(want)), repr(float(need))])
         return float(out[0]), float(out[1])
 
     async def charge(self, key: str, limit: float, amount: float, check: bool, ttl_s: int) -> tuple[bool, float]:
+        """Add `amount` to a period counter (checked against `limit` when `check`). An unchecked charge (a
+        settle, a give-back) is tried again for SETTLE_RETRY_S while Redis cannot be reached."""
         out = await self.client.evalsha(CHARGE, [self.prefix + key],
-                                        [repr(float(limit)), repr(float(amount)), "1" if check else "0", str(ttl_s)])
+                                        [repr(float(limit)), repr(float(amount)), "1" if check else "0", str(ttl_s)],
+                                        0.0 if check else SETTLE_RETRY_S)
         return bool(int(out[0])), float(out[1])
 
 
@@ -203,7 +211,7 @@ class HybridLimiter:
     def _remaining(self, items) -> list[float]:
         return [self.remote_left.get(k, c) + self.balance(k) for k, c, _, _ in items]
 
-    async def take_all(self, items) -> tuple[int, list[float]]:
+    async def take_all(self, items, tag: str) -> tuple[int, list[float]]:
         res = self.try_take_all(items)
         if res is not None:
             return res
@@ -221,7 +229,7 @@ class HybridLimiter:
                 left = await asyncio.shield(pending)    # shield: our cancellation must not cancel theirs
             elif own < _MAX_LEASES:
                 own += 1
-                left = await self._lease(key, cap, rate, amount - self.balance(key))
+                left = await self._lease(key, cap, rate, amount - self.balance(key), tag)
             else:
                 break
             res = self.try_take_all(items)
@@ -233,13 +241,13 @@ class HybridLimiter:
         i = self._short(items)
         return max(i, 0), self._remaining(items)
 
-    async def _lease(self, key: int, cap: float, rate: float, need: float) -> float | None:
+    async def _lease(self, key: int, cap: float, rate: float, need: float, tag: str) -> float | None:
         """Lease a chunk (at least `need`) from Redis into the pool of bucket `key`; requests of this worker
         that need it meanwhile await this lease. Returns Redis's tokens left (the grant is 0 when fewer than
         `need` were there)."""
         fut = self._leasing[key] = asyncio.get_running_loop().create_future()
         try:
-            grant, left = await self.remote.lease(key, cap, rate, max(math.ceil(cap * self.lease), need), need)
+            grant, left = await self.remote.lease(key, cap, rate, max(math.ceil(cap * self.lease), need), need, tag)
             self.remote_left[key] = left
             if grant > 0:
                 self.arena.charge(self.pool_key(key), self._epoch(), 0.0, -grant, False, True)
