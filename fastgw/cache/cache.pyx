@@ -64,7 +64,7 @@ cdef class ResponseCache:
         if self.model_ttl and self._ttl(ex) <= 0.0:
             return self._bypass(ex, "model")
         scope = ex.consumer if self.scope == "consumer" else ex.group if self.scope == "group" else ""
-        key, why = request_key(ex.body, ex.endpoint, ex.model, scope, self.allow_temperature, self.no_tools)
+        key, why = request_key(ex.body, ex.fields, ex.endpoint, ex.model, scope, self.allow_temperature, self.no_tools)
         if key is None:
             return self._bypass(ex, why)
         ex.cache_key = key

@@ -1,2 +1,2 @@
-cpdef object request_key(bytes body, str endpoint, str model, str scope, bint allow_temperature,
+cpdef object request_key(bytes body, object fields, str endpoint, str model, str scope, bint allow_temperature,
                          frozenset no_tools)

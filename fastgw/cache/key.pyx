@@ -20,6 +20,7 @@ config declares uncacheable (a side effect the caller expects to happen every ti
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memcmp, memcpy
 
+from fastgw.protocol.jsonpeek cimport KEPT_MEMBERS, RequestFields
 from fastgw.protocol.jsonskip cimport skip_string, skip_value, skip_ws
 
 import orjson
@@ -61,60 +62,108 @@ cdef inline int _name_cmp(const unsigned char* d, Member* a, Member* b) noexcept
     return (la > lb) - (la < lb)
 
 
-cpdef object request_key(bytes body, str endpoint, str model, str scope, bint allow_temperature,
+cpdef object request_key(bytes body, object fields, str endpoint, str model, str scope, bint allow_temperature,
                          frozenset no_tools):
     """(16-byte key, "") for a cacheable request, else (None, why: "n", "temperature", "tool" or "body").
 
-    The members are found as spans (no bytes object per member), sorted by name (an insertion sort: a request has
-    a handful), and written once into the buffer that is hashed."""
+    `fields`: the body's RequestFields (jsonpeek.peek_request), whose top-level member spans are used when it kept
+    them all; else (None, or more members than it keeps) the body is walked here. The members are sorted by name
+    (an insertion sort: a request has a handful) and written once into the buffer that is hashed."""
     cdef const unsigned char* d = <const unsigned char*>PyBytes_AS_STRING(body)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), i, total, k, j
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
     cdef Member members[MAX_MEMBERS]
-    cdef Member m
+    cdef int count
+    cdef RequestFields f
+    if fields is not None and (<RequestFields?>fields).members <= KEPT_MEMBERS:
+        f = <RequestFields>fields
+        count = _from_fields(d, f, members)
+    else:
+        count = _walk(d, n, members)
+    if count < 0:
+        return None, "body"
+    cdef Member* m
+    cdef int k, kept = 0
+    for k in range(count):
+        m = &members[k]
+        if _ignored(d, m):
+            continue
+        if _named(d, m, b'"n"', 3) and not (_value_is(d, m, b"1", 1) or _value_is(d, m, b"null", 4)):
+            return None, "n"
+        if (_named(d, m, b'"temperature"', 13) and not allow_temperature
+                and not _value_is(d, m, b"null", 4) and _nonzero(body[m.vs:m.ve])):
+            return None, "temperature"
+        if no_tools and _named(d, m, b'"tools"', 7):
+            tools = _loads(body[m.vs:m.ve])
+            if type(tools) is list and _names_any(<list>tools, no_tools):
+                return None, "tool"
+        _insert(d, members, kept, m[0])
+        kept += 1
+    return _digest(_canonical(d, members, kept, endpoint, model, scope)), ""
+
+
+cdef int _from_fields(const unsigned char* d, RequestFields f, Member* out) noexcept:
+    """The members from peek_request's spans; a name ends at the quote before its colon."""
+    cdef int k
+    cdef Py_ssize_t q
+    for k in range(f.members):
+        out[k].ks = f.member_name[k]
+        out[k].vs = f.member_value[k]
+        out[k].ve = f.member_end[k]
+        q = out[k].vs - 1
+        while d[q] != 58:                               # back over whitespace to the colon,
+            q -= 1
+        q -= 1
+        while d[q] != 34:                               # then to the name's closing quote
+            q -= 1
+        out[k].ke = q + 1
+    return f.members
+
+
+cdef int _walk(const unsigned char* d, Py_ssize_t n, Member* out) noexcept:
+    """The top-level members of a body (validated already) found by skipping; -1: not an object, or more than
+    MAX_MEMBERS members."""
+    cdef Py_ssize_t i
     cdef int count = 0
     i = skip_ws(d, 0, n)
     if i >= n or d[i] != 123:                           # {
-        return None, "body"
+        return -1
     i = skip_ws(d, i + 1, n)
     while i < n and d[i] != 125:                        # }
-        m.ks = i
-        m.ke = skip_string(d, i, n)
-        if m.ke < 0:
-            return None, "body"
-        i = skip_ws(d, m.ke, n)
+        if count == MAX_MEMBERS:
+            return -1
+        out[count].ks = i
+        out[count].ke = skip_string(d, i, n)
+        if out[count].ke < 0:
+            return -1
+        i = skip_ws(d, out[count].ke, n)
         if i >= n or d[i] != 58:                        # :
-            return None, "body"
-        m.vs = skip_ws(d, i + 1, n)
-        i = skip_value(d, m.vs, n)
+            return -1
+        out[count].vs = skip_ws(d, i + 1, n)
+        i = skip_value(d, out[count].vs, n)
         if i < 0:
-            return None, "body"
-        m.ve = i
-        if not _ignored(d, &m):
-            if _named(d, &m, b'"n"', 3) and not (_value_is(d, &m, b"1", 1) or _value_is(d, &m, b"null", 4)):
-                return None, "n"
-            if (_named(d, &m, b'"temperature"', 13) and not allow_temperature
-                    and not _value_is(d, &m, b"null", 4) and _nonzero(body[m.vs:m.ve])):
-                return None, "temperature"
-            if no_tools and _named(d, &m, b'"tools"', 7):
-                tools = _loads(body[m.vs:m.ve])
-                if type(tools) is list and _names_any(<list>tools, no_tools):
-                    return None, "tool"
-            if count == MAX_MEMBERS:
-                return None, "body"
-            # insertion sort by name, stable (a repeated name keeps its order)
-            k = count
-            while k > 0 and _name_cmp(d, &members[k - 1], &m) > 0:
-                members[k] = members[k - 1]
-                k -= 1
-            members[k] = m
-            count += 1
+            return -1
+        out[count].ve = i
+        count += 1
         i = skip_ws(d, i, n)
         if i < n and d[i] == 44:                        # ,
             i = skip_ws(d, i + 1, n)
-    if i >= n:
-        return None, "body"
+    return count if i < n else -1
+
+
+cdef inline void _insert(const unsigned char* d, Member* sorted_, int count, Member m) noexcept:
+    """Insert m into sorted_[0:count] by name, after equal names (a repeated name keeps its order)."""
+    cdef int k = count
+    while k > 0 and _name_cmp(d, &sorted_[k - 1], &m) > 0:
+        sorted_[k] = sorted_[k - 1]
+        k -= 1
+    sorted_[k] = m
+
+
+cdef bytes _canonical(const unsigned char* d, Member* members, int count, str endpoint, str model, str scope):
+    """endpoint NUL model NUL scope NUL, then name:value, for each member."""
     cdef bytes head = (endpoint + "\0" + model + "\0" + scope + "\0").encode()
-    total = PyBytes_GET_SIZE(head)
+    cdef Py_ssize_t total = PyBytes_GET_SIZE(head), j
+    cdef int k
     for k in range(count):
         total += (members[k].ke - members[k].ks) + (members[k].ve - members[k].vs) + 2
     cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
@@ -130,7 +179,7 @@ cpdef object request_key(bytes body, str endpoint, str model, str scope, bint al
         memcpy(w, d + members[k].vs, j)
         w[j] = 44
         w += j + 1
-    return _digest(out), ""
+    return out
 
 
 cdef bint _nonzero(bytes number) except -1:

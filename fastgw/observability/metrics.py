@@ -201,6 +201,7 @@ class Stats(RequestStats):
         counters["fallbacks"] = self._fallbacks
         counters["breaker_opens"] = self._breaker_opens
         counters["estimated_costs"] = self._estimated_costs
+        self.cache_flush()
         counters["cache_lookups"] = self._cache_lookups
         counters["cache_bytes"] = self._cache_bytes
         counters.update(self._pool_counters)

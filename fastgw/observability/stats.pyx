@@ -60,11 +60,30 @@ cdef class RequestStats:
         self._cache_bytes = {}
 
     cpdef cache_lookup(self, str model, str result, long long served):
-        """A cacheable request's result (hit, miss, refresh, bypass); `served`: the bytes a hit answered. Compiled:
-        a hit is the cheapest request the gateway serves, and this runs on every one."""
+        """A cacheable request's result (hit, miss, refresh, bypass, semantic_hit); `served`: the bytes a hit
+        answered. Compiled: a hit is the cheapest request the gateway serves, and this runs on every one."""
+        if result == "hit":
+            if model is not self._hits_model:
+                self.cache_flush()
+                self._hits_model = model
+            self._hits += 1
+            self._hits_served += served
+            return
         self._cache_count(self._cache_lookups, (model, result), 1)
         if served:
             self._cache_count(self._cache_bytes, (model, "served"), served)
+
+    cpdef cache_flush(self):
+        """Move the hits counted in C into the counters' dicts (before they are read)."""
+        if self._hits_model is None:
+            return
+        model = self._hits_model
+        self._hits_model = None
+        if self._hits:
+            self._cache_count(self._cache_lookups, (model, "hit"), self._hits)
+        if self._hits_served:
+            self._cache_count(self._cache_bytes, (model, "served"), self._hits_served)
+        self._hits = self._hits_served = 0
 
     cpdef cache_stored(self, str model, long long nbytes):
         self._cache_count(self._cache_bytes, (model, "stored"), nbytes)

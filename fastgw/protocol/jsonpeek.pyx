@@ -73,6 +73,10 @@ cdef struct Fields:
     int64_t completion_tokens
     int64_t input_tokens
     int64_t output_tokens
+    int members                     # top-level members seen (MODE_REQUEST), the first KEPT_MEMBERS kept:
+    const uchar* member_name[KEPT_MEMBERS]    # each name's opening quote,
+    const uchar* member_value[KEPT_MEMBERS]   # its value's first byte
+    const uchar* member_end[KEPT_MEMBERS]     # and the byte after it
 
 cdef signed char HEX[256]
 cdef int _i
@@ -718,12 +722,14 @@ cdef const uchar* scan_object(const uchar* p, const uchar* end, int depth, Field
     """p at '{' of an object at nesting level `depth` (top level = 1) whose keys are matched per `mode`.
     Validates it; returns the byte after its closing brace, or NULL."""
     cdef const uchar* vs
+    cdef const uchar* ks
     cdef int kid
     if depth > MAX_DEPTH:
         return NULL
     p = skip_ws(p + 1)
     if p[0] != 125:
         while True:
+            ks = p
             vs = read_key(p, end, mode, &kid)
             if vs == NULL:
                 return NULL
@@ -739,6 +745,12 @@ cdef const uchar* scan_object(const uchar* p, const uchar* end, int depth, Field
                 return NULL
             if kid != K_NONE:
                 record(f, kid, vs, p)
+            if depth == 1 and mode == MODE_REQUEST:
+                if f.members < KEPT_MEMBERS:
+                    f.member_name[f.members] = ks
+                    f.member_value[f.members] = vs
+                    f.member_end[f.members] = p
+                f.members += 1
             p = skip_ws(p)
             if p[0] == 44:
                 p = skip_ws(p + 1)
@@ -842,6 +854,7 @@ cdef inline void fields_init(Fields* f, const uchar* base) noexcept nogil:
     f.stream = f.include_usage = f.has_n = f.usage_is_object = False
     f.n = f.max_tokens = f.max_completion_tokens = f.max_output_tokens = -1
     f.prompt_tokens = f.completion_tokens = f.input_tokens = f.output_tokens = -1
+    f.members = 0
 
 
 cdef bint scan_document(object body, Fields* f, int mode) except -1:
@@ -895,21 +908,14 @@ cdef str decode_str(const uchar* s, const uchar* e):
 
 
 @cython.freelist(16)
-@cython.final
 cdef class RequestFields:
-    """The top-level request fields the gateway reads; see peek_request. Offsets index the body bytes."""
-    cdef readonly object model           # str | None: "model" when it is a string (escapes decoded)
-    cdef readonly Py_ssize_t model_start  # span of the "model" value, quotes included; -1 if absent
-    cdef readonly Py_ssize_t model_end
-    cdef readonly bint stream            # "stream" is literally true
-    cdef readonly Py_ssize_t stream_options_start  # span of the "stream_options" value; -1 if absent
-    cdef readonly Py_ssize_t stream_options_end
-    cdef readonly bint include_usage     # "stream_options" is an object whose "include_usage" is true
-    cdef readonly Py_ssize_t object_end  # offset of the top-level closing brace
-    cdef readonly bint has_n             # a top-level "n" member is present (any value)
-    cdef readonly long long n            # "n" as a non-negative integer, else -1
-    cdef readonly long long max_tokens   # max_completion_tokens, else max_tokens, else max_output_tokens; -1
-    cdef readonly object user            # str | None: "user" when it is a string
+    """The top-level request fields the gateway reads; see peek_request. Offsets index the body bytes. Its
+    fields are declared in jsonpeek.pxd."""
+
+    def member_spans(self):
+        """[(name start, value start, value end)] of the kept top-level members, in body order (for tests)."""
+        return [(self.member_name[k], self.member_value[k], self.member_end[k])
+                for k in range(self.members if self.members < KEPT_MEMBERS else KEPT_MEMBERS)]
 
     def __repr__(self):
         return (f"RequestFields(model={self.model!r}, model_start={self.model_start}, "
@@ -958,6 +964,12 @@ def peek_request(body):
         r.user = decode_str(f.user_s, f.user_e)
     else:
         r.user = None
+    r.members = f.members
+    cdef int k
+    for k in range(f.members if f.members < KEPT_MEMBERS else KEPT_MEMBERS):
+        r.member_name[k] = f.member_name[k] - b
+        r.member_value[k] = f.member_value[k] - b
+        r.member_end[k] = f.member_end[k] - b
     return r
 
 

@@ -70,7 +70,21 @@ def check_request(body):
     assert f.has_n is ("n" in d)
     assert f.n == nonneg_int(d.get("n"))
     assert f.max_tokens == expected_max_tokens(d)
+    check_member_spans(body, f, d)
     return d
+
+
+def check_member_spans(body, f, d):
+    """The top-level members' spans (the cache key's input): every member in body order, duplicates included."""
+    pairs = json.loads(body, object_pairs_hook=lambda kv: kv)
+    assert f.members == len(pairs)
+    names = [k for k, _ in pairs]
+    for (ks, vs, ve), name in zip(f.member_spans(), names):
+        assert body[ks:ks + 1] == b'"'
+        assert json.loads(body[ks:vs].rstrip(b" \t\r\n")[:-1]) == name
+        value = orjson.loads(body[vs:ve])
+        if names.count(name) == 1:
+            assert value == d[name]
 
 
 def check_response(body):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fastgw.cache import entry as E
 from fastgw.cache.key import request_key
+from fastgw.protocol.jsonpeek import peek_request
 
 IGNORED = {"model", "user", "stream", "stream_options", "store", "metadata", "safety_identifier", "prompt_cache_key"}
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.text(max_size=20))
@@ -32,18 +33,22 @@ def reference(body: dict, endpoint, model, scope):
 @given(body=bodies, scope=st.sampled_from(["", "alice", "team"]))
 def test_key_matches_reference_and_ignores_member_order_and_whitespace(body, scope):
     raw = orjson.dumps(body)
-    key, why = request_key(raw, "/v1/chat/completions", "gpt", scope, False, frozenset())
+    key, why = request_key(raw, None, "/v1/chat/completions", "gpt", scope, False, frozenset())
     assert key == reference(body, "/v1/chat/completions", "gpt", scope)
+    # from peek_request's member spans (the gateway's way), the same key as from walking the body
+    assert request_key(raw, peek_request(raw), "/v1/chat/completions", "gpt", scope, False, frozenset())[0] == key
     # other member order and whitespace between members: the same key
     shuffled = b"{ " + b" ,\n ".join(orjson.dumps(k) + b" : " + orjson.dumps(v)
                                      for k, v in reversed(list(body.items()))) + b" }"
-    assert request_key(shuffled, "/v1/chat/completions", "gpt", scope, False, frozenset())[0] == key
-    assert request_key(raw, "/v1/completions", "gpt", scope, False, frozenset())[0] != key
-    assert request_key(raw, "/v1/chat/completions", "gpt", scope + "x", False, frozenset())[0] != key
+    assert request_key(shuffled, None, "/v1/chat/completions", "gpt", scope, False, frozenset())[0] == key
+    assert request_key(shuffled, peek_request(shuffled), "/v1/chat/completions", "gpt", scope, False,
+                       frozenset())[0] == key
+    assert request_key(raw, None, "/v1/completions", "gpt", scope, False, frozenset())[0] != key
+    assert request_key(raw, None, "/v1/chat/completions", "gpt", scope + "x", False, frozenset())[0] != key
 
 
 def test_what_is_not_cacheable():
-    k = lambda b, allow=False, tools=frozenset(): request_key(orjson.dumps(b), "/v1/chat/completions", "m", "",
+    k = lambda b, allow=False, tools=frozenset(): request_key(orjson.dumps(b), peek_request(orjson.dumps(b)), "/v1/chat/completions", "m", "",
                                                               allow, tools)
     assert k({"messages": [], "n": 2}) == (None, "n")
     assert k({"messages": [], "temperature": 0.3}) == (None, "temperature")
@@ -52,7 +57,7 @@ def test_what_is_not_cacheable():
     tools = [{"type": "function", "function": {"name": "send_email"}}]
     assert k({"messages": [], "tools": tools}, tools=frozenset({"send_email"})) == (None, "tool")
     assert k({"messages": [], "tools": tools}, tools=frozenset({"other"}))[0] is not None
-    assert request_key(b"[1]", "/v1/chat/completions", "m", "", False, frozenset()) == (None, "body")
+    assert request_key(b"[1]", None, "/v1/chat/completions", "m", "", False, frozenset()) == (None, "body")
 
 
 CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 7, "model": "m", "system_fingerprint": "fp"}
@@ -85,3 +90,13 @@ def test_stream_entry_round_trips():
 
 def test_error_events_are_never_stored():
     assert E.encode_stream(sse({**CHUNK, "choices": []}, {"error": {"message": "boom"}}), -1, -1) is None
+
+
+def test_many_members_are_walked_and_give_the_same_key():
+    # More top-level members than peek_request keeps spans for: the key walks the body, with the same result.
+    body = {f"k{i:02d}": i for i in range(40)}
+    raw = orjson.dumps(body)
+    f = peek_request(raw)
+    assert f.members == 40 and len(f.member_spans()) == 16
+    assert request_key(raw, f, "/v1/chat/completions", "m", "", False, frozenset())[0] == reference(
+        body, "/v1/chat/completions", "m", "")
