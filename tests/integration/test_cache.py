@@ -191,3 +191,47 @@ def test_redis_backend_shared_by_instances_and_outage_is_a_miss(tmp_path, mock, 
     assert chat(a, max_tokens=4)[1] == "miss"
     wait_for(lambda: chat(a, max_tokens=4)[1] == "hit", what="a stores and hits again once Redis is back")
     assert chat(b, max_tokens=4)[1] == "hit"
+
+
+def test_ttl_per_model_and_a_translated_provider(tmp_path, mock, start_gateway):
+    # model_ttl by the config's model name: 0 = never cached, 1 s = expires; an Anthropic deployment's answer is
+    # cached as the OpenAI-shaped answer its client got, and served identically.
+    root = mock.url.removesuffix("/v1")
+    models = f"""
+[[models]]
+name = "never"
+[[models.deployments]]
+url = "{mock.url}"
+[[models]]
+name = "fast"
+[[models.deployments]]
+url = "{mock.url}"
+[[models]]
+name = "claude"
+[[models.deployments]]
+url = "{root}"
+provider = "anthropic"
+model = "claude-sonnet-4-20250514"
+key_env = "ANTHROPIC_TEST_KEY"
+"""
+    d = tmp_path / "policies"
+    d.mkdir()
+    (d / "10-auth.toml").write_text('policy = "key-auth"\n' + "".join(
+        f'[[consumers]]\nname = "{n}"\nkeys = ["{hash_key(k)}"]\n' for n, k in KEYS.items()))
+    cfg = (f'policies_dir = "{d}"\n[cache]\nenabled = true\nmodel_ttl = {{ never = 0, fast = 1.0 }}\n'
+           + models + model_config(mock.url, name="*"))
+    gw = start_gateway(cfg, env={"ANTHROPIC_TEST_KEY": "sk-ant-test"})
+
+    def ask(model):
+        raw = sdk(gw).chat.completions.with_raw_response.create(model=model, messages=MSGS, max_tokens=20)
+        return raw.parse(), raw.headers.get("x-fastgw-cache")
+
+    assert [ask("never")[1] for _ in range(2)] == ["bypass", "bypass"]
+    assert [ask("fast")[1], ask("fast")[1]] == ["miss", "hit"]
+    assert ask("gpt-4o-mini")[1] == "miss"
+    wait_for(lambda: ask("fast")[1] == "miss", timeout=5, what="the 1 s entry to expire")
+    assert ask("gpt-4o-mini")[1] == "hit"                       # the default ttl (3600 s) still holds
+    first, h1 = ask("claude")
+    again, h2 = ask("claude")
+    assert (h1, h2) == ("miss", "hit") and again.model_dump() == first.model_dump()
+    assert first.choices[0].message.content
