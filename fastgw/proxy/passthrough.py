@@ -23,7 +23,7 @@ import orjson
 
 from fastgw.errors import GatewayError
 from fastgw.protocol.jsonpeek import peek_request
-from fastgw.routing.resources import ID_FIELDS, MADE_FIELDS, is_resource_id, map_for, owner_key
+from fastgw.routing.resources import ID_FIELDS, PRODUCED_FIELDS, PRODUCERS, is_resource_id, map_for, owner_key
 
 # Methods a pass-through endpoint may be asked with (OpenAI's API uses GET, POST and DELETE).
 METHODS = frozenset((b"GET", b"POST", b"DELETE", b"PUT", b"PATCH"))
@@ -170,7 +170,9 @@ class Passthrough:
             if whole:
                 return _only_owned(obj, resources, owner, self.deny_unknown)
             return None
-        for rid in _made_ids(obj):
+        if ex.path.endswith("/content"):
+            return None                     # a file's content is the client's own data, not an answer about ids
+        for rid in _made_ids(obj, ex.method):
             known = resources.lookup(rid)
             if known is None:
                 resources.record(rid, owner, deployment.seed)
@@ -198,11 +200,18 @@ def _named_ids(path: str, body_obj):
         yield from _ids_in(body_obj, ID_FIELDS)
 
 
-def _made_ids(obj: dict):
-    yield from _ids_in(obj, MADE_FIELDS)
-    made = obj.get("file")                  # an upload's completion: the File it made
-    if isinstance(made, dict) and is_resource_id(made.get("id")):
-        yield made["id"]
+def _made_ids(obj: dict, method: bytes):
+    """What an answer made, and so belongs to the requester now: the object a POST created (and an upload's
+    completed File), and the files a batch or fine-tuning job produced. Never an id an answer merely mentions:
+    recorded as the requester's, it would hand them a resource the gateway had not seen made."""
+    if method == b"POST":
+        if is_resource_id(obj.get("id")):
+            yield obj["id"]
+        made = obj.get("file")              # an upload's completion: the File it made
+        if isinstance(made, dict) and is_resource_id(made.get("id")):
+            yield made["id"]
+    if obj.get("object") in PRODUCERS:
+        yield from _ids_in(obj, PRODUCED_FIELDS)
 
 
 def _ids_in(obj: dict, fields):

@@ -38,8 +38,9 @@ ID_PREFIXES = ("file-", "batch_", "vs_", "vsfb_", "ftjob-", "ftckpt-", "ftevent-
 # Request body fields that name a resource (a string, or a list of them).
 ID_FIELDS = ("input_file_id", "file_id", "file_ids", "training_file", "validation_file", "previous_response_id",
              "vector_store_id", "vector_store_ids", "assistant_id", "thread_id", "conversation")
-# Answer fields naming resources the upstream made for the request (a batch's output file, an upload's file...).
-MADE_FIELDS = ("id", "output_file_id", "error_file_id", "result_files", "fine_tuned_model")
+# Files a batch or a fine-tuning job produced, named in its answers: they belong to whoever owns the job.
+PRODUCED_FIELDS = ("output_file_id", "error_file_id", "result_files")
+PRODUCERS = frozenset(("batch", "fine_tuning.job"))
 
 
 def is_resource_id(value) -> bool:

@@ -198,3 +198,31 @@ def test_bad_uploads_are_clear_errors(mock, start_gateway):
     assert out.startswith(b"HTTP/1.1 405") and b"method_not_allowed" in out
     assert client(gw).moderations.create(model="m", input="still serving").results    # the worker is fine
     assert "Traceback" not in gw.ops_log()
+
+
+def test_an_id_an_answer_only_mentions_is_not_given_to_the_requester(tmp_path, start_gateway, monkeypatch):
+    # A GET's answer naming an id the gateway never saw made (an upstream's listing, a client's own JSON) must not
+    # make that id the requester's: under unknown_resources = "deny" it stays refused. Only what a POST created (and
+    # a batch's or job's produced files) is recorded.
+    from tests.integration import faulty_upstream as fu
+
+    def echo_id(up, conn, req, cid):
+        conn.sendall(fu.json_response(orjson.dumps({"id": req.headers["x-echo-id"], "object": "file"})))
+        return True
+
+    monkeypatch.setitem(fu.FAULTS, "echo-id", echo_id)
+    up = fu.FaultyUpstream()
+    try:
+        gw = start_gateway(auth_policies(tmp_path) + model_config(up.url, name="*"))
+        h = httpx.Client(base_url=gw.base, headers={"authorization": f"Bearer {KEYS['bob']}"}, timeout=10)
+        r = h.get("/v1/files/list-ish", headers={"x-fault": "echo-id", "x-echo-id": "file-never-made-here"})
+        assert r.status_code == 200 and r.json()["id"] == "file-never-made-here"
+        r = h.get("/v1/files/file-never-made-here", headers={"x-fault": "echo-id", "x-echo-id": "file-x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "resource_not_found"
+        r = h.post("/v1/files", headers={"x-fault": "echo-id", "x-echo-id": "file-made-by-bob"},
+                   files={"file": ("a.txt", b"hi")}, data={"purpose": "user_data"})
+        assert r.status_code == 200                      # a POST's answer: created, bob's from now on
+        r = h.get("/v1/files/file-made-by-bob", headers={"x-fault": "echo-id", "x-echo-id": "file-made-by-bob"})
+        assert r.status_code == 200
+    finally:
+        up.stop()
