@@ -182,8 +182,8 @@ class Passthrough:
 
     def filters(self, ex) -> bool:
         """Is this request's answer a list to filter (read whole, then rewritten)? GETs of an authenticated
-        consumer."""
-        return ex.method == b"GET" and bool(ex.consumer)
+        consumer, but a file's content (relayed as it comes, however large)."""
+        return ex.method == b"GET" and bool(ex.consumer) and not ex.path.endswith("/content")
 
 
 def _names_fields(body: bytes) -> bool:
