@@ -56,7 +56,7 @@ _INTERNAL = "The gateway failed to process the request."
 
 cdef bint _is_upload(RequestParser p, str path) except -1:
     """A body to stream: one that is not JSON, on a pass-through endpoint (below /v1/, not a proxied or local one)."""
-    if not (p.chunked or p.content_length > 0) or not path.startswith("/v1/") or path in _PROXIED or path in _LOCAL:
+    if path in _PROXIED or not (p.chunked or p.content_length > 0) or not path.startswith("/v1/") or path in _LOCAL:
         return False
     ct = p.header(b"content-type")
     return ct is None or not ct.lower().lstrip().startswith(b"application/json")
@@ -299,10 +299,10 @@ cdef class ClientConnection(ClientSide):
         path = ex.path
         method = p.method
         try:
-            if path == "/v1/realtime":       # a WebSocket session (realtime.pyx) takes the connection over
-                start_realtime(self, ex, p)
+            messages_api = _PROXIED.get(path)   # first: the proxied endpoints are most of the traffic
+            if messages_api is None and path == "/v1/realtime":
+                start_realtime(self, ex, p)     # a WebSocket session (realtime.pyx) takes the connection over
                 return
-            messages_api = _PROXIED.get(path)
             if messages_api is not None:
                 ex.messages_api = messages_api is True
                 if method != b"POST":
