@@ -435,7 +435,7 @@ cdef class ClientConnection(ClientSide):
         ex.t_end = now()
         if ex.t_sent and not ex.upstream_wait:
             ex.upstream_wait = ex.t_end - ex.t_sent
-        if gw.complete_hooks:
+        if gw.complete_hooks and not ex.settled:
             run_complete(gw, ex)
         record(<RequestStats>gw.stats, <LineBuffer>gw.access_log, gw.log_hooks, gw.log, ex)
         ex._parser = None

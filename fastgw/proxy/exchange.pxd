@@ -21,6 +21,7 @@ cdef class Exchange:
     cdef public double cache_similarity
     cdef public bint messages_api    # the client speaks Anthropic's Messages API (POST /v1/messages...)
     cdef public bint passthrough     # another /v1 endpoint, passed through (fastgw.proxy.passthrough)
+    cdef public bint settled         # its complete phase ran already (a Realtime session settles each response)
     cdef public long long _prompt_estimate
     cdef public int status, events
     cdef public int attempts         # requests sent upstream for it (retries and fallbacks included)

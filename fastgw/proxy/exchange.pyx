@@ -5,6 +5,7 @@ Fields (all readable and writable from Python policies):
   request_id, client_addr, method (bytes), path, endpoint   the request
   body (bytes), fields (jsonpeek.RequestFields), model, stream, client_wants_usage
   passthrough                        another /v1 endpoint (files, images, audio...), passed through
+  settled                            the complete phase ran already: a Realtime session runs it per response
   messages_api                       the client speaks Anthropic's Messages API (/v1/messages...): answers
                                      and errors go back in Anthropic's shapes
   consumer, group                    set by an identity policy ("" when anonymous)

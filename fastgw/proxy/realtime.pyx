@@ -18,13 +18,16 @@ How a session flows (each step names the method):
 4. OPEN: bytes go both ways as they come, never re-framed, with backpressure both ways (a side whose transport
    is full for writing pauses reading the other). A FrameReader (fastgw/protocol/websocket.pyx) reads the
    upstream's frames as they pass: the `response.done` events' `response.usage` input/output tokens are summed
-   into ex.prompt_tokens / ex.completion_tokens. Another follows the client's frames, only to know where a frame
-   ends (a close frame of ours may only go in between frames) and whether the client sent a close.
+   and charged one response at a time (`_charge_response`): the complete phase settles the response's reservation
+   with its usage, then the request phase reserves for the next response, so each response counts as a request for
+   request limits, and a session whose consumer has run out of its limits or budget is closed (an `error` event,
+   then close frames 1008) instead of spending on until it ends. Another reader follows the client's frames, only
+   to know where a frame ends (a close frame of ours may only go in between frames) and whether the client sent a
+   close.
 5. The end: either side's connection closing (after the close frames went through, or not) closes the other and
-   ends the exchange at once (`_end`): client.exchange_over runs the complete phase, which charges the summed
-   usage to limits and budgets, and the access-log line is written (status 101, tokens, bytes in and out). A
-   client that vanishes closes the upstream at once. Usage is charged at the end of the session, not per
-   response.done: the policy API settles a request once (a long session can spend past a limit until it ends).
+   ends the exchange at once (`_end`): the last reservation is settled (with nothing, if no response came since),
+   and the access-log line is written with the session's totals (status 101, tokens, cost, bytes in and out). A
+   client that vanishes closes the upstream at once.
 
 Deadlines (the worker's sweeper calls check_deadline): the upgrade must be answered within the deployment's
 connect + first_byte timeouts; an open session is closed (close frames 1001 both ways) after SESSION_IDLE_TIMEOUT
@@ -41,7 +44,7 @@ from fastgw.protocol.http cimport RequestParser
 from fastgw.proxy.deadlines cimport now
 from fastgw.proxy.exchange cimport Exchange
 from fastgw.proxy.gateway cimport Gateway
-from fastgw.proxy.phases cimport refused, run_request
+from fastgw.proxy.phases cimport refused, run_complete, run_request
 from fastgw.proxy.relay cimport ClientSide
 from fastgw.routing.router cimport Deployment, Route, Router
 
@@ -174,6 +177,8 @@ cdef class RealtimeSession:
     cdef double deadline, last_active
     cdef object drain_timer
     cdef readonly long long responses
+    cdef long long total_in, total_out      # the session's usage (ex holds the current response's)
+    cdef double total_cost                  # what the budgets charged for the responses settled so far
 
     def __init__(self, ClientSide client, Exchange ex, bytes client_key, list query, bytes early):
         self.client = client
@@ -455,10 +460,56 @@ cdef class RealtimeSession:
             if type(usage) is not dict:
                 continue
             tin, tout = usage.get("input_tokens"), usage.get("output_tokens")
-            if type(tin) is int and tin >= 0:
-                ex.prompt_tokens = (ex.prompt_tokens if ex.prompt_tokens > 0 else 0) + tin
-            if type(tout) is int and tout >= 0:
-                ex.completion_tokens = (ex.completion_tokens if ex.completion_tokens > 0 else 0) + tout
+            self._charge_response(tin if type(tin) is int and 0 <= tin < 2**53 else 0,
+                                  tout if type(tout) is int and 0 <= tout < 2**53 else 0)
+            if self.state == DONE:
+                return
+
+    cdef void _charge_response(self, long long tin, long long tout) except *:
+        """A response of the session is done: charge it now, and reserve for the next one (module doc, step 4)."""
+        cdef Exchange ex = self.ex
+        cdef Gateway gw = self.gw
+        self.total_in += tin
+        self.total_out += tout
+        ex.prompt_tokens, ex.completion_tokens = tin, tout
+        if gw.complete_hooks:
+            ex.cost = 0.0
+            run_complete(gw, ex)            # settles this response's reservation with its usage
+            self.total_cost += ex.cost
+        ex.prompt_tokens = ex.completion_tokens = 0    # the next response's, so far
+        if not gw.request_hooks:
+            return
+        del ex.response_headers[:]          # the 101 went out long ago: the hooks' header lines go nowhere
+        try:
+            pending = run_request(gw, ex)
+        except GatewayError as err:
+            self._spent(err)
+            return
+        if pending is not None:
+            gw.loop.create_task(self._reserve_later(pending))
+
+    async def _reserve_later(self, pending):
+        try:
+            await pending
+        except GatewayError as err:
+            if self.state != DONE:
+                self._spent(err)
+        except Exception:
+            if self.state != DONE:
+                self._internal("realtime reservation failed")
+
+    cdef void _spent(self, object err):
+        """The consumer's limits or budget refuse the next response: tell the client why, then close."""
+        cdef Exchange ex = self.ex
+        refused(self.gw, ex, err)
+        ex.error = err.code or err.type
+        if _between_frames(self.from_upstream):
+            event = orjson.dumps({"type": "error", "event_id": f"event_fastgw_{ex.request_id}",
+                                  "error": orjson.loads(err.body())["error"]})
+            frame = _text_frame(event)
+            ex.bytes_out += len(frame)
+            self.transport.write(frame)
+        self._close_both(err.code or "policy_refused", False, 1008)
 
     cdef void _relay_up(self, bytes data) except *:
         """Client -> upstream: as it came (the client's frames are masked, as the upstream expects)."""
@@ -573,6 +624,15 @@ cdef class RealtimeSession:
         cdef Exchange ex = self.ex
         if error and not ex.error:
             ex.error = error
+        if self.state == OPEN and self.gw.complete_hooks:
+            # The last reservation, settled with what came since the last response (nothing, usually); the access
+            # log then gets the session's totals.
+            ex.cost = 0.0
+            run_complete(self.gw, ex)
+            ex.settled = True
+            ex.cost += self.total_cost
+        if self.total_in or self.total_out:
+            ex.prompt_tokens, ex.completion_tokens = self.total_in, self.total_out
         if abort_upstream and self.upstream is not None and not self.upstream.is_closing():
             self.upstream.abort()
         self._finish()
@@ -580,15 +640,17 @@ cdef class RealtimeSession:
             self.transport.close()
         self.client.exchange_over(ex)
 
-    cdef void _close_both(self, str error, bint protocol_error) except *:
+    cdef void _close_both(self, str error, bint protocol_error, int code=0) except *:
         """Our side ends an open session: a close frame each way where a frame may go, then close."""
-        code = 1002 if protocol_error else 1001
+        if code == 0:
+            code = 1002 if protocol_error else 1001
+        why = "limit reached" if code == 1008 else "going away"
         if _between_frames(self.from_upstream) and not protocol_error:
-            frame = close_frame(code, "going away")
+            frame = close_frame(code, why)
             self.ex.bytes_out += len(frame)
             self.transport.write(frame)
         if _between_frames(self.from_client) and self.upstream is not None:
-            self.upstream.write(close_frame(code, "going away", True))
+            self.upstream.write(close_frame(code, why, True))
         self._end(error, False)
 
     cdef void _internal(self, str what):
@@ -651,3 +713,15 @@ cdef void _note(Exchange ex, Deployment d, str kind) except *:
     if ex.upstream_errors is None:
         ex.upstream_errors = []
     ex.upstream_errors.append((d.name if d is not None else ex.upstream_name, kind))
+
+
+cdef bytes _text_frame(bytes payload):
+    """One unmasked text frame (server to client) holding `payload`."""
+    cdef Py_ssize_t n = len(payload)
+    if n < 126:
+        head = bytes((0x81, n))
+    elif n < 65536:
+        head = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return head + payload

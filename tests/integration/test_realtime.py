@@ -266,33 +266,55 @@ def test_drain_closes_sessions_with_1001(tmp_path, mock, start_gateway):
 # -- limits, budgets, providers, TLS ----------------------------------------------------------------------------
 
 
-def test_sessions_count_as_requests_and_their_usage_is_charged_to_budgets(tmp_path, mock, start_gateway):
-    """A session is one request to the request limits; its summed usage is charged when it ends: after a session
-    that spent past the budget, the next one is refused at the upgrade (429 insufficient_quota), and the one after
-    by the request limit (429 rate_limit_exceeded)."""
+def test_each_response_is_charged_and_a_spent_session_is_closed(tmp_path, mock, start_gateway):
+    """Each response.done is charged as it comes (its usage to limits and budgets) and the next response is
+    reserved: once the budget is spent, the session gets an `error` event and close frames 1008, not a free run
+    until it ends; the access line carries the session's totals; the next session is refused at the upgrade."""
     cfg = auth_config(mock.url, tmp_path)
     pdir = tmp_path / "policies"
-    (pdir / "20-rate.toml").write_text(
-        'policy = "rate-limit"\n[[rules]]\nper = ["consumer"]\nwindow = "hour"\nrequests = 2\n')
     # $1 a token: the cost in USD is the token count. No completion estimate: admission reserves nothing.
     (pdir / "30-budget.toml").write_text(
         'policy = "budget"\ndefault_completion_tokens = 0\n[[budgets]]\nconsumer = "alice"\nusd = 30\nperiod = "day"\n'
         '[prices.gpt-realtime]\ninput = 1000000.0\noutput = 1000000.0\n')
     gw = start_gateway(cfg)
     client = openai.OpenAI(base_url=gw.base + "/v1", api_key=KEY, max_retries=0)
+    usages = []
     with client.realtime.connect(model="gpt-realtime") as conn:
         conn.recv()
-        _, u1 = run_turn(conn, "one")
-        _, u2 = run_turn(conn, "two")
-    spent = u1.input_tokens + u1.output_tokens + u2.input_tokens + u2.output_tokens
-    assert spent > 30
+        while sum(u.input_tokens + u.output_tokens for u in usages) <= 30:   # responses until the budget is spent
+            usages.append(run_turn(conn, "again")[1])
+            assert len(usages) < 50
+        event = conn.recv()                          # then, unasked: the refusal of the next response, and the close
+        assert event.type == "error" and event.error.code == "insufficient_quota"
+        with pytest.raises(ConnectionClosed) as closed:
+            conn.recv()
+    assert closed.value.rcvd.code == 1008
+    spent = sum(u.input_tokens + u.output_tokens for u in usages)
+    assert spent > 30 and spent - (usages[-1].input_tokens + usages[-1].output_tokens) <= 30
     line = access_line(gw)
     assert line["cost_usd"] == pytest.approx(spent)
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (sum(u.input_tokens for u in usages),
+                                                                 sum(u.output_tokens for u in usages))
+    assert line["error"] == "insufficient_quota"
     with pytest.raises(InvalidStatus) as e:
         with client.realtime.connect(model="gpt-realtime"):
             pass
     assert e.value.response.status_code == 429
     assert orjson.loads(e.value.response.body)["error"]["code"] == "insufficient_quota"
+
+
+def test_each_response_counts_as_a_request(tmp_path, mock, start_gateway):
+    """The session's admission and each response's are requests to the request limits: with 3 an hour, a session
+    of two responses uses them all, and the next session is refused at the upgrade."""
+    cfg = auth_config(mock.url, tmp_path)
+    (tmp_path / "policies" / "20-rate.toml").write_text(
+        'policy = "rate-limit"\n[[rules]]\nper = ["consumer"]\nwindow = "hour"\nrequests = 3\n')
+    gw = start_gateway(cfg)
+    client = openai.OpenAI(base_url=gw.base + "/v1", api_key=KEY, max_retries=0)
+    with client.realtime.connect(model="gpt-realtime") as conn:
+        conn.recv()
+        run_turn(conn, "one")
+        run_turn(conn, "two")
     with pytest.raises(InvalidStatus) as e:
         with client.realtime.connect(model="gpt-realtime"):
             pass
