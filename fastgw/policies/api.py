@@ -21,6 +21,9 @@ Phases, in order (`ex` is the request's `fastgw.proxy.exchange.Exchange`):
     log(ex, record)            add fields to the access-log record (a dict). Never put keys or secrets there.
 
 `complete` and `log` always run, even when an earlier phase refused the request or the upstream failed.
+A Realtime session (GET /v1/realtime) is a run of responses: `request` runs at the upgrade and again after each
+response, `complete` after each response with that response's usage (and once more at the end, with what came
+since), so limits and budgets are charged as the session goes; a refusal of the next response closes the session.
 
 Besides the phases, one question the gateway asks policies:
 
