@@ -16,7 +16,7 @@ cdef class Gateway:
     # From the pipeline, per phase: the hooks that policies really implement.
     cdef readonly tuple access_hooks, request_hooks, response_hooks, stream_event_hooks, complete_hooks, log_hooks
     cdef readonly bint needs_usage, proxy_protocol
-    cdef readonly double keepalive_interval, stream_gap_timeout, total_timeout
+    cdef readonly double keepalive_interval, stream_gap_timeout, total_timeout, realtime_idle_timeout
     cdef readonly int tcp_keepalive_idle
     cdef readonly Py_ssize_t max_head, max_headers, max_body
     cdef readonly long long max_upload

@@ -79,6 +79,7 @@ cdef class Gateway:
         self.stream_gap_timeout = u.stream_gap_timeout
         self.total_timeout = u.total_timeout
         self.keepalive_interval = s.stream_keepalive_interval
+        self.realtime_idle_timeout = s.realtime_idle_timeout
         self.tcp_keepalive_idle = s.tcp_keepalive_idle
         self.proxy_protocol = s.proxy_protocol == "required"
         self.trusted_proxies = trusted

@@ -30,9 +30,9 @@ How a session flows (each step names the method):
    client that vanishes closes the upstream at once.
 
 Deadlines (the worker's sweeper calls check_deadline): the upgrade must be answered within the deployment's
-connect + first_byte timeouts; an open session is closed (close frames 1001 both ways) after SESSION_IDLE_TIMEOUT
-seconds without a byte either way. The HTTP idle and stream-gap timeouts do not apply: a voice session may stay
-quiet for minutes. Drain (SIGTERM): sessions get close frames 1001 a second before the drain timeout ends.
+connect + first_byte timeouts; an open session is closed (close frames 1001 both ways) after [server]
+realtime_idle_timeout seconds (600) without a byte either way: not [upstream] total_timeout (a bound on one
+answer), nor the HTTP idle and stream-gap timeouts: a voice session may stay quiet for minutes between turns. Drain (SIGTERM): sessions get close frames 1001 a second before the drain timeout ends.
 """
 import asyncio
 import socket
@@ -52,9 +52,6 @@ from fastgw.errors import GatewayError, Reply
 from fastgw.protocol.http import END, ERROR, BODY, NEED_DATA, ResponseParser
 from fastgw.protocol.websocket import FrameReader, accept_key, close_frame, new_key, valid_key
 
-# An open session with no byte either way for this long is closed (1001). Not [upstream] total_timeout (a
-# bound on one answer) nor the HTTP idle timeout: a Realtime session is long and may be quiet between turns.
-SESSION_IDLE_TIMEOUT = 600.0
 AZURE_REALTIME_API_VERSION = "2025-04-01-preview"   # when the deployment's api_version is not set
 _NEEDLE = b'"response.done"'
 # Client headers never forwarded upstream: its key (the deployment's replaces it), our request id (re-added),
@@ -673,7 +670,7 @@ cdef class RealtimeSession:
 
     def check_deadline(self, double t):
         if self.state == OPEN:
-            if t - self.last_active >= SESSION_IDLE_TIMEOUT:
+            if t - self.last_active >= self.gw.realtime_idle_timeout:
                 if self.transport.get_write_buffer_size() or self.upstream.get_write_buffer_size():
                     # Nothing moved because a side stopped reading: a close would wait on it forever.
                     self.upstream.abort()

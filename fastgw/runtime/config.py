@@ -36,6 +36,7 @@ class Server(msgspec.Struct, forbid_unknown_fields=True):
     max_headers: int = 100
     max_body_bytes: int = 16 * 1024 * 1024
     stream_keepalive_interval: float = 15.0  # SSE comment while a stream waits for its first token; 0 = off
+    realtime_idle_timeout: float = 600.0  # a Realtime (WebSocket) session with no byte either way this long is closed
     tcp_keepalive_idle: int = 60          # seconds; below the 350 s idle timeout of an AWS NLB
     proxy_protocol: Literal["off", "required"] = "off"
     trusted_proxies: list[str] = []       # peers whose PROXY header is believed (CIDRs or addresses)
@@ -397,6 +398,8 @@ def _check(cfg: Config, source: str) -> None:
     if s.proxy_protocol == "required" and not s.trusted_proxies:
         raise ConfigError(f"{source}: server.trusted_proxies: empty while proxy_protocol is 'required', so every "
                           "connection would be refused; list the load balancers' addresses or CIDRs")
+    if s.realtime_idle_timeout <= 0:
+        raise ConfigError(f"{source}: server.realtime_idle_timeout: must be > 0")
     for field in ("max_header_bytes", "max_headers", "max_body_bytes"):
         if getattr(s, field) <= 0:
             raise ConfigError(f"{source}: server.{field}: must be > 0")

@@ -390,3 +390,21 @@ def test_upstream_that_vanishes_gets_the_client_a_1014(tmp_path, mock, start_gat
     assert e.value.rcvd is not None and e.value.rcvd.code == 1014
     line = access_line(gw)
     assert line["status"] == 101 and line["error"] == "upstream_disconnected"
+
+
+def test_an_idle_session_is_closed_after_realtime_idle_timeout(tmp_path, mock, start_gateway):
+    """[server] realtime_idle_timeout: a session quiet both ways that long gets close frames 1001."""
+    gw = start_gateway(auth_config(mock.url, tmp_path, extra="[server]\nrealtime_idle_timeout = 1"))
+    with ws_connect(ws_url(gw), additional_headers={"authorization": f"Bearer {KEY}"}, compression=None) as ws:
+        assert orjson.loads(ws.recv())["type"] == "session.created"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd.code == 1001
+    assert access_line(gw)["error"] == "idle_timeout"
+
+
+def test_realtime_idle_timeout_must_be_positive():
+    from fastgw.runtime.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match="realtime_idle_timeout"):
+        parse("[server]\nrealtime_idle_timeout = 0\n")
