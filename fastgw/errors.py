@@ -44,6 +44,12 @@ class GatewayError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
+def model_not_found(model: str) -> GatewayError:
+    """OpenAI's 404 for a model the caller cannot use (unknown, or hidden from it)."""
+    return GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.", param="model",
+                        code="model_not_found")
+
+
 def error_type(status: int) -> str:
     """The OpenAI error `type` for a status (shared with the mock upstream, so the two cannot drift apart)."""
     return _DEFAULT_TYPE.get(status, "api_error" if status >= 500 else "invalid_request_error")

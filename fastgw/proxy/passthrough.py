@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import orjson
 
-from fastgw.errors import GatewayError
+from fastgw.errors import GatewayError, model_not_found
 from fastgw.protocol.jsonpeek import peek_request
 from fastgw.routing.resources import ID_FIELDS, PRODUCED_FIELDS, PRODUCERS, is_resource_id, map_for, owner_key
 
@@ -102,8 +102,7 @@ class Passthrough:
         if model:
             route = self.router.resolve(model)
             if route is None:
-                raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                                   param="model", code="model_not_found")
+                raise model_not_found(model)
             ex.model = model
             return route, None
         route = self.default

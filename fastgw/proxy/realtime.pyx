@@ -48,7 +48,7 @@ from fastgw.proxy.phases cimport refused, run_complete, run_request
 from fastgw.proxy.relay cimport ClientSide
 from fastgw.routing.router cimport Deployment, Route, Router
 
-from fastgw.errors import GatewayError, Reply
+from fastgw.errors import GatewayError, Reply, model_not_found
 from fastgw.protocol.http import END, ERROR, BODY, NEED_DATA, ResponseParser
 from fastgw.protocol.websocket import FrameReader, accept_key, close_frame, new_key, valid_key
 
@@ -97,8 +97,7 @@ def start_realtime(ClientSide client, Exchange ex, RequestParser parser):
                            code="missing_model")
     route = (<Router>gw.router).resolve(model)
     if route is None:
-        raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                           param="model", code="model_not_found")
+        raise model_not_found(model)
     ex.model = model
     ex.route = route
     pending = None

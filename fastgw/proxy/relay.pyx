@@ -38,7 +38,7 @@ from fastgw.proxy.upstream cimport Pool
 from fastgw.routing.retry cimport RetryPolicy
 from fastgw.cache.cache cimport LOOKUP, REFRESH, ResponseCache
 
-from fastgw.errors import GatewayError, Reply, reason
+from fastgw.errors import GatewayError, Reply, model_not_found, reason
 from fastgw.protocol import http as H
 from fastgw.protocol.jsonpeek import peek_request, peek_response
 from fastgw.protocol.multipart import FormPrefix, MultipartError
@@ -126,8 +126,7 @@ cdef class Relay(UpstreamListener):
                                    code="missing_model")
             route = (<Router>gw.router).resolve(model)
             if route is None:
-                raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                                   param="model", code="model_not_found")
+                raise model_not_found(model)
             ex.fields = f
             ex.model = model
             ex.stream = f.stream

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 
 import orjson
 
-from fastgw.errors import GatewayError
+from fastgw.errors import model_not_found
 from fastgw.providers.wire.models import model_object
 from fastgw.routing.upstream_models import fetch_models
 
@@ -82,8 +82,7 @@ class ModelCatalog:
         model = unquote(path[len(LIST) + 1:])          # the SDKs percent-encode the id (it may hold a "/")
         m = by_id.get(model)
         if m is None or not self._sees(ex, model):
-            raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
+            raise model_not_found(model)
         return orjson.dumps(m)
 
     def _sees(self, ex, model: str) -> bool:
