@@ -210,6 +210,7 @@ def test_a_subclass_overriding_a_hook_keeps_its_own_code(policy_ctx, make_exchan
 
 def _trace(fn):
     """The calls fn makes, as (event, name) pairs: Python frames and C functions alike."""
+    import gc
     import sys
 
     calls = []
@@ -218,6 +219,7 @@ def _trace(fn):
         if event in ("call", "c_call"):
             calls.append((event, arg.__qualname__ if event == "c_call" else frame.f_code.co_qualname))
 
+    gc.disable()                # a collection mid-trace runs gc callbacks (another test's), which are no key path
     sys.setprofile(prof)
     try:
         fn()
@@ -225,6 +227,7 @@ def _trace(fn):
         pass
     finally:
         sys.setprofile(None)
+        gc.enable()
     return calls
 
 
